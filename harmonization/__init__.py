@@ -1,0 +1,21 @@
+"""Harmonization Hub: train and use vision models whose feature importance agrees with humans.
+
+The neural harmonizer (Fel et al., NeurIPS 2022, arXiv 2211.04533) as a Keras 3 / TensorFlow library.
+"""
+
+import os as _os
+
+_os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+from harmonization import layers, losses, saliency, second_order  # noqa: E402
+from harmonization.harmonized_model import HarmonizedModel  # noqa: E402
+from harmonization.losses import (  # noqa: E402
+    gaussian_pyramid,
+    harmonization_loss,
+    pyramidal_mse,
+    standardize_cut,
+)
+from harmonization.saliency import input_gradients, saliency_map  # noqa: E402
+from harmonization.second_order import exact_moments  # noqa: E402
+
+__version__ = "0.1.0"

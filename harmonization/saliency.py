@@ -1,0 +1,84 @@
+"""Saliency maps: where a classifier looks, as the gradient of its class logit w.r.t. the pixels.
+
+Two flavours, as in the published method (arXiv 2211.04533): the *training* map averages the signed
+input gradient over channels (smooth, differentiable, what the harmonization loss compares), and the
+*evaluation* map takes the max of its absolute value over channels (the classic Simonyan et al. map
+that the alignment scores are reported on).
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+
+def one_hot_labels(labels, num_classes: int, dtype=tf.float32) -> tf.Tensor:
+    """Integer ids of shape (N,) or (N, 1), or one-hot/soft labels (N, C) -> float (N, C)."""
+    labels = tf.convert_to_tensor(labels)
+    if labels.shape.rank == 2 and labels.shape[-1] == num_classes and num_classes != 1:
+        return tf.cast(labels, dtype)
+    if labels.shape.rank == 2 and labels.shape[-1] == 1:
+        labels = labels[:, 0]
+    if labels.shape.rank != 1:
+        raise ValueError(
+            f"`labels` must be integer class ids of shape (N,) or one-hot of shape (N, {num_classes}); "
+            f"got shape {tuple(labels.shape)}."
+        )
+    if labels.dtype.is_floating:
+        labels = tf.cast(tf.round(labels), tf.int32)
+    return tf.one_hot(tf.cast(labels, tf.int32), num_classes, dtype=dtype)
+
+
+def class_logit_gradient(model, images, labels, training: bool = False):
+    """Return (logits, d sum(logits * onehot(labels)) / d images) from one forward pass.
+
+    Logits come back in at least float32; the gradient has the images' shape (N, H, W, C).
+    Called inside an outer `tf.GradientTape`, the gradient stays differentiable w.r.t. the weights.
+    """
+    images = tf.convert_to_tensor(images)
+    if images.shape.rank != 4:
+        raise ValueError(f"`images` must have shape (N, H, W, C); got {tuple(images.shape)}.")
+    if not images.dtype.is_floating:
+        images = tf.cast(images, tf.float32)
+    with tf.GradientTape() as tape:
+        tape.watch(images)
+        logits = model(images, training=training)
+        if isinstance(logits, (list, tuple)):
+            logits = logits[0]
+        # The saliency is computed in at least float32, also under mixed precision.
+        logits = tf.cast(logits, tf.float32) if logits.dtype in (tf.float16, tf.bfloat16) else logits
+        onehot = one_hot_labels(labels, logits.shape[-1], logits.dtype)
+        class_score = tf.reduce_sum(logits * onehot, axis=-1)
+    grads = tape.gradient(class_score, images)
+    if grads is None:
+        raise ValueError(
+            "The model's output does not depend on `images` (no gradient). "
+            "Is the model's first layer reachable from its input?"
+        )
+    if grads.dtype in (tf.float16, tf.bfloat16):
+        grads = tf.cast(grads, tf.float32)
+    return logits, grads
+
+
+def input_gradients(model, images, labels, training: bool = False) -> tf.Tensor:
+    """Training-time saliency: the input gradient of the true-class logit, averaged over channels.
+
+    Args:
+        model: a Keras model (or any differentiable callable) mapping images to logits.
+        images: float tensor (N, H, W, C) in the model's input range.
+        labels: integer class ids (N,) or one-hot labels (N, num_classes).
+        training: passed to the model (True inside the harmonized training step).
+
+    Returns:
+        A float tensor (N, H, W).
+    """
+    _, grads = class_logit_gradient(model, images, labels, training)
+    return tf.reduce_mean(grads, axis=-1)
+
+
+def saliency_map(model, images, labels, training: bool = False) -> tf.Tensor:
+    """Evaluation-time saliency: max over channels of |d logit_y / d image| (Simonyan et al. 2014).
+
+    Same arguments as `input_gradients`; returns a non-negative float tensor (N, H, W).
+    """
+    _, grads = class_logit_gradient(model, images, labels, training)
+    return tf.reduce_max(tf.abs(grads), axis=-1)

@@ -1,0 +1,48 @@
+"""Harmonization Hub: train and use vision models whose feature importance agrees with humans."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).parent
+
+setup(
+    name="harmonization-hub",
+    version="0.1.0",
+    description=(
+        "The neural harmonizer for Keras 3 / TensorFlow: align a classifier's "
+        "saliency with human feature-importance maps (ClickMe)."
+    ),
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.10",
+    packages=find_packages(include=["harmonization", "harmonization.*", "tfds_clickme", "tfds_clickme.*", "models", "models.*"]),
+    include_package_data=True,
+    package_data={
+        "tfds_clickme": ["**/*.tsv", "**/*.md", "**/*.bib", "**/*.txt", "**/dummy_data/**/*"],
+        "models": ["*.json", "**/*.json"],
+        "harmonization": ["*.md", "**/*.json", "**/*.txt"],
+    },
+    install_requires=[
+        "tensorflow>=2.21,<2.22",
+        "keras>=3.12",
+        "tensorflow-datasets>=4.9,<5",
+        # TFDS 4.9 on Python 3.11 imports these but does not declare them.
+        "importlib_resources",
+        "dill",
+        "huggingface_hub>=0.24",
+        "numpy",
+        "scipy",
+        "tqdm",
+        "matplotlib",
+        "pillow",
+    ],
+    extras_require={"test": ["pytest>=7", "h5py"]},
+    entry_points={"console_scripts": ["harmonization=harmonization.cli:main"]},
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Framework :: Keras",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)
