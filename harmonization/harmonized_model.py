@@ -1,0 +1,349 @@
+"""`HarmonizedModel`: wrap any Keras logits classifier so that `fit` applies the neural harmonizer.
+
+Only what needs the input gradient lives in the custom `train_step`/`test_step`: the saliency map is
+computed inside the weight tape (so its dependence on the weights is differentiated, exactly, also
+through normalisation layers), the cross-entropy goes through `compute_loss` as in any Keras model,
+and the harmonization and weight-decay terms are added with the per-replica scaling that
+`tf.distribute` needs (Keras already divides `compute_loss` by the replica count; our terms too).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Sequence
+
+import keras
+import tensorflow as tf
+
+from harmonization import second_order
+from harmonization.losses import harmonization_loss
+from harmonization.saliency import class_logit_gradient, one_hot_labels
+
+#: Substrings of variable paths left out of the weight decay, as in the published training code
+#: (normalisation parameters, embeddings, the class token).
+DEFAULT_WEIGHT_DECAY_EXCLUDE = ("bn/", "normalization", "norm", "Norm", "embed", "class_token", "cls_token")
+
+_NO_DECAY_LAYER_TYPES = (
+    keras.layers.LayerNormalization,
+    keras.layers.BatchNormalization,
+    keras.layers.GroupNormalization,
+    keras.layers.UnitNormalization,
+    keras.layers.Embedding,
+)
+
+_BATCH_KEYS = ("image", "heatmap", "label")
+
+
+def _unpack_batch(data):
+    """(images, heatmaps, labels, tokens-or-None) from a dict or a 3/4-tuple batch."""
+    if isinstance(data, (tuple, list)) and len(data) in (1, 2) and isinstance(data[0], dict):
+        if len(data) == 1 or data[1] is None:
+            data = data[0]
+    if isinstance(data, dict):
+        missing = [k for k in _BATCH_KEYS if k not in data]
+        if missing:
+            raise ValueError(
+                f"A harmonization batch needs the keys {list(_BATCH_KEYS)} (and optionally 'token'); "
+                f"missing {missing}, got keys {sorted(data)}."
+            )
+        return data["image"], data["heatmap"], data["label"], data.get("token")
+    if isinstance(data, (tuple, list)) and len(data) in (3, 4):
+        return tuple(data) + (None,) * (4 - len(data))
+    raise ValueError(
+        "A harmonization batch must be a dict {'image', 'heatmap', 'label'[, 'token']} or a tuple "
+        f"(image, heatmap, label[, token]); got {type(data).__name__}"
+        + (f" of length {len(data)}." if isinstance(data, (tuple, list)) else ".")
+    )
+
+
+def _check_heatmap_matches(images: tf.Tensor, heatmaps: tf.Tensor) -> tf.Tensor:
+    """Heatmaps as (N, H, W) float32, after checking their size against the images'."""
+    if heatmaps.shape.rank == 4 and heatmaps.shape[-1] == 1:
+        heatmaps = heatmaps[..., 0]
+    if heatmaps.shape.rank != 3:
+        raise ValueError(
+            f"`heatmap` must have shape (N, H, W) or (N, H, W, 1); got {tuple(heatmaps.shape)}."
+        )
+    image_hw, heat_hw = images.shape[1:3], heatmaps.shape[1:3]
+    if not image_hw.is_compatible_with(heat_hw):
+        raise ValueError(
+            f"`heatmap` spatial size {tuple(heat_hw)} does not match `image` spatial size {tuple(image_hw)}. "
+            "Resize the human maps to the image size in the input pipeline (harmonization.data.load_clickme "
+            "does this), e.g. tf.image.resize(heatmap, image.shape[1:3])."
+        )
+    return tf.cast(heatmaps, tf.float32)
+
+
+def _multi_worker(strategy) -> bool:
+    """True for a MultiWorkerMirroredStrategy that spans several workers (Keras's own test)."""
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return False
+    in_multi_worker_mode = getattr(strategy.extended, "_in_multi_worker_mode", None)
+    if in_multi_worker_mode is None:
+        raise RuntimeError(
+            f"TensorFlow {tf.__version__} changed MultiWorkerMirroredStrategy internals that HarmonizedModel "
+            "relies on; pin tensorflow to 2.21."
+        )
+    return bool(in_multi_worker_mode())
+
+
+def _logs_for_reduction(logs: dict) -> dict:
+    """Give scalar logs a length-1 axis across several workers.
+
+    Keras 3.12-3.15 reduces step outputs across workers with `strategy.reduce("MEAN", v, axis=0)`,
+    which fails on scalars ("Invalid reduction dimension 0 for input with 0 dimensions"). The
+    values are synchronised metric results, so the mean over the added axis returns them unchanged.
+    """
+    if not _multi_worker(tf.distribute.get_strategy()):
+        return logs
+    return {key: tf.reshape(value, [1]) if value.shape.rank == 0 else value for key, value in logs.items()}
+
+
+def _replica_scale(value: tf.Tensor) -> tf.Tensor:
+    """Divide by the replica count, as Keras does for `compute_loss` under tf.distribute."""
+    replicas = tf.distribute.get_strategy().num_replicas_in_sync
+    return value / tf.cast(replicas, value.dtype) if replicas > 1 else value
+
+
+@keras.saving.register_keras_serializable(package="harmonization")
+class HarmonizedModel(keras.Model):
+    """Trains a wrapped classifier with the neural harmonizer (Fel et al., NeurIPS 2022).
+
+    The loss is cross-entropy (from logits, label smoothing) + `lambda_harmonization` x the
+    harmonization loss between the model's input-gradient saliency and the human maps +
+    `lambda_weights` x sum(0.5 ||w||^2) over the weights that are not normalisation, embedding or
+    class-token variables. Defaults are the published ones (arXiv 2211.04533).
+
+    Batches are dicts `{"image", "heatmap", "label"[, "token"]}` or tuples
+    `(image, heatmap, label[, token])`; labels are integer ids or one-hot; `token` (1 = the example has
+    a human map, 0 = none, so only cross-entropy applies) defaults to 1.
+
+    Args:
+        model: keras.Model. A classifier that maps images to logits (no softmax).
+        lambda_harmonization: float. Weight of the harmonization term. Defaults to 1.0.
+        lambda_weights: float. Weight of the L2 penalty. Defaults to 1e-5.
+        label_smoothing: float. Cross-entropy label smoothing. Defaults to 0.1.
+        pyramid_levels: int. Gaussian-pyramid levels compared. Defaults to 5.
+        epsilon: float. Added to the std when standardising maps. Defaults to 1e-5.
+        weight_decay_exclude: sequence of str. Variables whose path contains one of these substrings
+            (or that belong to a normalisation or embedding layer) get no weight decay.
+        exact_second_order: bool. Make Keras normalisation layers differentiate exactly twice during
+            the training step (see `harmonization.second_order`). Defaults to True; turn it off only
+            for models without LayerNormalization/BatchNormalization/GroupNormalization.
+
+    Example:
+
+    ```python
+    hmodel = harmonization.HarmonizedModel(classifier)
+    hmodel.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9, nesterov=True))
+    hmodel.fit(clickme_batches, epochs=3)
+    ```
+    """
+
+    def __init__(
+        self,
+        model: keras.Model,
+        lambda_harmonization: float = 1.0,
+        lambda_weights: float = 1e-5,
+        label_smoothing: float = 0.1,
+        pyramid_levels: int = 5,
+        epsilon: float = 1e-5,
+        weight_decay_exclude: Sequence[str] = DEFAULT_WEIGHT_DECAY_EXCLUDE,
+        exact_second_order: bool = True,
+        **kwargs,
+    ):
+        if not callable(model):
+            raise ValueError(f"`model` must be a Keras model mapping images to logits; got {type(model).__name__}.")
+        for name, value in (("lambda_harmonization", lambda_harmonization), ("lambda_weights", lambda_weights)):
+            if not value >= 0:
+                raise ValueError(f"`{name}` must be >= 0; got {value!r}.")
+        if not 0 <= label_smoothing < 1:
+            raise ValueError(f"`label_smoothing` must be in [0, 1); got {label_smoothing!r}.")
+        if not (isinstance(pyramid_levels, int) and pyramid_levels >= 1):
+            raise ValueError(f"`pyramid_levels` must be an integer >= 1; got {pyramid_levels!r}.")
+        kwargs.setdefault("name", f"harmonized_{getattr(model, 'name', 'model')}")
+        super().__init__(**kwargs)
+        # === Config ===
+        self.model = model
+        self.lambda_harmonization = float(lambda_harmonization)
+        self.lambda_weights = float(lambda_weights)
+        self.label_smoothing = float(label_smoothing)
+        self.pyramid_levels = int(pyramid_levels)
+        self.epsilon = float(epsilon)
+        self.weight_decay_exclude = tuple(weight_decay_exclude)
+        self.exact_second_order = bool(exact_second_order)
+        # === Trackers ===
+        self.cross_entropy_tracker = keras.metrics.Mean(name="cross_entropy")
+        self.harmonization_tracker = keras.metrics.Mean(name="harmonization")
+        self.spearman_tracker = keras.metrics.Mean(name="spearman")
+        # A wrapper of a built model is built: its weights are the wrapped model's (saving needs it).
+        self.built = bool(getattr(model, "built", False))
+
+    # ------------------------------------------------------------------ Keras plumbing
+    def call(self, inputs, training=None):
+        return self.model(inputs, training=training)
+
+    def build(self, input_shape):
+        if not self.model.built:
+            self.model.build(input_shape)
+        self.built = True
+
+    def compile(self, optimizer="auto", loss="auto", metrics="auto", **kwargs):
+        """Like `keras.Model.compile`, with "auto" defaults.
+
+        "auto" means: Adam(1e-3); categorical cross-entropy from logits with this model's label
+        smoothing (labels are one-hot encoded by the step); top-1 accuracy.
+        """
+        if optimizer == "auto":
+            optimizer = keras.optimizers.Adam(1e-3)
+        if loss == "auto":
+            loss = keras.losses.CategoricalCrossentropy(
+                from_logits=True, label_smoothing=self.label_smoothing, name="cross_entropy"
+            )
+        if metrics == "auto":
+            metrics = [keras.metrics.CategoricalAccuracy(name="accuracy")]
+        if self.exact_second_order:
+            second_order.verify_exact_second_order()
+        super().compile(optimizer=optimizer, loss=loss, metrics=metrics, **kwargs)
+
+    def compile_from_config(self, config):
+        # Keras skips models whose compile() is overridden; ours only fills in "auto" defaults.
+        self.compile(**keras.saving.deserialize_keras_object(config))
+        if self.built:
+            self.optimizer.build(self.trainable_variables)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "model": keras.saving.serialize_keras_object(self.model),
+                "lambda_harmonization": self.lambda_harmonization,
+                "lambda_weights": self.lambda_weights,
+                "label_smoothing": self.label_smoothing,
+                "pyramid_levels": self.pyramid_levels,
+                "epsilon": self.epsilon,
+                "weight_decay_exclude": list(self.weight_decay_exclude),
+                "exact_second_order": self.exact_second_order,
+            }
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        config["model"] = keras.saving.deserialize_keras_object(config["model"], custom_objects=custom_objects)
+        return cls(**config)
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        """Build loss, metrics and optimizer state before a distributed fit, from one local batch.
+
+        Keras (3.12-3.15) builds them by calling the model on the raw batch, which is our dict (not
+        the model's input), after averaging it across *all* workers with `strategy.reduce`, which
+        fails under MultiWorkerMirroredStrategy (keras#20585). We feed it (images, one-hot labels)
+        from this worker's first replica instead, inside the strategy scope (keras#23085).
+        """
+        strategy = getattr(self, "_distribute_strategy", "missing")
+        if strategy == "missing" or not hasattr(self, "_symbolic_build"):
+            raise RuntimeError(
+                f"Keras {keras.__version__} changed its trainer internals (_distribute_strategy, "
+                "_symbolic_build) that HarmonizedModel relies on under tf.distribute; pin keras to 3.12-3.15."
+            )
+        if strategy is None:  # Keras builds lazily when tracing the step; nothing to do.
+            return
+        if data_batch is None:
+            for _, _, batches in iterator:
+                data_batch = next(batches)
+                break
+        data_batch = tf.nest.map_structure(
+            lambda v: strategy.experimental_local_results(v)[0]
+            if isinstance(v, tf.distribute.DistributedValues) else v,
+            data_batch,
+        )
+        images, _, labels, _ = _unpack_batch(data_batch)
+        with strategy.scope():
+            logits = keras.ops.convert_to_numpy(self.model(images[:1], training=False))
+            onehot = tf.zeros([1, logits.shape[-1]], tf.float32)
+            self._symbolic_build(data_batch=(images[:1], onehot))
+
+    # ------------------------------------------------------------------ the loss terms
+    def decayed_weights(self) -> list:
+        """The trainable variables that get the L2 penalty (not normalisation/embedding/class token)."""
+        excluded = set()
+        for layer in self.model._flatten_layers(include_self=True, recursive=True):
+            if isinstance(layer, _NO_DECAY_LAYER_TYPES):
+                excluded.update(id(v) for v in layer.weights)
+        return [
+            v
+            for v in self.model.trainable_variables
+            if id(v) not in excluded and not any(p in v.path for p in self.weight_decay_exclude)
+        ]
+
+    def weight_decay(self) -> tf.Tensor:
+        """sum(0.5 * ||w||^2) over `decayed_weights()` (0 when there are none)."""
+        weights = self.decayed_weights()
+        if not weights:
+            return tf.constant(0.0)
+        return tf.add_n([tf.nn.l2_loss(tf.cast(v, "float32") if v.dtype in ("float16", "bfloat16") else v) for v in weights])
+
+    def _forward(self, data, training: bool):
+        """Logits, one-hot labels, raw input gradients, heatmaps and tokens of one batch."""
+        images, heatmaps, labels, tokens = _unpack_batch(data)
+        images = tf.convert_to_tensor(images)
+        if not images.dtype.is_floating:
+            images = tf.cast(images, tf.float32)
+        heatmaps = _check_heatmap_matches(images, tf.convert_to_tensor(heatmaps))
+        exact = second_order.exact_moments() if self.exact_second_order else contextlib.nullcontext()
+        with exact:
+            logits, grads = class_logit_gradient(self.model, images, labels, training=training)
+        onehot = one_hot_labels(labels, logits.shape[-1], logits.dtype)
+        if tokens is None:
+            tokens = tf.ones(tf.shape(images)[:1], tf.float32)
+        tokens = tf.reshape(tf.cast(tokens, tf.float32), [-1])
+        return images, logits, onehot, grads, heatmaps, tokens
+
+    def _loss_terms(self, images, logits, onehot, grads, heatmaps, tokens, training: bool):
+        """(total loss scaled for the replica count, cross-entropy, harmonization term)."""
+        cross_entropy = self.compute_loss(x=images, y=onehot, y_pred=logits, training=training)
+        harmonization = harmonization_loss(
+            tf.reduce_mean(grads, axis=-1), heatmaps, tokens, self.pyramid_levels, self.epsilon
+        )
+        extra = self.lambda_harmonization * harmonization
+        if self.lambda_weights:
+            extra += self.lambda_weights * tf.cast(self.weight_decay(), harmonization.dtype)
+        total = cross_entropy + _replica_scale(tf.cast(extra, cross_entropy.dtype))
+        return total, cross_entropy, harmonization
+
+    def _update_trackers(self, total, cross_entropy, harmonization, batch_size):
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        self._loss_tracker.update_state(total * replicas, sample_weight=batch_size)
+        self.cross_entropy_tracker.update_state(cross_entropy * replicas, sample_weight=batch_size)
+        self.harmonization_tracker.update_state(harmonization, sample_weight=batch_size)
+
+    # ------------------------------------------------------------------ steps
+    def train_step(self, data):
+        with tf.GradientTape() as tape:
+            images, logits, onehot, grads, heatmaps, tokens = self._forward(data, training=True)
+            total, cross_entropy, harmonization = self._loss_terms(
+                images, logits, onehot, grads, heatmaps, tokens, training=True
+            )
+            scaled = self.optimizer.scale_loss(total)
+        variables = self.trainable_variables
+        gradients = tape.gradient(scaled, variables)
+        self.optimizer.apply_gradients(zip(gradients, variables))
+        self._update_trackers(total, cross_entropy, harmonization, tf.shape(images)[0])
+        logs = self.compute_metrics(images, onehot, logits)
+        logs.pop("spearman", None)
+        return _logs_for_reduction(logs)
+
+    def test_step(self, data):
+        from harmonization.metrics import spearman
+
+        images, logits, onehot, grads, heatmaps, tokens = self._forward(data, training=False)
+        total, cross_entropy, harmonization = self._loss_terms(
+            images, logits, onehot, grads, heatmaps, tokens, training=False
+        )
+        self._update_trackers(total, cross_entropy, harmonization, tf.shape(images)[0])
+        # Alignment as reported in the paper: |gradient| max over channels vs the human map.
+        rho = spearman(tf.reduce_max(tf.abs(grads), axis=-1), heatmaps)
+        self.spearman_tracker.update_state(tf.cast(rho, tf.float32), sample_weight=tf.cast(tokens > 0, tf.float32))
+        return _logs_for_reduction(self.compute_metrics(images, onehot, logits))
