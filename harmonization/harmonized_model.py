@@ -36,8 +36,9 @@ _BATCH_KEYS = ("image", "heatmap", "label")
 
 def _unpack_batch(data):
     """(images, heatmaps, labels, tokens-or-None) from a dict or a 3/4-tuple batch."""
-    if isinstance(data, (tuple, list)) and len(data) in (1, 2) and isinstance(data[0], dict):
-        if len(data) == 1 or data[1] is None:
+    if isinstance(data, (tuple, list)) and 1 <= len(data) <= 3 and isinstance(data[0], dict):
+        # fit(x=dict) / train_on_batch(dict) arrive as (dict,), (dict, None) or (dict, None, None).
+        if all(item is None for item in data[1:]):
             data = data[0]
     if isinstance(data, dict):
         missing = [k for k in _BATCH_KEYS if k not in data]
