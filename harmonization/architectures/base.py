@@ -1,0 +1,91 @@
+"""What every zoo architecture shares: in-model preprocessing and the constructor-arguments-are-the-config model.
+
+Each architecture is a functional `keras.Model` subclass (the keras-hub backbone pattern): `__init__` builds
+the graph from its arguments, `get_config` returns exactly those arguments and `from_config` is `cls(**config)`,
+so a preset's `config.json` is short, readable and rebuilt without code from the file (`safe_mode`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import keras
+from keras import ops
+
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ImageClassifier", "ImageNetNormalization"]
+
+# The published harmonized models' normalisation (serre-lab/Harmonization `preprocess_input`).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@keras.saving.register_keras_serializable(package="harmonization")
+class ImageNetNormalization(keras.layers.Layer):
+    """RGB in [0, 255] -> `x * scale`, then `(x - mean) / std` per channel. No weights.
+
+    Args:
+        scale: float. Multiplies the raw pixels first. Defaults to 1/255.
+        mean: sequence of floats, one per channel. Defaults to the ImageNet mean.
+        std: sequence of floats, one per channel. Defaults to the ImageNet std.
+    """
+
+    def __init__(
+        self,
+        scale: float = 1.0 / 255.0,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        **kwargs: Any,
+    ):
+        super().__init__(**kwargs)
+        if len(mean) != len(std):
+            raise ValueError(f"`mean` and `std` need one value per channel; got {len(mean)} and {len(std)}.")
+        if any(s <= 0 for s in std):
+            raise ValueError(f"`std` must be positive, got {list(std)}.")
+        self.scale = float(scale)
+        self.mean = [float(m) for m in mean]
+        self.std = [float(s) for s in std]
+
+    def call(self, inputs):
+        x = ops.cast(inputs, self.compute_dtype) * self.scale
+        mean = ops.convert_to_tensor(self.mean, dtype=self.compute_dtype)
+        std = ops.convert_to_tensor(self.std, dtype=self.compute_dtype)
+        return (x - mean) / std
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "scale": self.scale, "mean": list(self.mean), "std": list(self.std)}
+
+
+class ImageClassifier(keras.Model):
+    """Base of the zoo architectures: image input, optional preprocessing, optional classification head.
+
+    Subclasses build `features` from `self._begin(...)`'s tensor and finish with `self._finish(...)`.
+    `classifier_name` is the name of the head layer that `load_model(num_classes=...)` replaces.
+    """
+
+    classifier_name = "predictions"
+
+    @staticmethod
+    def _begin(image_size: int, preprocess: bool, name: str):
+        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+            raise ValueError(f"{name}: `image_size` must be a positive int, got {image_size!r}.")
+        inputs = keras.Input((image_size, image_size, 3), name="images")
+        x = ImageNetNormalization(name="preprocessing")(inputs) if preprocess else inputs
+        return inputs, x
+
+    @classmethod
+    def _head(cls, features, num_classes: int, include_top: bool, name: str):
+        if not include_top:
+            return features
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"{name}: `num_classes` must be a positive int, got {num_classes!r}.")
+        return keras.layers.Dense(num_classes, name=cls.classifier_name)(features)
+
+    def get_config(self) -> dict[str, Any]:
+        return {"name": self.name, "trainable": self.trainable, **self._arguments}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]):
+        return cls(**config)

@@ -1,0 +1,189 @@
+"""The `harmonization` command: browse the zoo, download, predict, explain, run the quickstart.
+
+Heavy imports (TensorFlow, Keras) happen inside the subcommands, so `harmonization --help` and
+`harmonization list` answer at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Sequence
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from harmonization import zoo
+
+    names = zoo.list_models()
+    if args.json:
+        print(json.dumps(names))
+        return 0
+    width = max((len(n) for n in names), default=0)
+    for name in names:
+        info = zoo.model_info(name)
+        print(f"{name:<{width}}  {info.get('description', '')}")
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from harmonization import zoo
+
+    print(json.dumps(zoo.model_info(args.name), indent=2))
+    return 0
+
+
+def _cmd_download(args: argparse.Namespace) -> int:
+    from harmonization import hub
+
+    path = hub.resolve_preset(args.name, revision=args.revision)
+    print(path)
+    return 0
+
+
+def _load_images(paths: Sequence[str], size: int):
+    import numpy as np
+    from PIL import Image
+
+    images = []
+    for path in paths:
+        with Image.open(path) as image:
+            images.append(np.asarray(image.convert("RGB").resize((size, size), Image.BICUBIC), dtype="float32"))
+    return np.stack(images)
+
+
+def _input_size(model) -> int:
+    shape = model.input_shape
+    if not (isinstance(shape, tuple) and len(shape) == 4 and shape[1] and shape[1] == shape[2]):
+        raise ValueError(f"Expected a model with square image inputs (batch, size, size, 3), got {shape}.")
+    return int(shape[1])
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from harmonization.presets import load_model
+
+    model = load_model(args.model, revision=args.revision)
+    images = _load_images(args.images, _input_size(model))
+    logits = np.asarray(model.predict(images, verbose=0))
+    labels = _imagenet_labels(logits.shape[-1])
+    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    probs = shifted / shifted.sum(axis=-1, keepdims=True)
+    for path, row in zip(args.images, probs):
+        print(path)
+        for index in np.argsort(-row)[: args.top]:
+            print(f"  {row[index]:7.2%}  {index:4d}  {labels[index]}")
+    return 0
+
+
+def _imagenet_labels(num_classes: int) -> list[str]:
+    """ImageNet class names when the head has 1000 classes and Keras has them cached; else class indices."""
+    if num_classes == 1000:
+        try:
+            import keras
+
+            path = keras.utils.get_file(
+                "imagenet_class_index.json",
+                "https://storage.googleapis.com/download.tensorflow.org/data/imagenet_class_index.json",
+                cache_subdir="models",
+                file_hash="c2c37ea517e94d9795004a39431a14cb",
+            )
+            with open(path, encoding="utf-8") as handle:
+                index = json.load(handle)
+            return [index[str(i)][1] for i in range(1000)]
+        except Exception as error:  # offline: fall back to indices, say why
+            print(f"(ImageNet class names unavailable: {error}; showing class indices)", file=sys.stderr)
+    return [f"class_{i}" for i in range(num_classes)]
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from harmonization.presets import load_model
+
+    from harmonization.saliency import saliency_map
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    model = load_model(args.model, revision=args.revision)
+    image = _load_images([args.image], _input_size(model))
+    label = int(np.argmax(np.asarray(model.predict(image, verbose=0))[0]))
+    saliency = np.asarray(saliency_map(model, image, [label]))[0]
+    figure, axes = plt.subplots(1, 2, figsize=(8, 4))
+    axes[0].imshow(image[0].astype("uint8"))
+    axes[0].set_title("image")
+    axes[1].imshow(saliency, cmap="jet")
+    axes[1].set_title(f"saliency of class {label}")
+    for axis in axes:
+        axis.axis("off")
+    figure.tight_layout()
+    figure.savefig(args.out, dpi=100)
+    plt.close(figure)
+    print(args.out)
+    return 0
+
+
+def _cmd_quickstart(args: argparse.Namespace, rest: list[str]) -> int:
+    from harmonization import quickstart
+
+    result = quickstart.main(rest)
+    return int(result or 0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="harmonization",
+        description="Harmonized vision models: list the zoo, download, predict, explain.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("list", help="list the models of the zoo")
+    p.add_argument("--json", action="store_true", help="print the names as a JSON list")
+    p.set_defaults(func=_cmd_list)
+
+    p = sub.add_parser("info", help="show a zoo entry")
+    p.add_argument("name")
+    p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("download", help="download (and verify) a model into the Hugging Face cache")
+    p.add_argument("name", help="zoo name or hf://org/repo[@revision]")
+    p.add_argument("--revision", default=None)
+    p.set_defaults(func=_cmd_download)
+
+    p = sub.add_parser("predict", help="top-k ImageNet classes of images")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--model", default="vit_b16_harmonized", help="zoo name, hf:// URI or preset directory")
+    p.add_argument("--revision", default=None)
+    p.add_argument("--top", type=int, default=5)
+    p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("explain", help="save an image beside its saliency map")
+    p.add_argument("image", metavar="IMAGE")
+    p.add_argument("--out", required=True, metavar="FILE.png")
+    p.add_argument("--model", default="vit_b16_harmonized", help="zoo name, hf:// URI or preset directory")
+    p.add_argument("--revision", default=None)
+    p.set_defaults(func=_cmd_explain)
+
+    p = sub.add_parser(
+        "quickstart", help="run the quickstart (arguments are passed on)", add_help=False, prefix_chars="\0"
+    )
+    p.set_defaults(func=_cmd_quickstart, passthrough=True)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the `harmonization` command with `argv` (default: `sys.argv[1:]`); return the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if argv and argv[0] == "quickstart":
+        # Everything after `quickstart` belongs to the quickstart, including --help.
+        return _cmd_quickstart(argparse.Namespace(command="quickstart"), argv[1:])
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (KeyError, ValueError, OSError) as error:
+        print(f"harmonization {args.command}: error: {error}", file=sys.stderr)
+        return 1

@@ -1,0 +1,170 @@
+"""Resolving zoo names and `hf://` URIs to verified preset directories in the Hugging Face cache.
+
+Downloads go through `huggingface_hub.snapshot_download`, so its cache, progress bars and environment
+(`HF_ENDPOINT`, `HF_HUB_CACHE`, `HF_HUB_OFFLINE`, `HF_TOKEN`) apply unchanged. What it does not guarantee
+we check ourselves before a model is built: the snapshot holds every preset file (it can silently return
+a partial cached snapshot when the Hub cannot be listed), and each file has the size and sha256 recorded
+in `metadata.json` and opens as HDF5. A file that fails is removed from the cache, so the next call
+downloads it again instead of trusting it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from harmonization import presets
+from harmonization.presets import PresetError
+
+__all__ = ["HF_SCHEME", "HubUnavailableError", "download_preset", "parse_hf_uri", "resolve_preset"]
+
+HF_SCHEME = "hf://"
+_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+# Files a preset is made of; nothing else in the repo is downloaded.
+PRESET_PATTERNS = [presets.CONFIG_FILE, presets.WEIGHTS_FILE, presets.METADATA_FILE, presets.README_FILE]
+
+
+class HubUnavailableError(OSError):
+    """The weights are not in the local cache and cannot be downloaded now (offline, or the Hub is unreachable)."""
+
+
+def parse_hf_uri(uri: str) -> tuple[str, str | None]:
+    """`hf://org/repo[@revision]` -> (`org/repo`, revision or None), with a clear error on anything else."""
+    if not uri.startswith(HF_SCHEME):
+        raise ValueError(f"Expected a Hub URI 'hf://org/repo[@revision]', got {uri!r}.")
+    body = uri[len(HF_SCHEME):]
+    repo_id, _, revision = body.partition("@")
+    if not _REPO_ID.match(repo_id) or (body.count("@") and not revision):
+        raise ValueError(f"Invalid Hub URI {uri!r}: expected 'hf://org/repo' or 'hf://org/repo@revision'.")
+    return repo_id, revision or None
+
+
+def _library_version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("harmonization-hub")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _evict(snapshot: Path, filename: str) -> None:
+    """Remove a cached file (the snapshot's link and the blob it points to) so it is downloaded again."""
+    path = snapshot / filename
+    try:
+        blob = path.resolve(strict=True) if path.is_symlink() else None
+    except OSError:
+        blob = None
+    for victim in (path, blob):
+        if victim is not None:
+            try:
+                victim.unlink()
+            except FileNotFoundError:
+                pass
+
+
+def download_preset(repo_id: str, revision: str | None = None, *, force_download: bool = False) -> Path:
+    """Download the preset in Hub repo `repo_id` at `revision` (default "main") and return its verified directory.
+
+    Raises:
+        HubUnavailableError: offline (`HF_HUB_OFFLINE=1`) or the Hub is unreachable, and nothing is cached.
+        huggingface_hub.errors.RepositoryNotFoundError / RevisionNotFoundError: no such repo or revision.
+        PresetError: the download is incomplete or a file is corrupted (the bad file is evicted from the cache).
+    """
+    import huggingface_hub
+    from huggingface_hub import constants
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    revision = revision or "main"
+    where = f"hf://{repo_id}@{revision}"
+    try:
+        snapshot = Path(
+            huggingface_hub.snapshot_download(
+                repo_id,
+                revision=revision,
+                allow_patterns=PRESET_PATTERNS,
+                force_download=force_download,
+                library_name="harmonization-hub",
+                library_version=_library_version(),
+            )
+        )
+    except LocalEntryNotFoundError as error:  # includes IncompleteSnapshotError's cousins raised offline
+        if constants.is_offline_mode():
+            raise HubUnavailableError(
+                f"{where} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE is set. "
+                "To get the weights, run `harmonization download "
+                f"hf://{repo_id}@{revision}` (or call harmonization.load_model) once with network access and "
+                "HF_HUB_OFFLINE unset, or copy a preset directory to this machine and pass its path to load_model."
+            ) from error
+        raise HubUnavailableError(
+            f"Could not download {where} from {constants.ENDPOINT} and it is not in the Hugging Face cache "
+            f"({constants.HF_HUB_CACHE}): {error}\nCheck the network (and HF_ENDPOINT), then try again."
+        ) from error
+    except HfHubHTTPError:
+        raise  # repo/revision not found, gated, server errors: the client's own message is the clearest
+    except OSError as error:
+        # E.g. "Consistency check failed": the body was shorter than announced. huggingface_hub kept it as
+        # `.incomplete` (resumed next time), never as a cached file.
+        raise PresetError(
+            f"The download of {where} was interrupted or truncated and was not kept: {error}\n"
+            "Run again to resume the download."
+        ) from error
+
+    missing = [name for name in presets.REQUIRED_FILES if not (snapshot / name).is_file()]
+    if missing:
+        # snapshot_download returns a cached snapshot as-is when the Hub cannot list the repo.
+        raise PresetError(
+            f"The snapshot of {where} at {str(snapshot)!r} is incomplete: missing {missing}. Either the "
+            "download was interrupted while the Hub could not be reached, or the repo is not a preset. "
+            "Retry with network access; a preset repo must hold " + ", ".join(presets.REQUIRED_FILES) + "."
+        )
+    try:
+        presets.verify_preset(snapshot)
+    except PresetError as error:
+        if error.bad_file is not None:
+            _evict(snapshot, Path(error.bad_file).name)
+        raise PresetError(
+            f"The download of {where} is corrupted and was removed from the cache: {error}\n"
+            "Run again to download it afresh; if this persists the file on the Hub is damaged."
+        ) from error
+    return snapshot
+
+
+def _looks_like_path(text: str) -> bool:
+    return text.startswith((".", "~", "/")) or os.sep in text or (os.altsep is not None and os.altsep in text)
+
+
+def resolve_preset(name_or_uri: str, *, revision: str | None = None) -> Path:
+    """Turn a local preset directory, an `hf://` URI or a zoo name into a verified local preset directory."""
+    local = Path(name_or_uri).expanduser()
+    if presets.is_preset_dir(local):
+        presets.verify_preset(local)
+        return local
+    if name_or_uri.startswith(HF_SCHEME):
+        repo_id, uri_revision = parse_hf_uri(name_or_uri)
+        return download_preset(repo_id, revision or uri_revision)
+    if "://" in name_or_uri:
+        raise ValueError(
+            f"Unsupported location {name_or_uri!r}: use a zoo name (harmonization.list_models()), "
+            "'hf://org/repo[@revision]' or a local preset directory."
+        )
+    from harmonization import zoo
+
+    if _looks_like_path(name_or_uri) and name_or_uri not in zoo.list_models():
+        raise FileNotFoundError(
+            f"No preset directory at {name_or_uri!r} (a preset directory holds {presets.CONFIG_FILE}, "
+            f"{presets.WEIGHTS_FILE} and {presets.METADATA_FILE})."
+        )
+    entry = zoo.model_info(name_or_uri)  # UnknownModelError lists the zoo and the closest name
+    hub = entry["hub"]
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    try:
+        return download_preset(hub["repo_id"], revision or hub.get("revision"))
+    except RepositoryNotFoundError as error:
+        raise HubUnavailableError(
+            f"The Hub repo {hub['repo_id']!r} of zoo model {name_or_uri!r} does not exist (yet). Its original "
+            f"weights are at {entry['source']['url']} ({entry['source']['format']}); converting them with "
+            "harmonization.convert is not available in this version."
+        ) from error

@@ -1,0 +1,422 @@
+"""Presets: a Keras model saved as a directory that can be verified, shared on the Hub and reloaded safely.
+
+A preset directory holds (the keras-hub layout):
+
+- `config.json` — the model's Keras serialisation (`keras.saving.serialize_keras_object`);
+- `model.weights.h5` — its weights (`model.save_weights`);
+- `metadata.json` — where the weights come from (zoo name, source URL and sha256), the library versions
+  that wrote them, the parameter count and the size and sha256 of every file above, so that a truncated or
+  corrupted copy is detected before it is used;
+- `README.md` — optional, the model card.
+
+Loading never runs code from the preset: the config is deserialised with Keras `safe_mode=True`, so only
+classes registered with `keras.saving.register_keras_serializable` (ours are in the `harmonization` package)
+can be built.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import keras
+
+__all__ = [
+    "CONFIG_FILE",
+    "METADATA_FILE",
+    "PRESET_FORMAT_VERSION",
+    "PresetError",
+    "README_FILE",
+    "WEIGHTS_FILE",
+    "is_preset_dir",
+    "load_model",
+    "load_preset",
+    "read_metadata",
+    "save_preset",
+    "verify_preset",
+]
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.weights.h5"
+METADATA_FILE = "metadata.json"
+README_FILE = "README.md"
+PRESET_FORMAT_VERSION = 1
+# Files whose size and sha256 `metadata.json` records (the README may be edited on the Hub freely).
+CHECKED_FILES = (CONFIG_FILE, WEIGHTS_FILE)
+REQUIRED_FILES = (CONFIG_FILE, WEIGHTS_FILE, METADATA_FILE)
+_PRESET_FILES = frozenset((*REQUIRED_FILES, README_FILE))
+# Keys `save_preset` computes itself; user metadata may not override them (they are what makes a preset checkable).
+_RESERVED_METADATA_KEYS = frozenset(
+    ("format_version", "keras_version", "tensorflow_version", "harmonization_version", "python_version",
+     "parameter_count", "model_class", "files")
+)
+
+
+class PresetError(OSError):
+    """A preset directory is missing a file, or a file is truncated, corrupted or not what `metadata.json` says.
+
+    `bad_file` names the damaged file when there is one (the Hub cache evicts it).
+    """
+
+    def __init__(self, message: str, *, bad_file: str | os.PathLike | None = None):
+        super().__init__(message)
+        self.bad_file = None if bad_file is None else str(bad_file)
+
+
+def _sha256(path: Path, chunk_size: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(chunk_size), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _library_versions() -> dict[str, str]:
+    from importlib import metadata as importlib_metadata
+
+    versions = {"keras_version": keras.__version__, "python_version": platform.python_version()}
+    try:
+        import tensorflow as tf
+
+        versions["tensorflow_version"] = tf.__version__
+    except ImportError:  # pragma: no cover - TensorFlow is a hard dependency, but keep saving backend-neutral
+        versions["tensorflow_version"] = "not installed"
+    try:
+        versions["harmonization_version"] = importlib_metadata.version("harmonization-hub")
+    except importlib_metadata.PackageNotFoundError:  # a source checkout
+        import harmonization
+
+        versions["harmonization_version"] = getattr(harmonization, "__version__", "unknown")
+    return versions
+
+
+def is_preset_dir(path: str | os.PathLike) -> bool:
+    """Whether `path` is a directory holding at least a preset's `config.json`."""
+    path = Path(path)
+    return path.is_dir() and (path / CONFIG_FILE).is_file()
+
+
+def save_preset(
+    model: keras.Model,
+    directory: str | os.PathLike,
+    *,
+    metadata: Mapping[str, Any] | None = None,
+    overwrite: bool = True,
+) -> Path:
+    """Save `model` as a preset directory and return its path.
+
+    The preset is written to a temporary sibling directory and moved into place only when complete, so an
+    interrupted save never leaves a half-written preset behind.
+
+    Args:
+        model: keras.Model. A built model whose classes are all registered serialisable (custom layers need
+            `@keras.saving.register_keras_serializable`); checked by serialising it before anything is written.
+        directory: str or path. The preset directory to create.
+        metadata: mapping or None. JSON-serialisable facts recorded in `metadata.json`, e.g. `name` (the zoo
+            name), `source_url`, `source_sha256`. Must not use the keys the preset computes itself
+            (`files`, `parameter_count`, versions, ...). Defaults to None.
+        overwrite: bool. Replace an existing preset at `directory`. A non-empty directory that is not a preset
+            is never replaced. Defaults to True, as `keras.Model.save`.
+
+    Returns:
+        The preset directory, as a `Path`.
+
+    Example:
+        >>> path = harmonization.save_preset(model, "out/preset", metadata={"name": "my_model"})
+        >>> restored = harmonization.load_model(path)
+    """
+    if not isinstance(model, keras.Model):
+        raise TypeError(f"save_preset: `model` must be a keras.Model, got {type(model).__name__}.")
+    if not model.built:
+        raise ValueError(
+            f"save_preset: model {model.name!r} is not built; call it on a batch or build it before saving "
+            "so that its weights exist."
+        )
+    metadata = dict(metadata or {})
+    reserved = sorted(_RESERVED_METADATA_KEYS.intersection(metadata))
+    if reserved:
+        raise ValueError(
+            f"save_preset: `metadata` may not set {reserved}; those keys are computed from the model and files."
+        )
+    try:
+        json.dumps(metadata)
+    except TypeError as error:
+        raise TypeError(f"save_preset: `metadata` must be JSON-serialisable ({error}).") from None
+
+    directory = Path(directory)
+    if directory.exists():
+        if not directory.is_dir():
+            raise FileExistsError(f"save_preset: {str(directory)!r} exists and is not a directory.")
+        contents = {p.name for p in directory.iterdir()}
+        if contents and not overwrite:
+            raise FileExistsError(f"save_preset: {str(directory)!r} exists; pass overwrite=True to replace it.")
+        foreign = sorted(contents - _PRESET_FILES)
+        if foreign:
+            raise FileExistsError(
+                f"save_preset: {str(directory)!r} is not empty and holds files that are not part of a preset "
+                f"({foreign[:5]}); refusing to replace it. Choose an empty or new directory."
+            )
+
+    # Serialise first: a model that cannot be serialised fails before anything touches the disk.
+    config = keras.saving.serialize_keras_object(model)
+    config_text = json.dumps(config, indent=2, sort_keys=True)
+
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".partial", dir=directory.parent))
+    try:
+        (staging / CONFIG_FILE).write_text(config_text, encoding="utf-8")
+        model.save_weights(str(staging / WEIGHTS_FILE))
+        record = {
+            "format_version": PRESET_FORMAT_VERSION,
+            **metadata,
+            "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
+            "parameter_count": int(model.count_params()),
+            **_library_versions(),
+            "files": {
+                name: {"size": (staging / name).stat().st_size, "sha256": _sha256(staging / name)}
+                for name in CHECKED_FILES
+            },
+        }
+        (staging / METADATA_FILE).write_text(json.dumps(record, indent=2, sort_keys=True), encoding="utf-8")
+        if directory.exists():
+            # Keep the old preset until the new one is in place; remove it only afterwards.
+            retired = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".old", dir=directory.parent))
+            os.replace(directory, retired / directory.name)
+            os.replace(staging, directory)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.replace(staging, directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return directory
+
+
+def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
+    """Read a preset's `metadata.json`, with a clear error when it is missing or not valid JSON."""
+    path = Path(directory) / METADATA_FILE
+    if not path.is_file():
+        raise PresetError(f"Preset {str(directory)!r} has no {METADATA_FILE}; it is not a complete preset.")
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise PresetError(f"Preset file {str(path)!r} is corrupted (not valid JSON: {error}).", bad_file=path) from None
+    if not isinstance(record, dict):
+        raise PresetError(
+            f"Preset file {str(path)!r} must hold a JSON object, got {type(record).__name__}.", bad_file=path
+        )
+    return record
+
+
+def verify_preset(directory: str | os.PathLike) -> dict[str, Any]:
+    """Check that a preset directory is complete and intact; return its metadata.
+
+    Every required file must exist; every file whose size and sha256 `metadata.json` records must match them;
+    the weights must open as HDF5. Raises `PresetError` naming the file, the expected and the actual value.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise PresetError(f"Preset directory {str(directory)!r} does not exist.")
+    missing = [name for name in REQUIRED_FILES if not (directory / name).is_file()]
+    if missing:
+        raise PresetError(
+            f"Preset {str(directory)!r} is incomplete: missing {missing} (a preset needs {list(REQUIRED_FILES)})."
+        )
+    record = read_metadata(directory)
+    version = record.get("format_version")
+    if not isinstance(version, int) or version > PRESET_FORMAT_VERSION:
+        raise PresetError(
+            f"Preset {str(directory)!r} has format_version={version!r}; this library reads format versions up to "
+            f"{PRESET_FORMAT_VERSION}. Upgrade harmonization-hub."
+        )
+    for name, expected in (record.get("files") or {}).items():
+        path = directory / name
+        if not path.is_file():
+            raise PresetError(f"Preset {str(directory)!r} is incomplete: {name} (listed in {METADATA_FILE}) is missing.")
+        size = path.stat().st_size
+        if "size" in expected and size != expected["size"]:
+            raise PresetError(
+                f"Preset file {str(path)!r} is truncated or corrupted: expected {expected['size']} bytes, "
+                f"found {size}.",
+                bad_file=path,
+            )
+        if "sha256" in expected:
+            digest = _sha256(path)
+            if digest != expected["sha256"]:
+                raise PresetError(
+                    f"Preset file {str(path)!r} is corrupted: expected sha256 {expected['sha256']}, got {digest}.",
+                    bad_file=path,
+                )
+    import h5py
+
+    try:
+        with h5py.File(directory / WEIGHTS_FILE, "r"):
+            pass
+    except OSError as error:
+        raise PresetError(
+            f"Preset file {str(directory / WEIGHTS_FILE)!r} is not a readable HDF5 weights file ({error}).",
+            bad_file=directory / WEIGHTS_FILE,
+        ) from None
+    return record
+
+
+def _read_config(directory: Path) -> dict[str, Any]:
+    path = directory / CONFIG_FILE
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise PresetError(f"Preset file {str(path)!r} is corrupted (not valid JSON: {error}).", bad_file=path) from None
+    if not isinstance(config, dict) or "class_name" not in config:
+        raise PresetError(
+            f"Preset file {str(path)!r} is not a Keras serialisation (expected a JSON object with 'class_name').",
+            bad_file=path,
+        )
+    return config
+
+
+def _deserialize(config: dict[str, Any], directory: Path) -> keras.Model:
+    # Importing the architectures registers their classes, so zoo presets deserialise without user imports.
+    import harmonization.architectures  # noqa: F401
+
+    try:
+        model = keras.saving.deserialize_keras_object(config, safe_mode=True)
+    except (TypeError, ValueError) as error:
+        raise PresetError(
+            f"Could not build the model in preset {str(directory)!r} from {CONFIG_FILE}: {error}\n"
+            "Custom classes must be registered with @keras.saving.register_keras_serializable and imported "
+            "before loading; code embedded in a config (lambdas) is refused (Keras safe_mode)."
+        ) from error
+    if not isinstance(model, keras.Model):
+        raise PresetError(f"{CONFIG_FILE} in {str(directory)!r} describes a {type(model).__name__}, not a keras.Model.")
+    return model
+
+
+# Constructor arguments that `load_model` may change on a zoo architecture, with the values meaning "as saved".
+_VARIANT_DEFAULTS = {"num_classes": None, "include_top": True, "preprocess": True}
+
+
+def _transfer_weights(source: keras.Model, target: keras.Model, *, fresh: set[str]) -> None:
+    """Copy weights layer by layer (by name) from `source` into `target`; layers in `fresh` keep their init."""
+    source_layers = {layer.name: layer for layer in source.layers}
+    for layer in target.layers:
+        if not layer.weights or layer.name in fresh:
+            continue
+        if layer.name not in source_layers:
+            raise PresetError(f"Cannot derive the requested variant: layer {layer.name!r} is not in the preset.")
+        values = source_layers[layer.name].get_weights()
+        expected = [tuple(w.shape) for w in layer.weights]
+        actual = [tuple(v.shape) for v in values]
+        if expected != actual:
+            raise PresetError(
+                f"Cannot derive the requested variant: layer {layer.name!r} expects weight shapes {expected}, "
+                f"the preset has {actual}."
+            )
+        layer.set_weights(values)
+
+
+def load_preset(
+    directory: str | os.PathLike,
+    *,
+    num_classes: int | None = None,
+    include_top: bool = True,
+    preprocess: bool = True,
+) -> keras.Model:
+    """Load a model from a local preset directory (see `load_model` for the arguments)."""
+    directory = Path(directory)
+    verify_preset(directory)
+    config = _read_config(directory)
+    model = _deserialize(config, directory)
+    try:
+        model.load_weights(str(directory / WEIGHTS_FILE))
+    except (ValueError, OSError, KeyError) as error:
+        raise PresetError(
+            f"The weights in {str(directory / WEIGHTS_FILE)!r} do not fit the model in {CONFIG_FILE}: {error}"
+        ) from error
+
+    overrides = {}
+    if num_classes is not None:
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"load_model: `num_classes` must be a positive int or None, got {num_classes!r}.")
+        overrides["num_classes"] = num_classes
+    if include_top is not True:
+        overrides["include_top"] = bool(include_top)
+    if preprocess is not True:
+        overrides["preprocess"] = bool(preprocess)
+    if not overrides:
+        return model
+
+    inner = config.get("config", {})
+    unsupported = sorted(key for key in overrides if key not in inner)
+    if unsupported:
+        raise ValueError(
+            f"load_model: the model in {str(directory)!r} ({config['class_name']}) does not support "
+            f"{unsupported}; only zoo architectures (harmonization.architectures) can swap their head or drop "
+            "their preprocessing."
+        )
+    if all(inner[key] == value for key, value in overrides.items()):
+        return model
+    variant_config = copy.deepcopy(config)
+    variant_config["config"].update(overrides)
+    variant = _deserialize(variant_config, directory)
+    head = getattr(variant, "classifier_name", "predictions")
+    fresh = {head} if "num_classes" in overrides and overrides["num_classes"] != inner["num_classes"] else set()
+    _transfer_weights(model, variant, fresh=fresh)
+    return variant
+
+
+def load_model(
+    name_or_path_or_uri: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    num_classes: int | None = None,
+    include_top: bool = True,
+    preprocess: bool = True,
+) -> keras.Model:
+    """Load a model: a local preset directory, a Hub preset `hf://org/repo[@revision]`, or a zoo name.
+
+    Resolution order: an existing local preset directory; an `hf://` URI; a name from
+    `harmonization.list_models()`. Loading uses Keras `safe_mode` (no code from a downloaded config runs).
+
+    Args:
+        name_or_path_or_uri: str or path. Where the model is.
+        revision: str or None. Hub branch, tag or commit to load (overrides an `@revision` in the URI and the
+            zoo's pinned revision). Defaults to None.
+        num_classes: int or None. Replace the classification head by a freshly initialised one with this many
+            classes (for fine-tuning). Defaults to None (keep the published head).
+        include_top: bool. Keep the classification head; False returns pooled features. Defaults to True.
+        preprocess: bool. Keep the preprocessing inside the model (inputs are RGB in [0, 255]); False returns
+            the bare network, which expects normalised inputs. Defaults to True.
+
+    Returns:
+        A `keras.Model` with the preset's weights.
+
+    Example:
+        >>> model = harmonization.load_model("vit_b16_harmonized")
+        >>> logits = model.predict(images_0_255)
+    """
+    variant = {"num_classes": num_classes, "include_top": include_top, "preprocess": preprocess}
+    if isinstance(name_or_path_or_uri, os.PathLike) or (
+        isinstance(name_or_path_or_uri, str) and Path(name_or_path_or_uri).expanduser().is_dir()
+    ):
+        path = Path(name_or_path_or_uri).expanduser()
+        if revision is not None:
+            raise ValueError(f"load_model: `revision` applies to Hub models, not to the local preset {str(path)!r}.")
+        if not path.is_dir():
+            raise FileNotFoundError(f"load_model: no preset directory at {str(path)!r}.")
+        return load_preset(path, **variant)
+    if not isinstance(name_or_path_or_uri, str):
+        raise TypeError(
+            "load_model: `name_or_path_or_uri` must be a str or path, got "
+            f"{type(name_or_path_or_uri).__name__}."
+        )
+    from harmonization import hub
+
+    directory = hub.resolve_preset(name_or_path_or_uri, revision=revision)
+    return load_preset(directory, **variant)

@@ -1,0 +1,90 @@
+"""The `harmonization` command, called in-process through `main(argv)`."""
+
+import json
+import sys
+import types
+
+import keras
+import numpy as np
+import pytest
+from PIL import Image
+
+from harmonization import cli
+from harmonization.presets import save_preset
+from harmonization.zoo import list_models
+
+
+def test_list(capsys):
+    assert cli.main(["list", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == list_models()
+    assert cli.main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in list_models())
+
+
+def test_info(capsys):
+    assert cli.main(["info", "vit_b16_harmonized"]) == 0
+    assert json.loads(capsys.readouterr().out)["parameter_count"] == 86_567_656
+
+
+def test_unknown_name_is_an_error_exit_with_the_suggestion(capsys):
+    assert cli.main(["info", "vit_b16"]) == 1
+    err = capsys.readouterr().err
+    assert "harmonization info: error: Unknown model 'vit_b16'" in err
+    assert "Did you mean 'vit_b16_harmonized'?" in err
+
+
+def test_missing_subcommand_shows_usage(capsys):
+    with pytest.raises(SystemExit) as caught:
+        cli.main([])
+    assert caught.value.code == 2
+    assert "usage: harmonization" in capsys.readouterr().err
+
+
+def test_quickstart_forwards_every_argument(monkeypatch):
+    received = []
+    fake = types.ModuleType("harmonization.quickstart")
+    fake.main = lambda argv: received.append(argv) or 0
+    monkeypatch.setitem(sys.modules, "harmonization.quickstart", fake)
+    import harmonization
+
+    monkeypatch.setattr(harmonization, "quickstart", fake, raising=False)
+    assert cli.main(["quickstart", "--out", "x", "--help", "-v"]) == 0
+    assert received == [["--out", "x", "--help", "-v"]]
+
+
+@pytest.fixture
+def preset_and_images(tmp_path):
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(2, 3, padding="same")(inputs)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    model = keras.Model(inputs, keras.layers.Dense(4, name="predictions")(x))
+    preset = save_preset(model, tmp_path / "preset")
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(2):
+        path = tmp_path / f"image{i}.png"
+        Image.fromarray(rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)).save(path)
+        paths.append(str(path))
+    return model, preset, paths
+
+
+def test_predict_prints_the_top_classes(preset_and_images, capsys):
+    model, preset, paths = preset_and_images
+    assert cli.main(["predict", *paths, "--model", str(preset), "--top", "2"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == paths[0] and out[3] == paths[1]
+    image = np.asarray(Image.open(paths[0]).convert("RGB").resize((8, 8), Image.BICUBIC), dtype="float32")
+    logits = model.predict(image[None], verbose=0)[0]
+    assert out[1].split()[-1] == f"class_{int(np.argmax(logits))}"
+    probs = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+    assert out[1].split()[0] == f"{probs.max():.2%}"
+
+
+def test_explain_writes_a_png(preset_and_images, tmp_path, capsys):
+    _, preset, paths = preset_and_images
+    out = tmp_path / "saliency.png"
+    assert cli.main(["explain", paths[0], "--model", str(preset), "--out", str(out)]) == 0
+    with Image.open(out) as image:
+        assert image.format == "PNG" and image.size[0] > image.size[1]

@@ -1,0 +1,202 @@
+"""Presets: save -> load round trip, integrity checks, safe loading."""
+
+import json
+
+import keras
+import numpy as np
+import pytest
+
+import harmonization.presets as presets
+from harmonization.presets import PresetError, load_model, load_preset, save_preset, verify_preset
+
+
+@keras.saving.register_keras_serializable(package="harmonization")
+class PresetTestAffine(keras.layers.Layer):
+    """A custom layer with weights and a constructor argument, as a user's model would have."""
+
+    def __init__(self, offset=0.5, **kwargs):
+        super().__init__(**kwargs)
+        self.offset = offset
+
+    def build(self, input_shape):
+        self.scale = self.add_weight(shape=(input_shape[-1],), initializer="random_normal", name="scale")
+
+    def call(self, inputs):
+        return inputs * self.scale + self.offset
+
+    def get_config(self):
+        return {**super().get_config(), "offset": self.offset}
+
+
+def _small_model(seed=0):
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(4, 3, name="conv")(inputs)
+    x = PresetTestAffine(offset=0.25, name="affine")(x)
+    x = keras.layers.BatchNormalization(name="bn")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    outputs = keras.layers.Dense(5, name="predictions")(x)
+    return keras.Model(inputs, outputs, name="small")
+
+
+@pytest.fixture
+def batch():
+    return np.random.default_rng(1).uniform(0, 255, (3, 8, 8, 3)).astype("float32")
+
+
+def test_round_trip_gives_identical_predictions(tmp_path, batch):
+    model = _small_model()
+    # Non-trivial BN statistics, so that non-trainable weights are checked too.
+    model.get_layer("bn").moving_mean.assign(np.arange(4, dtype="float32"))
+    expected = model.predict(batch, verbose=0)
+    path = save_preset(model, tmp_path / "preset", metadata={"name": "small", "source_url": "https://x/y.h5"})
+    assert sorted(p.name for p in path.iterdir()) == ["config.json", "metadata.json", "model.weights.h5"]
+    restored = load_model(path)
+    assert restored is not model
+    assert isinstance(restored.get_layer("affine"), PresetTestAffine)
+    assert restored.get_layer("affine").offset == 0.25
+    np.testing.assert_array_equal(restored.predict(batch, verbose=0), expected)
+    # str paths work as well as Path objects.
+    np.testing.assert_array_equal(load_model(str(path)).predict(batch, verbose=0), expected)
+
+
+def test_metadata_records_versions_counts_and_file_hashes(tmp_path):
+    model = _small_model()
+    path = save_preset(model, tmp_path / "p", metadata={"name": "small", "source_sha256": "ab" * 32})
+    record = json.loads((path / "metadata.json").read_text())
+    assert record["name"] == "small"
+    assert record["source_sha256"] == "ab" * 32
+    assert record["parameter_count"] == model.count_params() == 3 * 3 * 3 * 4 + 4 + 4 + 4 * 4 + 4 * 5 + 5
+    assert record["keras_version"] == keras.__version__
+    assert record["format_version"] == presets.PRESET_FORMAT_VERSION
+    import hashlib
+
+    for name in ("config.json", "model.weights.h5"):
+        data = (path / name).read_bytes()
+        assert record["files"][name] == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    config = json.loads((path / "config.json").read_text())
+    assert config["class_name"] == "Functional"
+
+
+def test_missing_file_is_a_clear_error(tmp_path):
+    path = save_preset(_small_model(), tmp_path / "p")
+    (path / "model.weights.h5").unlink()
+    with pytest.raises(PresetError, match=r"missing \['model.weights.h5'\]"):
+        load_model(path)
+
+
+def test_truncated_weights_are_detected(tmp_path):
+    path = save_preset(_small_model(), tmp_path / "p")
+    data = (path / "model.weights.h5").read_bytes()
+    (path / "model.weights.h5").write_bytes(data[: len(data) // 2])
+    with pytest.raises(PresetError, match=f"truncated or corrupted: expected {len(data)} bytes"):
+        load_model(path)
+
+
+def test_flipped_byte_is_detected_by_sha256(tmp_path):
+    path = save_preset(_small_model(), tmp_path / "p")
+    data = bytearray((path / "model.weights.h5").read_bytes())
+    data[-100] ^= 0xFF
+    (path / "model.weights.h5").write_bytes(bytes(data))
+    with pytest.raises(PresetError, match="expected sha256"):
+        verify_preset(path)
+
+
+def test_unrecorded_corrupt_weights_fail_the_hdf5_check(tmp_path):
+    # A preset whose metadata lists no hashes (hand-made) still gets its weights opened before use.
+    path = save_preset(_small_model(), tmp_path / "p")
+    record = json.loads((path / "metadata.json").read_text())
+    del record["files"]
+    (path / "metadata.json").write_text(json.dumps(record))
+    (path / "model.weights.h5").write_bytes(b"not an hdf5 file")
+    with pytest.raises(PresetError, match="not a readable HDF5"):
+        load_model(path)
+
+
+def test_corrupt_metadata_json_is_a_clear_error(tmp_path):
+    path = save_preset(_small_model(), tmp_path / "p")
+    (path / "metadata.json").write_text('{"format_version": 1,')
+    with pytest.raises(PresetError, match="metadata.json.*not valid JSON"):
+        load_model(path)
+
+
+def test_newer_format_version_is_refused(tmp_path):
+    path = save_preset(_small_model(), tmp_path / "p")
+    record = json.loads((path / "metadata.json").read_text())
+    record["format_version"] = presets.PRESET_FORMAT_VERSION + 1
+    (path / "metadata.json").write_text(json.dumps(record))
+    with pytest.raises(PresetError, match="Upgrade harmonization-hub"):
+        load_model(path)
+
+
+def test_safe_mode_refuses_code_in_the_config(tmp_path, batch):
+    inputs = keras.Input((8, 8, 3))
+    outputs = keras.layers.Lambda(lambda x: x * 2.0)(inputs)
+    model = keras.Model(inputs, outputs)
+    path = save_preset(model, tmp_path / "lambda")
+    with pytest.raises(PresetError, match="safe_mode"):
+        load_model(path)
+
+
+def test_unregistered_class_is_a_clear_error(tmp_path):
+    path = save_preset(_small_model(), tmp_path / "p")
+    config = json.loads((path / "config.json").read_text())
+    text = json.dumps(config).replace("PresetTestAffine", "NoSuchLayer")
+    (path / "config.json").write_text(text)
+    record = json.loads((path / "metadata.json").read_text())
+    del record["files"]["config.json"]  # hand-edited config: only the weights stay hashed
+    (path / "metadata.json").write_text(json.dumps(record))
+    with pytest.raises(PresetError, match="register_keras_serializable"):
+        load_model(path)
+
+
+def test_save_validates_its_arguments(tmp_path):
+    with pytest.raises(ValueError, match=r"may not set \['parameter_count'\]"):
+        save_preset(_small_model(), tmp_path / "p", metadata={"parameter_count": 3})
+    with pytest.raises(TypeError, match="JSON-serialisable"):
+        save_preset(_small_model(), tmp_path / "p", metadata={"when": object()})
+    with pytest.raises(TypeError, match="must be a keras.Model"):
+        save_preset(keras.layers.Dense(2), tmp_path / "p")
+    unbuilt = keras.Sequential([keras.layers.Dense(2)])
+    with pytest.raises(ValueError, match="not built"):
+        save_preset(unbuilt, tmp_path / "p")
+    assert not (tmp_path / "p").exists()
+
+
+def test_overwrite_replaces_a_preset_but_never_a_foreign_directory(tmp_path, batch):
+    first, second = _small_model(0), _small_model(1)
+    path = save_preset(first, tmp_path / "p")
+    save_preset(second, path)
+    np.testing.assert_array_equal(load_model(path).predict(batch, verbose=0), second.predict(batch, verbose=0))
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        save_preset(first, path, overwrite=False)
+    foreign = tmp_path / "home"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("precious")
+    with pytest.raises(FileExistsError, match="not part of a preset"):
+        save_preset(first, foreign)
+    assert (foreign / "thesis.tex").read_text() == "precious"
+    # No staging directories are left behind.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["home", "p"]
+
+
+def test_failed_save_leaves_nothing_behind(tmp_path, monkeypatch):
+    model = _small_model()
+
+    def broken_save_weights(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(model, "save_weights", broken_save_weights)
+    with pytest.raises(OSError, match="disk full"):
+        save_preset(model, tmp_path / "p")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_variant_arguments_need_a_zoo_architecture(tmp_path):
+    path = save_preset(_small_model(), tmp_path / "p")
+    with pytest.raises(ValueError, match=r"does not support \['num_classes'\]"):
+        load_preset(path, num_classes=3)
+    with pytest.raises(ValueError, match="positive int"):
+        load_preset(path, num_classes=0)
+    with pytest.raises(ValueError, match="`revision` applies to Hub models"):
+        load_model(path, revision="main")
