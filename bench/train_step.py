@@ -1,6 +1,7 @@
 """Benchmark: the harmonized training step against a plain cross-entropy step, in the same run.
 
     python bench/train_step.py                      # tiny CNN, ResNet50V2, ViT-B/16 at 224x224, batch 8
+    python bench/train_step.py --models convnext_tiny --jit
     python bench/train_step.py --models tiny --steps 10
     python bench/train_step.py --jit                # also time both steps under XLA
 
@@ -38,18 +39,24 @@ def tiny_cnn(size):
 
 
 def resnet50v2(size):
-    return keras.applications.ResNet50V2(
-        weights=None, input_shape=(size, size, 3), classes=NUM_CLASSES, classifier_activation=None
-    )
+    return harmonization.architectures.ResNetV2(image_size=size)
 
 
 def vit_b16(size):
-    from harmonization.architectures import vit
-
-    return vit.ViT.from_preset_config("vit_b16") if hasattr(vit.ViT, "from_preset_config") else vit.vit_b16()
+    return harmonization.architectures.ViT(image_size=size)
 
 
-MODELS = {"tiny": (tiny_cnn, 64), "resnet50v2": (resnet50v2, 224), "vit_b16": (vit_b16, 224)}
+def convnext_tiny(size):
+    return harmonization.architectures.ConvNeXt(image_size=size)
+
+
+MODELS = {
+    "tiny": (tiny_cnn, 64),
+    "resnet50v2": (resnet50v2, 224),
+    "vit_b16": (vit_b16, 224),
+    "convnext_tiny": (convnext_tiny, 224),
+}
+DEFAULT_MODELS = ["tiny", "resnet50v2", "vit_b16"]
 
 
 class StepTimer(keras.callbacks.Callback):
@@ -108,7 +115,7 @@ def bench(name, batch_size, steps, warmup, jit):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS, choices=list(MODELS))
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per model and mode")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (tracing, allocation)")

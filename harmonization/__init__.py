@@ -7,7 +7,7 @@ import os as _os
 
 _os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
-from harmonization import architectures, layers, losses, metrics, saliency, second_order  # noqa: E402
+from harmonization import architectures, evaluation, layers, losses, metrics, saliency, second_order  # noqa: E402
 from harmonization.harmonized_model import HarmonizedModel  # noqa: E402
 from harmonization.losses import (  # noqa: E402
     gaussian_pyramid,
@@ -16,7 +16,7 @@ from harmonization.losses import (  # noqa: E402
     standardize_cut,
 )
 from harmonization.evaluation import evaluate_alignment  # noqa: E402
-from harmonization.metrics import alignment_score, dice, iou, spearman  # noqa: E402
+from harmonization.metrics import HUMAN_CEILING, alignment_score, dice, iou, spearman  # noqa: E402
 from harmonization.presets import PresetError, load_model, save_preset  # noqa: E402
 from harmonization.saliency import input_gradients, saliency_map  # noqa: E402
 from harmonization.second_order import exact_moments  # noqa: E402

@@ -1,0 +1,267 @@
+"""Score a model's human alignment on a dataset of human feature-importance maps (e.g. ClickMe).
+
+`evaluate_alignment` runs a model (or any saliency explainer, so PyTorch and JAX models can be scored
+too) over a dataset of `image`, `heatmap`, `label` (and optional `token`) batches and reports, per
+image, the Spearman correlation, Dice and IoU between its saliency map and the human map
+(`harmonization.metrics`), their means, and the alignment score of the neural harmonizer paper
+(arXiv 2211.04533): mean Spearman / human inter-rater ceiling.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Mapping
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from harmonization import metrics
+from harmonization._validation import as_maps
+from harmonization.saliency import class_logit_gradient
+
+_BATCH_KEYS = ("image", "heatmap", "label")
+
+
+def _to_numpy(value, what: str) -> np.ndarray:
+    if isinstance(value, (tf.Tensor, tf.Variable)):
+        return value.numpy()
+    try:
+        return np.asarray(value)
+    except Exception as error:  # e.g. a torch tensor that requires grad
+        raise TypeError(
+            f"{what} must be a NumPy array or a tensor convertible with np.asarray; got "
+            f"{type(value).__name__} ({error}). Detach it and move it to the CPU first."
+        ) from error
+
+
+def _unpack_batch(batch, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """Return (images, heatmaps, labels, tokens or None) of one batch, as NumPy arrays."""
+    expected = (
+        'a dict {"image", "heatmap", "label"[, "token"]} or a tuple (image, heatmap, label[, token])'
+    )
+    if isinstance(batch, Mapping):
+        missing = [key for key in _BATCH_KEYS if key not in batch]
+        if missing:
+            raise ValueError(
+                f"Batch {index} of `dataset` lacks the key(s) {missing}; expected {expected}, "
+                f"got keys {sorted(map(str, batch))}."
+            )
+        parts = [batch[key] for key in _BATCH_KEYS] + [batch.get("token")]
+    elif isinstance(batch, (tuple, list)):
+        if len(batch) not in (3, 4):
+            raise ValueError(
+                f"Batch {index} of `dataset` is a {type(batch).__name__} of {len(batch)} elements; "
+                f"expected {expected}."
+            )
+        parts = list(batch) + [None] * (4 - len(batch))
+    else:
+        raise ValueError(f"Batch {index} of `dataset` is a {type(batch).__name__}; expected {expected}.")
+    names = ("image", "heatmap", "label", "token")
+    images, heatmaps, labels, tokens = (
+        None if part is None else _to_numpy(part, f"`{name}` of batch {index}")
+        for part, name in zip(parts, names)
+    )
+
+    if images.ndim != 4:
+        raise ValueError(
+            f"`image` of batch {index} must have shape (N, H, W, C); got {images.shape}. "
+            "Batch the dataset first (e.g. `dataset.batch(32)`)."
+        )
+    n = images.shape[0]
+    if heatmaps.ndim not in (3, 4) or (heatmaps.ndim == 4 and heatmaps.shape[-1] != 1):
+        raise ValueError(
+            f"`heatmap` of batch {index} must have shape (N, H, W) or (N, H, W, 1); got {heatmaps.shape}."
+        )
+    if heatmaps.ndim == 4:
+        heatmaps = heatmaps[..., 0]
+    if not np.all(np.isfinite(heatmaps)):
+        raise ValueError(f"`heatmap` of batch {index} contains NaN or Inf values.")
+    if labels.ndim == 0 or labels.ndim > 2:
+        raise ValueError(
+            f"`label` of batch {index} must be class ids (N,) or one-hot labels (N, C); got {labels.shape}."
+        )
+    if tokens is not None:
+        if tokens.ndim == 2 and tokens.shape[1] == 1:
+            tokens = tokens[:, 0]
+        elif tokens.ndim == 0:
+            tokens = np.full([n], tokens)
+        if tokens.ndim != 1:
+            raise ValueError(f"`token` of batch {index} must have shape (N,); got {tokens.shape}.")
+    sizes = {"image": n, "heatmap": heatmaps.shape[0], "label": labels.shape[0]}
+    if tokens is not None:
+        sizes["token"] = tokens.shape[0]
+    if len(set(sizes.values())) != 1:
+        raise ValueError(f"The parts of batch {index} have different batch sizes: {sizes}.")
+    return images, heatmaps, labels, tokens
+
+
+def _class_ids(labels: np.ndarray) -> np.ndarray:
+    """Integer ids (N,) from ids (N,), (N, 1) or one-hot/soft labels (N, C)."""
+    if labels.ndim == 2 and labels.shape[1] > 1:
+        return np.argmax(labels, axis=1)
+    return np.rint(labels.reshape(-1)).astype(np.int64)
+
+
+def _keras_saliency(model: keras.layers.Layer) -> Callable:
+    """(images, labels) -> (logits, saliency): the model runs once per batch for both."""
+
+    @tf.function(reduce_retracing=True)
+    def logits_and_saliency(images, labels):
+        logits, grads = class_logit_gradient(model, images, labels, training=False)
+        # Exactly `harmonization.saliency.saliency_map`: max over channels of |gradient|.
+        return logits, tf.reduce_max(tf.abs(grads), axis=-1)
+
+    return logits_and_saliency
+
+
+def _as_saliency(maps, num_images: int, size: tuple[int, int], index: int) -> tf.Tensor:
+    """Validate an explainer's output and resize it (bilinear) to the human maps' size."""
+    if not isinstance(maps, tf.Tensor):  # TensorFlow maps stay on their device
+        maps = _to_numpy(maps, f"The explainer's output for batch {index}")
+        if maps.dtype != np.float64:
+            maps = maps.astype(np.float32)  # e.g. float16 or bfloat16 from PyTorch/JAX
+    maps = as_maps(maps, "model_or_explainer output")
+    if maps.shape[0] != num_images:
+        raise ValueError(
+            f"`model_or_explainer` returned {maps.shape[0]} maps for batch {index}, which has "
+            f"{num_images} scored images; it must return one (H, W) map per image."
+        )
+    if tuple(maps.shape[1:]) != tuple(size):
+        maps = tf.image.resize(maps[..., None], size, method="bilinear")[..., 0]
+    if not bool(tf.reduce_all(tf.math.is_finite(maps))):
+        raise ValueError(f"The saliency maps of batch {index} contain NaN or Inf values.")
+    return maps
+
+
+def _progress_target(dataset, max_batches: int | None) -> int | None:
+    known = None
+    if isinstance(dataset, tf.data.Dataset):
+        cardinality = int(dataset.cardinality())
+        if cardinality == tf.data.INFINITE_CARDINALITY and max_batches is None:
+            raise ValueError(
+                "`dataset` is infinite (e.g. it ends with `.repeat()`); pass `max_batches` to bound it."
+            )
+        known = cardinality if cardinality >= 0 else None
+    elif hasattr(dataset, "__len__"):
+        known = len(dataset)
+    if max_batches is None:
+        return known
+    return max_batches if known is None else min(known, max_batches)
+
+
+def evaluate_alignment(
+    model_or_explainer: keras.Model | Callable[[Any, Any], Any],
+    dataset: tf.data.Dataset | Iterable,
+    *,
+    percentile: float = 10,
+    ceiling: float = metrics.HUMAN_CEILING,
+    max_batches: int | None = None,
+    verbose: int = 1,
+) -> dict[str, Any]:
+    """Score how well a model's saliency maps agree with human maps, image by image.
+
+    Only the examples with `token > 0` are scored (all of them if the batches have no token): ClickMe
+    marks the images without a human map with token 0. Saliency maps whose size differs from the human
+    maps' are resized to it (bilinear) before scoring.
+
+    Args:
+        model_or_explainer: a Keras model (or layer) returning logits, explained with
+            `harmonization.saliency.saliency_map` (max over channels of |d logit_label / d image|); or any
+            callable `f(images, labels) -> maps` taking NumPy arrays and returning one map per image,
+            (N, H, W) or (N, H, W, 1), as a NumPy array or a tensor: e.g. a PyTorch or JAX model's saliency.
+        dataset: a `tf.data.Dataset` or any iterable of batches, each a dict
+            `{"image": (N, H, W, C), "heatmap": (N, H, W[, 1]), "label": (N,) or (N, C)[, "token": (N,)]}`
+            or a tuple `(image, heatmap, label[, token])`.
+        percentile: share of pixels (in %) kept in each map for Dice and IoU; see `metrics.dice`.
+        ceiling: human inter-rater Spearman correlation that normalises the alignment score.
+        max_batches: stop after this many batches (all of them if None).
+        verbose: 0 is silent, 1 shows a progress bar, 2 prints one line at the end.
+
+    Returns:
+        A dict with the per-image float32 arrays `"spearman"`, `"dice"` and `"iou"`, their means
+        `"spearman_mean"`, `"dice_mean"` and `"iou_mean"`, `"alignment_score"` (spearman_mean / ceiling),
+        `"num_images"` (scored images) and, for a Keras model, `"accuracy"` (top-1 on the scored images).
+
+    Example:
+
+        scores = evaluate_alignment(model, clickme_test.batch(32), max_batches=10)
+        print(scores["alignment_score"], scores["accuracy"])
+    """
+    percentile = metrics._check_percentile(percentile)
+    ceiling = metrics._check_ceiling(ceiling)
+    if max_batches is not None and (
+        isinstance(max_batches, bool) or not isinstance(max_batches, (int, np.integer)) or max_batches < 1
+    ):
+        raise ValueError(f"`max_batches` must be None or an integer >= 1; got {max_batches!r}.")
+    if verbose not in (0, 1, 2):
+        raise ValueError(f"`verbose` must be 0, 1 or 2; got {verbose!r}.")
+    # Any Keras layer, e.g. a `keras.layers.TFSMLayer` wrapping a SavedModel, is explained by gradient.
+    is_keras = isinstance(model_or_explainer, keras.layers.Layer)
+    if is_keras:
+        explain = _keras_saliency(model_or_explainer)
+    elif callable(model_or_explainer):
+        explain = model_or_explainer
+    else:
+        raise TypeError(
+            "`model_or_explainer` must be a Keras model or a callable f(images, labels) -> maps; "
+            f"got {type(model_or_explainer).__name__}."
+        )
+    if not isinstance(dataset, tf.data.Dataset) and not isinstance(dataset, Iterable):
+        raise TypeError(
+            f"`dataset` must be a tf.data.Dataset or an iterable of batches; got {type(dataset).__name__}."
+        )
+
+    progress = keras.utils.Progbar(
+        _progress_target(dataset, max_batches),
+        verbose=verbose,
+        unit_name="batch",
+        stateful_metrics=["spearman"],
+    )
+    scores = {"spearman": [], "dice": [], "iou": []}
+    num_correct = num_batches = num_images = 0
+    spearman_sum = 0.0
+    for index, batch in enumerate(dataset):
+        if max_batches is not None and index >= max_batches:
+            break
+        num_batches += 1
+        images, heatmaps, labels, tokens = _unpack_batch(batch, index)
+        if tokens is not None:
+            keep = tokens > 0
+            images, heatmaps, labels = images[keep], heatmaps[keep], labels[keep]
+        if images.shape[0] > 0:
+            if is_keras:
+                logits, saliency = explain(tf.convert_to_tensor(images), tf.convert_to_tensor(labels))
+                predicted = np.argmax(logits.numpy(), axis=-1)
+                num_correct += int(np.sum(predicted == _class_ids(labels)))
+            else:
+                saliency = explain(images, labels)
+            saliency = _as_saliency(saliency, images.shape[0], heatmaps.shape[1:], index)
+            heatmaps = as_maps(heatmaps, "heatmap")
+            scores["spearman"].append(metrics.spearman(saliency, heatmaps).numpy())
+            spearman_sum += float(np.sum(scores["spearman"][-1], dtype=np.float64))
+            num_images += images.shape[0]
+            # Dice and IoU from one binarisation: the same as metrics.dice and metrics.iou.
+            intersection, sizes, union = metrics._overlaps(saliency, heatmaps, percentile)
+            scores["dice"].append(metrics._ratio_or_zero(2.0 * intersection, sizes).numpy())
+            scores["iou"].append(metrics._ratio_or_zero(intersection, union).numpy())
+        running_mean = spearman_sum / num_images if num_images else 0.0
+        progress.update(num_batches, values=[("spearman", running_mean)])
+
+    if num_batches == 0:
+        raise ValueError("`dataset` yielded no batches; there is nothing to evaluate.")
+    if not scores["spearman"]:
+        raise ValueError(
+            f"None of the {num_batches} batch(es) of `dataset` has an example with token > 0; "
+            "there is nothing to score."
+        )
+    if progress.target is None or num_batches < progress.target:
+        progress.update(num_batches, finalize=True)  # the bar did not reach its end by itself
+
+    result: dict[str, Any] = {name: np.concatenate(values) for name, values in scores.items()}
+    for name in ("spearman", "dice", "iou"):
+        result[f"{name}_mean"] = float(np.mean(result[name], dtype=np.float64))
+    result["alignment_score"] = metrics.alignment_score(result["spearman"], ceiling)
+    result["num_images"] = num_images
+    if is_keras:
+        result["accuracy"] = num_correct / result["num_images"]
+    return result
