@@ -7,7 +7,7 @@ import os as _os
 
 _os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
-from harmonization import architectures, evaluation, layers, losses, metrics, saliency, second_order  # noqa: E402
+from harmonization import architectures, data, evaluation, layers, losses, metrics, saliency, second_order  # noqa: E402
 from harmonization.harmonized_model import HarmonizedModel  # noqa: E402
 from harmonization.losses import (  # noqa: E402
     gaussian_pyramid,

@@ -1,0 +1,748 @@
+"""Input pipelines for harmonized training: ClickMe (and ImageNet) in, `HarmonizedModel.fit` batches out.
+
+Every pipeline yields dict batches
+
+    {"image": float32 (B, S, S, 3) in [0, 255], "heatmap": float32 (B, S, S, 1),
+     "label": int32 (B,), "token": float32 (B,)}
+
+where `token` is 1 for an example with a human map and 0 for one without (its map is all zeros).
+
+Heatmaps are processed as in the published training code (Fel et al., NeurIPS 2022): resized to
+64x64, blurred with a normalised 10x10 Gaussian kernel (sigma 10, SAME padding), resized to the
+image size. Training augmentation (random resized crop, horizontal flip) moves image and map
+together.
+
+Why the pipeline is fast: per example it only decodes the JPEG (when training, only the crop
+window) and resizes the image; the heatmaps of a whole batch are blurred with two small matrix
+products (the published kernel is separable) and cropped, flipped and resized with two gathers per
+axis, instead of one 10x10 convolution and three resizes per example. `bench/input_pipeline.py`
+measures it against the published per-example pipeline.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from typing import Iterable, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+#: The published heatmap processing: maps are resized to this resolution, then blurred.
+PUBLISHED_HEATMAP_RESOLUTION = 64
+PUBLISHED_BLUR_SIZE = 10
+PUBLISHED_BLUR_SIGMA = 10.0
+
+#: Random resized crop defaults (fraction of the image area, aspect ratio), as in Inception/torchvision.
+DEFAULT_CROP_SCALE = (0.08, 1.0)
+DEFAULT_CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+
+#: Feature spec of the published ClickMe TFRecord shards.
+PUBLISHED_FEATURES = {
+    "image": tf.io.FixedLenFeature([], tf.string),
+    "heatmap": tf.io.FixedLenFeature([], tf.string),
+    "label": tf.io.FixedLenFeature([], tf.int64),
+}
+
+_AUTOTUNE = tf.data.AUTOTUNE
+_CLICKME_KEYS = ("image", "heatmap", "label")
+
+
+# --------------------------------------------------------------------------------------------
+# The published heatmap processing, as reusable functions.
+# --------------------------------------------------------------------------------------------
+
+
+def _kernel_offsets(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row and column offsets of the published kernel grid.
+
+    The published code builds `x = range(-(size-1)//2, (size-1)//2 + 1)` and
+    `y = range((size-1)//2, -(size-1)//2 - 1, -1)` (Python floor division); for an even size the
+    grid is off-centre by one cell, e.g. x = -5..4 and y = 4..-5 for size 10. We keep it as published.
+    """
+    low, high = (-(size - 1)) // 2, (size - 1) // 2
+    return np.arange(high, low - 1, -1, dtype=np.float64), np.arange(low, high + 1, dtype=np.float64)
+
+
+def _kernel_factors(size: int, sigma: float) -> tuple[np.ndarray, np.ndarray]:
+    """(vertical, horizontal) normalised 1-D factors with outer(vertical, horizontal) == the 2-D kernel."""
+    rows, cols = _kernel_offsets(size)
+    vertical = np.exp(-(rows**2) / (2.0 * sigma**2))
+    horizontal = np.exp(-(cols**2) / (2.0 * sigma**2))
+    return vertical / vertical.sum(), horizontal / horizontal.sum()
+
+
+def gaussian_kernel(size: int = PUBLISHED_BLUR_SIZE, sigma: float = PUBLISHED_BLUR_SIGMA) -> np.ndarray:
+    """The published normalised Gaussian blur kernel, float64 (size, size), summing to 1.
+
+    Args:
+        size: int. Kernel side. Defaults to 10 (published).
+        sigma: float. Standard deviation, in pixels of the 64x64 map. Defaults to 10 (published).
+    """
+    _check_positive_int(size, "size")
+    if not (isinstance(sigma, (int, float)) and sigma > 0 and math.isfinite(sigma)):
+        raise ValueError(f"`sigma` must be a positive number; got {sigma!r}.")
+    vertical, horizontal = _kernel_factors(size, float(sigma))
+    return np.outer(vertical, horizontal)
+
+
+def blur_heatmaps(
+    heatmaps, size: int = PUBLISHED_BLUR_SIZE, sigma: float = PUBLISHED_BLUR_SIGMA
+) -> tf.Tensor:
+    """Blur maps (N, H, W, 1) or (H, W, 1) with `gaussian_kernel`, zero SAME padding, as published."""
+    heatmaps = tf.convert_to_tensor(heatmaps)
+    if not heatmaps.dtype.is_floating:
+        heatmaps = tf.cast(heatmaps, tf.float32)
+    single = heatmaps.shape.rank == 3
+    if single:
+        heatmaps = heatmaps[None]
+    if heatmaps.shape.rank != 4 or heatmaps.shape[-1] != 1:
+        raise ValueError(
+            f"`heatmaps` must have shape (N, H, W, 1) or (H, W, 1); got {tuple(heatmaps.shape)}."
+        )
+    kernel = tf.constant(gaussian_kernel(size, sigma)[:, :, None, None], heatmaps.dtype)
+    blurred = tf.nn.conv2d(heatmaps, kernel, strides=1, padding="SAME")
+    return blurred[0] if single else blurred
+
+
+def preprocess_heatmaps(
+    heatmaps,
+    image_size: int,
+    resolution: int = PUBLISHED_HEATMAP_RESOLUTION,
+    blur: bool = True,
+) -> tf.Tensor:
+    """The published heatmap processing: resize to `resolution`, blur, resize to `image_size`.
+
+    Args:
+        heatmaps: (N, H, W, 1) or (H, W, 1) maps, any numeric dtype (values are kept, not rescaled).
+        image_size: int. Side of the output maps (the image size).
+        resolution: int. Side of the maps when blurred. Defaults to 64 (published).
+        blur: bool. Apply the Gaussian blur. Defaults to True.
+
+    Returns:
+        float32 maps (N, image_size, image_size, 1) (or without N, as given).
+    """
+    _check_positive_int(image_size, "image_size")
+    _check_positive_int(resolution, "resolution")
+    heatmaps = tf.cast(tf.convert_to_tensor(heatmaps), tf.float32)
+    maps = tf.image.resize(heatmaps, (resolution, resolution), method="bilinear")
+    if blur:
+        maps = blur_heatmaps(maps)
+    return tf.image.resize(maps, (image_size, image_size), method="bilinear")
+
+
+# --------------------------------------------------------------------------------------------
+# Batched heatmap resampling: blur + crop + flip + resize as two matrix products per map.
+# --------------------------------------------------------------------------------------------
+
+
+def _blur_matrix(factor: np.ndarray, n: int) -> np.ndarray:
+    """(n, n) matrix applying the 1-D correlation with `factor` along an axis, zero SAME padding."""
+    size = len(factor)
+    pad_before = (size - 1) // 2  # TensorFlow's SAME padding puts the odd pixel after.
+    matrix = np.zeros((n, n), np.float64)
+    for out in range(n):
+        for tap in range(size):
+            source = out + tap - pad_before
+            if 0 <= source < n:
+                matrix[out, source] = factor[tap]
+    return matrix
+
+
+def _sampling_weights(offset, extent, flip, out_size: int, in_size: int):
+    """Bilinear sampling of crops of a map of side `in_size`: (lower, upper, lerp), each (B, out_size).
+
+    Output pixel i samples the window [offset, offset + extent) (fractions of the map side) at its
+    pixel centre, with the half-pixel convention and edge clamping of `tf.image.resize`; `flip`
+    (B,) reverses the output order. With offset 0 and extent 1 this is `tf.image.resize` exactly.
+    """
+    positions = (tf.range(out_size, dtype=tf.float32) + 0.5) / out_size  # (S,)
+    positions = tf.where(flip[:, None] > 0.5, 1.0 - positions[None], positions[None])  # (B, S)
+    coords = (offset[:, None] + positions * extent[:, None]) * in_size - 0.5
+    floor = tf.floor(coords)
+    lower = tf.cast(tf.maximum(floor, 0.0), tf.int32)
+    upper = tf.cast(tf.minimum(tf.math.ceil(coords), in_size - 1.0), tf.int32)
+    return lower, upper, coords - floor
+
+
+def _resample_axis(maps, weights):
+    """Linear interpolation of (B, H, W) maps along H at the sampled positions: (B, S, W)."""
+    lower, upper, lerp = weights
+    low = tf.gather(maps, lower, axis=1, batch_dims=1)
+    high = tf.gather(maps, upper, axis=1, batch_dims=1)
+    return low + (high - low) * lerp[:, :, None]
+
+
+def _transform_heatmaps(maps, crops, flip, out_size: int, blur: bool) -> tf.Tensor:
+    """Blur (optional), crop, flip and resize a batch of (B, R, R) maps to (B, S, S, 1).
+
+    `crops` is (B, 4): [top, height, left, width] as fractions of the map side. The blur is two
+    small matrix products (the published kernel is separable); the resampling gathers two
+    neighbours per output pixel, as `tf.image.resize` does.
+    """
+    resolution = maps.shape[1]
+    if blur:
+        vertical, horizontal = _kernel_factors(PUBLISHED_BLUR_SIZE, PUBLISHED_BLUR_SIGMA)
+        vertical = tf.constant(_blur_matrix(vertical, resolution), tf.float32)
+        horizontal = tf.constant(_blur_matrix(horizontal, resolution).T, tf.float32)
+        maps = tf.matmul(tf.matmul(vertical, maps), horizontal)
+    # Columns first, on the small maps; gathering whole rows (axis 1) is the fast direction.
+    columns = _sampling_weights(crops[:, 2], crops[:, 3], flip, out_size, resolution)
+    rows = _sampling_weights(crops[:, 0], crops[:, 1], tf.zeros_like(flip), out_size, resolution)
+    maps = _resample_axis(tf.transpose(maps, [0, 2, 1]), columns)  # (B, S, R): sampled columns
+    maps = _resample_axis(tf.transpose(maps, [0, 2, 1]), rows)  # (B, S, S)
+    return maps[..., None]
+
+
+# --------------------------------------------------------------------------------------------
+# Per-example decoding and cropping.
+# --------------------------------------------------------------------------------------------
+
+
+def _decode_pixels(value: tf.Tensor, channels: int) -> tf.Tensor:
+    """uint8 (H, W, channels) pixels from encoded image bytes, or from pixels already decoded."""
+    if value.dtype == tf.string:
+        pixels = tf.io.decode_image(value, channels=channels, expand_animations=False)
+        return tf.ensure_shape(pixels, [None, None, channels])
+    pixels = tf.cast(value, tf.uint8)
+    if pixels.shape.rank == 2:
+        pixels = pixels[..., None]
+    return pixels
+
+
+def _sample_crop(shape, seed, scale, ratio) -> tf.Tensor:
+    """A random resized crop window [top, left, height, width] (int32) of an image of `shape`."""
+    begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        image_size=tf.concat([shape, [3]], axis=0),
+        bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
+        seed=seed,
+        min_object_covered=0.0,
+        aspect_ratio_range=ratio,
+        area_range=scale,
+        max_attempts=10,
+        use_image_if_no_bounding_boxes=True,
+    )
+    return tf.stack([begin[0], begin[1], size[0], size[1]])
+
+
+def _centre_crop(shape, fraction: float) -> tf.Tensor:
+    """The central square window [top, left, height, width] with side `fraction` x the short side."""
+    height, width = shape[0], shape[1]
+    side = tf.maximum(tf.cast(tf.cast(tf.minimum(height, width), tf.float32) * fraction, tf.int32), 1)
+    return tf.stack([(height - side) // 2, (width - side) // 2, side, side])
+
+
+def _decode_image_window(value, window_fn, jpeg: bool | None = None):
+    """(uint8 crop, window, full shape) of an image, decoding only the window when it is a JPEG.
+
+    `window_fn(shape)` picks the window [top, left, height, width] from the full (H, W) shape.
+    `jpeg`: True/False when the encoding is known, None to check each image.
+    """
+
+    def decode_then_crop():
+        pixels = _decode_pixels(value, 3)
+        shape = tf.shape(pixels)[:2]
+        window = window_fn(shape)
+        return pixels[window[0] : window[0] + window[2], window[1] : window[1] + window[3]], window, shape
+
+    def decode_window():
+        shape = tf.image.extract_jpeg_shape(value)[:2]
+        window = window_fn(shape)
+        return tf.io.decode_and_crop_jpeg(value, window, channels=3), window, shape
+
+    if value.dtype != tf.string or jpeg is False:
+        crop, window, shape = decode_then_crop()
+    elif jpeg:
+        crop, window, shape = decode_window()
+    else:
+        crop, window, shape = tf.cond(tf.io.is_jpeg(value), decode_window, decode_then_crop)
+    return tf.ensure_shape(crop, [None, None, 3]), window, shape
+
+
+class _Preprocessor:
+    """Per-example decoding/cropping and per-batch finishing, for one configuration.
+
+    Per example: decode (training: only the random crop window of a JPEG), flip, resize. Training
+    images are rounded to 8 bits after the resize (an error of at most 0.5 on the 0..255 scale,
+    well below JPEG's own) so that batching moves 4x fewer bytes; evaluation images are exact: when
+    every source image has the same known shape they are batched as decoded uint8 pixels and
+    resized per batch, otherwise resized per example in float32. Heatmaps are resized to the blur
+    resolution per example, then blurred, cropped, flipped and resized per batch.
+    """
+
+    def __init__(
+        self,
+        image_size: int,
+        training: bool,
+        with_heatmaps: bool,
+        crop_scale: Sequence[float] = DEFAULT_CROP_SCALE,
+        crop_ratio: Sequence[float] = DEFAULT_CROP_RATIO,
+        blur: bool = True,
+        eval_crop_fraction: float | None = None,
+        heatmap_resolution: int = PUBLISHED_HEATMAP_RESOLUTION,
+        source_shape: Sequence[int | None] | None = None,
+        jpeg: bool | None = None,
+    ):
+        self.image_size = image_size
+        self.training = training
+        self.with_heatmaps = with_heatmaps
+        self.crop_scale = tuple(float(v) for v in crop_scale)
+        self.crop_ratio = tuple(float(v) for v in crop_ratio)
+        self.blur = blur
+        self.eval_crop_fraction = eval_crop_fraction
+        self.heatmap_resolution = heatmap_resolution
+        self.jpeg = jpeg
+        static = source_shape is not None and all(isinstance(d, int) for d in source_shape[:2])
+        # Evaluation with whole images of one known shape: batch the pixels, resize per batch.
+        self.source_shape = tuple(source_shape[:2]) if static else None
+        self.resize_per_batch = not training and eval_crop_fraction is None and static
+
+    def example(self, example: dict, seed: tf.Tensor) -> dict:
+        """Decode (and crop, flip, resize) one example; the heatmap goes to the blur resolution."""
+        size = (self.image_size, self.image_size)
+        if self.training:
+            crop_seed = tf.stack([seed, tf.constant(0, tf.int64)])
+            flip_seed = tf.stack([seed, tf.constant(1, tf.int64)])
+            image, window, shape = _decode_image_window(
+                example["image"], lambda shape: _sample_crop(shape, crop_seed, self.crop_scale, self.crop_ratio),
+                self.jpeg,
+            )
+            flip = tf.random.stateless_uniform([], flip_seed) < 0.5
+            # Flipping before resizing moves 3x fewer bytes; the half-pixel resize commutes with it.
+            image = tf.cond(flip, lambda: tf.reverse(image, axis=[1]), lambda: image)
+            image = tf.image.resize(image, size, method="bilinear")
+            image = tf.ensure_shape(tf.cast(image + 0.5, tf.uint8), [*size, 3])  # Rounded; in [0, 255].
+        elif self.eval_crop_fraction is not None:
+            image, window, shape = _decode_image_window(
+                example["image"], lambda shape: _centre_crop(shape, self.eval_crop_fraction), self.jpeg
+            )
+            flip = tf.constant(False)
+            image = tf.ensure_shape(tf.image.resize(image, size, method="bilinear"), [*size, 3])
+        else:  # The published evaluation input: the whole image resized.
+            image = _decode_pixels(example["image"], 3)
+            shape = tf.shape(image)[:2]
+            window = tf.stack([0, 0, shape[0], shape[1]])
+            flip = tf.constant(False)
+            if self.resize_per_batch:
+                image = tf.ensure_shape(image, [*self.source_shape, 3])
+            else:
+                image = tf.ensure_shape(tf.image.resize(image, size, method="bilinear"), [*size, 3])
+        out = {"image": image, "label": tf.cast(example["label"], tf.int32)}
+        if self.with_heatmaps:
+            heatmap = _decode_pixels(example["heatmap"], 1)
+            resolution = (self.heatmap_resolution, self.heatmap_resolution)
+            heatmap = tf.image.resize(tf.cast(heatmap, tf.float32), resolution, method="bilinear")
+            window = tf.cast(window, tf.float32)
+            shape = tf.cast(shape, tf.float32)
+            out["heatmap"] = tf.ensure_shape(heatmap[..., 0], resolution)
+            out["crop"] = tf.stack(
+                [window[0] / shape[0], window[2] / shape[0], window[1] / shape[1], window[3] / shape[1]]
+            )
+            out["flip"] = tf.cast(flip, tf.float32)
+        return out
+
+    def batch(self, batch: dict) -> dict:
+        """Finish a batch: float32 images, the heatmaps' blur, crop, flip and resize, the tokens."""
+        image = batch["image"]
+        if self.resize_per_batch:
+            image = tf.image.resize(image, (self.image_size, self.image_size), method="bilinear")
+        image = tf.cast(image, tf.float32)
+        batch_size = tf.shape(image)[0]
+        if self.with_heatmaps:
+            heatmap = _transform_heatmaps(
+                batch["heatmap"], batch["crop"], batch["flip"], self.image_size, self.blur
+            )
+            token = tf.ones([batch_size], tf.float32)
+        else:
+            heatmap = tf.zeros([batch_size, self.image_size, self.image_size, 1], tf.float32)
+            token = tf.zeros([batch_size], tf.float32)
+        return {"image": image, "heatmap": heatmap, "label": batch["label"], "token": token}
+
+
+def _pipeline(
+    examples: tf.data.Dataset,
+    preprocessor: _Preprocessor,
+    batch_size: int,
+    seed: int | None,
+    shuffle_buffer: int,
+    drop_remainder: bool,
+) -> tf.data.Dataset:
+    """Shuffle (training) -> decode/crop per example -> batch -> heatmaps per batch -> prefetch."""
+    training = preprocessor.training
+    if training and shuffle_buffer > 1:
+        examples = examples.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+    # One random int64 per example seeds its augmentation: reproducible with `seed`, new every epoch.
+    seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
+    examples = tf.data.Dataset.zip(examples, seeds)
+    deterministic = seed is not None or not training
+    examples = examples.map(
+        preprocessor.example, num_parallel_calls=_AUTOTUNE, deterministic=deterministic
+    )
+    batches = examples.batch(batch_size, drop_remainder=drop_remainder)
+    batches = batches.map(preprocessor.batch, num_parallel_calls=_AUTOTUNE, deterministic=deterministic)
+    options = tf.data.Options()
+    options.deterministic = deterministic
+    # Each op of the pipeline runs on one thread: parallelism comes from the parallel maps, and
+    # per-op sharding of small images costs more than it saves.
+    options.threading.max_intra_op_parallelism = 1
+    return batches.with_options(options).prefetch(_AUTOTUNE)
+
+
+# --------------------------------------------------------------------------------------------
+# Public loaders.
+# --------------------------------------------------------------------------------------------
+
+
+def load_clickme(
+    split: str,
+    batch_size: int,
+    image_size: int = 224,
+    training: bool = False,
+    data_dir: str | os.PathLike | None = None,
+    *,
+    name: str = "clickme",
+    seed: int | None = None,
+    shuffle_buffer: int = 2048,
+    drop_remainder: bool | None = None,
+    download: bool = True,
+    crop_scale: Sequence[float] = DEFAULT_CROP_SCALE,
+    crop_ratio: Sequence[float] = DEFAULT_CROP_RATIO,
+    blur: bool = True,
+) -> tf.data.Dataset:
+    """ClickMe (or any TFDS dataset with its features) as batches for `HarmonizedModel.fit`.
+
+    Without `training`, images are resized whole to `image_size` and heatmaps are processed as
+    published (64x64, blurred, resized): the published evaluation input. With `training`, the
+    examples are shuffled and each gets a random resized crop and a horizontal flip, the same for
+    its image and its map (the map is blurred over the whole field of view first, then cropped).
+
+    Args:
+        split: str. A TFDS split of the dataset ("train", "validation", "train[:10%]", ...).
+        batch_size: int. Examples per batch.
+        image_size: int. Side of the square output images and maps. Defaults to 224.
+        training: bool. Shuffle and augment. Defaults to False.
+        data_dir: path. TFDS data directory. Defaults to TFDS's (~/tensorflow_datasets).
+        name: str. TFDS dataset name, with its features `image`, `heatmap`, `label`, e.g.
+            "clickme", "clickme/skip_bad_records" or "clickme_synthetic". Defaults to "clickme".
+        seed: int or None. Makes shuffling and augmentation reproducible (still different at every
+            epoch). Defaults to None (non-deterministic and a little faster).
+        shuffle_buffer: int. Examples in the shuffle buffer (encoded, ~40 KB each). Defaults to 2048.
+        drop_remainder: bool. Drop the last incomplete batch. Defaults to `training`.
+        download: bool. Download and prepare the dataset if `data_dir` lacks it. Defaults to True.
+        crop_scale: (min, max) fraction of the image area kept by the random crop.
+            Defaults to (0.08, 1.0).
+        crop_ratio: (min, max) aspect ratio of the random crop. Defaults to (3/4, 4/3).
+        blur: bool. Blur the heatmaps as published. Defaults to True.
+
+    Returns:
+        A `tf.data.Dataset` of dicts {"image", "heatmap", "label", "token"} (see the module docstring).
+
+    Example:
+
+    ```python
+    train = harmonization.data.load_clickme("train", 64, training=True, seed=0)
+    harmonized_model.fit(train, epochs=30)
+    ```
+    """
+    _check_common_args(batch_size, image_size, shuffle_buffer, crop_scale, crop_ratio)
+    builder = _tfds_builder(name, data_dir, download, split)
+    features = builder.info.features
+    missing = [key for key in _CLICKME_KEYS if key not in features]
+    if missing:
+        raise ValueError(
+            f"Dataset {name!r} lacks the ClickMe features {missing} (it has {sorted(features)}); "
+            "`load_clickme` needs `image`, `heatmap` and `label`."
+        )
+    examples = _tfds_examples(builder, split, training, seed, ("image", "heatmap"))
+    preprocessor = _Preprocessor(
+        image_size, training, with_heatmaps=True, crop_scale=crop_scale, crop_ratio=crop_ratio,
+        blur=blur, source_shape=features["image"].shape, jpeg=_is_jpeg_feature(features["image"]),
+    )
+    drop = training if drop_remainder is None else bool(drop_remainder)
+    return _pipeline(examples, preprocessor, batch_size, seed, shuffle_buffer, drop)
+
+
+def from_tfrecords(
+    paths: str | os.PathLike | Iterable[str | os.PathLike],
+    batch_size: int,
+    image_size: int = 224,
+    training: bool = False,
+    *,
+    seed: int | None = None,
+    shuffle_buffer: int = 2048,
+    drop_remainder: bool | None = None,
+    crop_scale: Sequence[float] = DEFAULT_CROP_SCALE,
+    crop_ratio: Sequence[float] = DEFAULT_CROP_RATIO,
+    blur: bool = True,
+) -> tf.data.Dataset:
+    """The `load_clickme` pipeline over raw published ClickMe shards, without building the dataset.
+
+    Args:
+        paths: a shard path, a glob pattern (e.g. "clickme/train-*.tfrecords") or a list of them.
+        Other arguments: as in `load_clickme`.
+
+    Returns:
+        A `tf.data.Dataset` of dicts {"image", "heatmap", "label", "token"}.
+    """
+    _check_common_args(batch_size, image_size, shuffle_buffer, crop_scale, crop_ratio)
+    files = _expand_paths(paths)
+    filenames = tf.data.Dataset.from_tensor_slices(files)
+    if training:
+        filenames = filenames.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
+    records = filenames.interleave(
+        tf.data.TFRecordDataset,
+        cycle_length=min(len(files), 16),
+        num_parallel_calls=_AUTOTUNE,
+        deterministic=seed is not None or not training,
+    )
+    examples = records.map(
+        lambda record: tf.io.parse_single_example(record, PUBLISHED_FEATURES), num_parallel_calls=_AUTOTUNE
+    )
+    preprocessor = _Preprocessor(
+        image_size, training, with_heatmaps=True, crop_scale=crop_scale, crop_ratio=crop_ratio, blur=blur
+    )
+    drop = training if drop_remainder is None else bool(drop_remainder)
+    return _pipeline(examples, preprocessor, batch_size, seed, shuffle_buffer, drop)
+
+
+def load_imagenet(
+    split: str,
+    batch_size: int,
+    image_size: int = 224,
+    training: bool = False,
+    data_dir: str | os.PathLike | None = None,
+    *,
+    manual_dir: str | os.PathLike | None = None,
+    seed: int | None = None,
+    shuffle_buffer: int = 2048,
+    drop_remainder: bool | None = None,
+    download: bool = True,
+    crop_scale: Sequence[float] = DEFAULT_CROP_SCALE,
+    crop_ratio: Sequence[float] = DEFAULT_CROP_RATIO,
+    center_crop_fraction: float = 0.875,
+) -> tf.data.Dataset:
+    """ImageNet-1k (TFDS `imagenet2012`) as batches without human maps: zero heatmaps, token 0.
+
+    ImageNet needs a manual download: put `ILSVRC2012_img_train.tar` and `ILSVRC2012_img_val.tar`
+    in `manual_dir` (see `tfds.builder("imagenet2012").MANUAL_DOWNLOAD_INSTRUCTIONS`). Training
+    uses the same random resized crop and flip as `load_clickme`; evaluation takes the central
+    square of side `center_crop_fraction` x the short side, resized to `image_size`.
+
+    Args:
+        manual_dir: path. Where the ImageNet archives are. Defaults to TFDS's manual directory.
+        center_crop_fraction: float in (0, 1]. Evaluation crop. Defaults to 0.875.
+        Other arguments: as in `load_clickme`.
+    """
+    _check_common_args(batch_size, image_size, shuffle_buffer, crop_scale, crop_ratio)
+    if not 0 < center_crop_fraction <= 1:
+        raise ValueError(f"`center_crop_fraction` must be in (0, 1]; got {center_crop_fraction!r}.")
+    builder = _tfds_builder("imagenet2012", data_dir, download, split, manual_dir=manual_dir)
+    examples = _tfds_examples(builder, split, training, seed, ("image",))
+    preprocessor = _Preprocessor(
+        image_size, training, with_heatmaps=False, crop_scale=crop_scale, crop_ratio=crop_ratio,
+        eval_crop_fraction=center_crop_fraction, jpeg=_is_jpeg_feature(builder.info.features["image"]),
+    )
+    drop = training if drop_remainder is None else bool(drop_remainder)
+    return _pipeline(examples, preprocessor, batch_size, seed, shuffle_buffer, drop)
+
+
+def mix_datasets(
+    clickme: tf.data.Dataset,
+    imagenet: tf.data.Dataset,
+    clickme_fraction: float = 0.2,
+    *,
+    batch_size: int | None = None,
+    seed: int | None = None,
+) -> tf.data.Dataset:
+    """Mix examples with human maps (ClickMe) and without (e.g. ImageNet), as in the published training.
+
+    Each output example comes from `clickme` with probability `clickme_fraction` (published: 0.2)
+    and from `imagenet` otherwise. Examples from `imagenet` get an all-zero map and `token` 0
+    (only cross-entropy applies to them); those from `clickme` keep their token (1 by default).
+    The mix stops when either input runs out, so that the fraction holds: `.repeat()` the inputs
+    for multi-epoch training.
+
+    Args:
+        clickme: dataset of dicts {"image", "heatmap", "label"[, "token"]}, batched or not.
+        imagenet: dataset of dicts {"image", "label", ...}, batched or not, with the same image
+            size (e.g. `load_imagenet`); other keys are replaced.
+        clickme_fraction: float in [0, 1]. Probability that an example comes from `clickme`.
+        batch_size: int or None. Output batch size. Defaults to the (static) batch size of
+            `clickme` when it is batched; unbatched inputs give an unbatched output by default.
+        seed: int or None. Makes the draw reproducible.
+
+    Returns:
+        A `tf.data.Dataset` of dicts {"image", "heatmap", "label", "token"}.
+    """
+    if not (isinstance(clickme_fraction, (int, float)) and 0.0 <= clickme_fraction <= 1.0):
+        raise ValueError(f"`clickme_fraction` must be a number in [0, 1]; got {clickme_fraction!r}.")
+    if batch_size is not None:
+        _check_positive_int(batch_size, "batch_size")
+    parts = []
+    for name, dataset, has_maps in (("clickme", clickme, True), ("imagenet", imagenet, False)):
+        if not isinstance(dataset, tf.data.Dataset):
+            raise TypeError(f"`{name}` must be a tf.data.Dataset; got {type(dataset).__name__}.")
+        spec = dataset.element_spec
+        required = ("image", "heatmap", "label") if has_maps else ("image", "label")
+        if not isinstance(spec, dict) or any(key not in spec for key in required):
+            raise ValueError(f"`{name}` must yield dicts with the keys {list(required)}; got element spec {spec}.")
+        rank = spec["image"].shape.rank
+        if rank == 4:
+            if batch_size is None and has_maps:
+                batch_size = spec["image"].shape[0]
+                if batch_size is None:
+                    raise ValueError(
+                        "`clickme` has no static batch size (its last batch may be smaller): pass "
+                        "`batch_size`, or batch it with drop_remainder=True."
+                    )
+            dataset = dataset.unbatch()
+        elif rank != 3:
+            raise ValueError(
+                f"`{name}` images must have shape (H, W, 3) or (B, H, W, 3); got {spec['image'].shape}."
+            )
+        parts.append(dataset.map(_standardise_fn(has_maps), num_parallel_calls=_AUTOTUNE))
+    clickme_shape = parts[0].element_spec["image"].shape
+    imagenet_shape = parts[1].element_spec["image"].shape
+    if not clickme_shape.is_compatible_with(imagenet_shape):
+        raise ValueError(
+            f"`clickme` and `imagenet` images must have the same size; got {tuple(clickme_shape)} and "
+            f"{tuple(imagenet_shape)}. Load both with the same `image_size`."
+        )
+    mixed = tf.data.Dataset.sample_from_datasets(
+        parts,
+        weights=[float(clickme_fraction), 1.0 - float(clickme_fraction)],
+        seed=seed,
+        stop_on_empty_dataset=True,
+        rerandomize_each_iteration=True,
+    )
+    if batch_size is not None:
+        mixed = mixed.batch(batch_size, drop_remainder=True)
+    return mixed.prefetch(_AUTOTUNE)
+
+
+def _standardise_fn(has_maps: bool):
+    """Map an example to {"image", "heatmap", "label", "token"}; without maps: zero map, token 0."""
+
+    def standardise(example: dict) -> dict:
+        image = tf.cast(example["image"], tf.float32)
+        if has_maps:
+            heatmap = tf.cast(example["heatmap"], tf.float32)
+            if heatmap.shape.rank == 2:
+                heatmap = heatmap[..., None]
+            token = tf.cast(example.get("token", 1.0), tf.float32)
+        else:
+            heatmap = tf.zeros_like(image[..., :1])
+            token = tf.constant(0.0, tf.float32)
+        return {"image": image, "heatmap": heatmap, "label": tf.cast(example["label"], tf.int32), "token": token}
+
+    return standardise
+
+
+# --------------------------------------------------------------------------------------------
+# TFDS plumbing and argument checks.
+# --------------------------------------------------------------------------------------------
+
+
+def _tfds_builder(name: str, data_dir, download: bool, split: str, manual_dir=None):
+    """The prepared TFDS builder for `name`, downloading it if allowed; clear errors otherwise."""
+    import tensorflow_datasets as tfds
+
+    if name.split("/")[0].startswith("clickme"):
+        import tfds_clickme  # noqa: F401  (registers the ClickMe builders)
+    if not isinstance(split, str) or not split.strip():
+        raise ValueError(f"`split` must be a non-empty split name such as 'train'; got {split!r}.")
+    if data_dir is not None:
+        data_dir = os.fspath(data_dir)
+        if not download and not tf.io.gfile.isdir(data_dir):
+            raise FileNotFoundError(f"`data_dir` {data_dir!r} does not exist (and `download` is False).")
+    builder = tfds.builder(name, data_dir=data_dir)
+    known_splits = getattr(type(builder), "SPLIT_NAMES", None)
+    if known_splits and not builder.is_prepared():
+        _check_split(split, known_splits, name)  # Before a long download, not after.
+    if not builder.is_prepared():
+        if not download:
+            raise FileNotFoundError(
+                f"Dataset {name!r} is not prepared in data_dir={builder.data_dir_root!s} (looked for "
+                f"{builder.data_dir!s}). Build it first, e.g. tfds.builder({name!r}, data_dir=...)"
+                ".download_and_prepare(), or pass download=True."
+            )
+        download_config = tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir) if manual_dir else None)
+        builder.download_and_prepare(download_config=download_config)
+    _check_split(split, tuple(builder.info.splits.keys()), name)
+    return builder
+
+
+_SPLIT_NAME = re.compile(r"[A-Za-z_][\w-]*")
+
+
+def _check_split(split: str, available: Sequence[str], name: str) -> None:
+    """Raise a ValueError naming the available splits when `split` refers to an unknown one."""
+    for part in split.split("+"):
+        match = _SPLIT_NAME.match(part.strip())
+        base = match.group(0) if match else part.strip()
+        if base not in available:
+            hint = " (ClickMe's published 'val' shards are the split 'validation')" if base == "val" else ""
+            raise ValueError(f"Unknown split {base!r} for dataset {name!r}; available: {sorted(available)}{hint}.")
+
+
+def _tfds_examples(builder, split: str, training: bool, seed: int | None, encoded: Sequence[str]):
+    """Examples of a prepared builder, with the image features left encoded (decoded later)."""
+    import tensorflow_datasets as tfds
+
+    features = builder.info.features
+    decoders = {
+        key: tfds.decode.SkipDecoding()
+        for key in encoded
+        if isinstance(features[key], tfds.features.Image)
+    }
+    read_config = tfds.ReadConfig(
+        shuffle_seed=seed,
+        shuffle_reshuffle_each_iteration=True,
+        try_autocache=not training,
+    )
+    return builder.as_dataset(split=split, shuffle_files=training, decoders=decoders, read_config=read_config)
+
+
+def _is_jpeg_feature(feature) -> bool | None:
+    """Whether a TFDS image feature stores JPEG bytes; None when unknown (checked per image)."""
+    encoding = getattr(feature, "encoding_format", None)
+    return {"jpeg": True, "png": False}.get(encoding)
+
+
+def _expand_paths(paths) -> list[str]:
+    """Files named by a path, a glob pattern or a list of them; an error if any matches nothing."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    files: list[str] = []
+    for path in paths:
+        path = os.fspath(path)
+        matches = sorted(tf.io.gfile.glob(path))
+        if not matches:
+            raise FileNotFoundError(f"No ClickMe shard matches {path!r}.")
+        files.extend(matches)
+    if not files:
+        raise ValueError("`paths` is empty: pass shard paths or a glob pattern such as 'train-*.tfrecords'.")
+    return files
+
+
+def _check_positive_int(value, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise ValueError(f"`{name}` must be a positive integer; got {value!r}.")
+
+
+def _check_range_pair(value, name: str, low: float, high: float) -> None:
+    try:
+        first, second = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"`{name}` must be a pair (min, max); got {value!r}.") from None
+    if not (low < first <= second <= high):
+        raise ValueError(f"`{name}` must satisfy {low} < min <= max <= {high}; got {value!r}.")
+
+
+def _check_common_args(batch_size, image_size, shuffle_buffer, crop_scale, crop_ratio) -> None:
+    _check_positive_int(batch_size, "batch_size")
+    _check_positive_int(image_size, "image_size")
+    _check_positive_int(shuffle_buffer, "shuffle_buffer")
+    _check_range_pair(crop_scale, "crop_scale", 0.0, 1.0)
+    _check_range_pair(crop_ratio, "crop_ratio", 0.0, math.inf)
