@@ -7,7 +7,18 @@ import os as _os
 
 _os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
-from harmonization import architectures, data, evaluation, layers, losses, metrics, saliency, second_order  # noqa: E402
+from harmonization import (  # noqa: E402
+    architectures,
+    convert,
+    data,
+    evaluation,
+    layers,
+    losses,
+    metrics,
+    model_card,
+    saliency,
+    second_order,
+)
 from harmonization.harmonized_model import HarmonizedModel  # noqa: E402
 from harmonization.losses import (  # noqa: E402
     gaussian_pyramid,

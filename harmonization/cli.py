@@ -1,4 +1,4 @@
-"""The `harmonization` command: browse the zoo, download, predict, explain, run the quickstart.
+"""The `harmonization` command: browse the zoo, download, convert, publish, predict, explain, run the quickstart.
 
 Heavy imports (TensorFlow, Keras) happen inside the subcommands, so `harmonization --help` and
 `harmonization list` answer at once.
@@ -38,6 +38,44 @@ def _cmd_download(args: argparse.Namespace) -> int:
 
     path = hub.resolve_preset(args.name, revision=args.revision)
     print(path)
+    return 0
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from harmonization.convert import convert_to_preset, read_keras2_h5
+
+    config = json.loads(args.config) if args.config else None
+    if config is not None and not isinstance(config, dict):
+        raise ValueError(f"--config must be a JSON object of constructor arguments, got {args.config!r}.")
+    source = read_keras2_h5(args.source)
+    path = convert_to_preset(args.source, args.arch, args.out, config=config, source_url=args.source_url)
+    print(f"Converted {args.source} ({source.layout} layout, {source.weight_count} weights, "
+          f"{source.parameter_count:,} parameters) into {args.arch}.")
+    print(path)
+    return 0
+
+
+def _cmd_publish(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from harmonization.publish import publish
+
+    folder = args.out
+    if args.dry_run and folder is None:
+        folder = str(Path("publish") / args.name)
+    result = publish(args.name, args.repo_id, source=args.source, dry_run=args.dry_run, folder=folder,
+                             private=args.private or None, commit_message=args.message,
+                             overwrite_card=args.overwrite_card)
+    print(f"Round trip: max |logit difference| after reloading the preset = {result.round_trip_max_abs_diff:.1e}")
+    if result.dry_run:
+        print(f"Dry run: preset and model card written to {result.folder}; nothing uploaded.")
+        print(result.folder)
+        return 0
+    if result.kept_hub_card:
+        print("The repo already has a README.md; it was kept (pass --overwrite-card to replace it).")
+    print(f"Uploaded to hf://{result.repo_id} in commit {result.commit_oid} ({result.commit_url}).")
+    print(f'Pin it: set "hub": {{"repo_id": "{result.repo_id}", "revision": "{result.commit_oid}"}} in '
+          f"models/{result.name}.json.")
     return 0
 
 
@@ -136,7 +174,7 @@ def _cmd_quickstart(args: argparse.Namespace, rest: list[str]) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="harmonization",
-        description="Harmonized vision models: list the zoo, download, predict, explain.",
+        description="Harmonized vision models: list the zoo, download, convert, publish, predict, explain.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -148,10 +186,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.set_defaults(func=_cmd_info)
 
-    p = sub.add_parser("download", help="download (and verify) a model into the Hugging Face cache")
+    p = sub.add_parser("download", help="download (and verify) a model into the cache; print its preset directory")
     p.add_argument("name", help="zoo name or hf://org/repo[@revision]")
     p.add_argument("--revision", default=None)
     p.set_defaults(func=_cmd_download)
+
+    p = sub.add_parser("convert", help="convert a published Keras-2 .h5 file into a native Keras 3 preset")
+    p.add_argument("source", metavar="SOURCE.h5", help="weights file or full-model save (Keras 2 HDF5)")
+    p.add_argument("--arch", required=True, help="zoo name (e.g. vit_b16_harmonized) or architecture class (ViT)")
+    p.add_argument("--out", required=True, metavar="DIR", help="preset directory to write")
+    p.add_argument("--config", default=None, metavar="JSON",
+                   help='constructor arguments overriding the zoo config, e.g. \'{"image_size": 64}\'')
+    p.add_argument("--source-url", default=None, help="where the file was published (recorded in metadata.json)")
+    p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser("publish", help="build, check and upload a zoo model's preset and model card to the Hub")
+    p.add_argument("name", help="zoo name")
+    p.add_argument("--repo-id", required=True, metavar="ORG/NAME")
+    p.add_argument("--source", default=None, metavar="FILE.h5",
+                   help="the published original to convert (default: what load_model(NAME) resolves)")
+    p.add_argument("--dry-run", action="store_true", help="write the folder only (default --out publish/NAME)")
+    p.add_argument("--out", default=None, metavar="DIR", help="preset folder (default: a temporary directory)")
+    p.add_argument("--private", action="store_true", help="create the repo private if it does not exist")
+    p.add_argument("--overwrite-card", action="store_true", help="replace a README.md the repo already has")
+    p.add_argument("--message", default=None, help="commit message")
+    p.set_defaults(func=_cmd_publish)
 
     p = sub.add_parser("predict", help="top-k ImageNet classes of images")
     p.add_argument("images", nargs="+", metavar="IMAGE")

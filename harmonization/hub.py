@@ -6,18 +6,36 @@ we check ourselves before a model is built: the snapshot holds every preset file
 a partial cached snapshot when the Hub cannot be listed), and each file has the size and sha256 recorded
 in `metadata.json` and opens as HDF5. A file that fails is removed from the cache, so the next call
 downloads it again instead of trusting it.
+
+A zoo model whose Hub repo does not exist yet is served from its published original: the Keras-2 `.h5` is
+downloaded from its public URL (with a progress bar; a short or corrupted download is detected and deleted),
+converted once with `harmonization.convert`, and cached as a preset under `HARMONIZATION_CACHE` (default
+`~/.cache/harmonization`), where later calls, offline ones included, find it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
+from typing import Any, Mapping
 
 from harmonization import presets
 from harmonization.presets import PresetError
 
-__all__ = ["HF_SCHEME", "HubUnavailableError", "download_preset", "parse_hf_uri", "resolve_preset"]
+__all__ = [
+    "HF_SCHEME",
+    "HubUnavailableError",
+    "cache_dir",
+    "convert_original",
+    "download_file",
+    "download_preset",
+    "parse_hf_uri",
+    "resolve_preset",
+]
 
 HF_SCHEME = "hf://"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -136,7 +154,12 @@ def _looks_like_path(text: str) -> bool:
 
 
 def resolve_preset(name_or_uri: str, *, revision: str | None = None) -> Path:
-    """Turn a local preset directory, an `hf://` URI or a zoo name into a verified local preset directory."""
+    """Turn a local preset directory, an `hf://` URI or a zoo name into a verified local preset directory.
+
+    A zoo name resolves to its Hub repo at `revision` (default: the zoo's pinned revision). While that repo does
+    not exist, or when the Hub cannot be reached and no `revision` was asked for, the published original `.h5`
+    converted into a cached preset serves instead (`convert_original`).
+    """
     local = Path(name_or_uri).expanduser()
     if presets.is_preset_dir(local):
         presets.verify_preset(local)
@@ -163,8 +186,146 @@ def resolve_preset(name_or_uri: str, *, revision: str | None = None) -> Path:
     try:
         return download_preset(hub["repo_id"], revision or hub.get("revision"))
     except RepositoryNotFoundError as error:
+        if revision is not None:
+            raise  # a pinned Hub revision cannot be served by the original file
+        return convert_original(entry, reason=f"the Hub repo {hub['repo_id']!r} does not exist (yet)", cause=error)
+    except HubUnavailableError as error:
+        cached = _cached_conversion(entry) if revision is None else None
+        if cached is not None:
+            return cached
         raise HubUnavailableError(
-            f"The Hub repo {hub['repo_id']!r} of zoo model {name_or_uri!r} does not exist (yet). Its original "
-            f"weights are at {entry['source']['url']} ({entry['source']['format']}); converting them with "
-            "harmonization.convert is not available in this version."
+            f"{error}\nZoo model {name_or_uri!r} has no converted copy of its original file "
+            f"({entry['source']['url']}) in {str(cache_dir())!r} either."
         ) from error
+
+
+# --- the published original `.h5`, converted once -----------------------------------------------------------
+
+
+def cache_dir() -> Path:
+    """Where converted originals are cached: `HARMONIZATION_CACHE`, else `$XDG_CACHE_HOME/harmonization`."""
+    explicit = os.environ.get("HARMONIZATION_CACHE")
+    if explicit:
+        return Path(explicit).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "harmonization"
+
+
+def _conversion_dir(entry: Mapping[str, Any]) -> Path:
+    # Keyed by the source URL, so that a zoo entry pointing at another file never reuses an old conversion.
+    key = hashlib.sha256(entry["source"]["url"].encode()).hexdigest()[:12]
+    return cache_dir() / "converted" / f"{entry['name']}-{key}"
+
+
+def _cached_conversion(entry: Mapping[str, Any]) -> Path | None:
+    """The verified converted preset of `entry`, or None (a damaged one is removed)."""
+    directory = _conversion_dir(entry)
+    if not presets.is_preset_dir(directory):
+        return None
+    try:
+        record = presets.verify_preset(directory)
+    except PresetError:
+        shutil.rmtree(directory, ignore_errors=True)
+        return None
+    if record.get("source_url") != entry["source"]["url"]:
+        shutil.rmtree(directory, ignore_errors=True)
+        return None
+    return directory
+
+
+def download_file(url: str, destination: str | os.PathLike, *, expected_sha256: str | None = None,
+                  expected_size: int | None = None, timeout: float = 60.0) -> Path:
+    """Download `url` to `destination` with a progress bar; only a complete, verified file is ever moved there.
+
+    The bytes go to a temporary `.incomplete` file first. A body shorter than its `Content-Length`, or a size
+    or sha256 different from the expected ones, raises `PresetError` and leaves nothing behind.
+    """
+    import http.client
+    import urllib.error
+    import urllib.request
+
+    from huggingface_hub.utils import tqdm as hf_tqdm
+
+    destination = Path(destination)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    partial = destination.with_name(destination.name + ".incomplete")
+    digest, received = hashlib.sha256(), 0
+    request = urllib.request.Request(url, headers={"User-Agent": f"harmonization-hub/{_library_version()}"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response, open(partial, "wb") as handle:
+            announced = response.headers.get("Content-Length")
+            announced = int(announced) if announced is not None else None
+            with hf_tqdm(total=announced, unit="B", unit_scale=True, unit_divisor=1024,
+                         desc=f"Downloading {destination.name}") as progress:
+                while True:
+                    try:
+                        chunk = response.read(1 << 20)
+                    except http.client.IncompleteRead as error:
+                        chunk = error.partial
+                        handle.write(chunk)
+                        digest.update(chunk)
+                        received += len(chunk)
+                        break
+                    if not chunk:
+                        break
+                    handle.write(chunk)
+                    digest.update(chunk)
+                    received += len(chunk)
+                    progress.update(len(chunk))
+    except (urllib.error.URLError, OSError) as error:
+        partial.unlink(missing_ok=True)
+        if isinstance(error, urllib.error.HTTPError):
+            raise HubUnavailableError(f"Could not download {url}: HTTP {error.code} {error.reason}.") from error
+        raise HubUnavailableError(f"Could not download {url}: {error}. Check the network and try again.") from error
+    problems = []
+    if announced is not None and received != announced:
+        problems.append(f"received {received} of the {announced} bytes announced (the connection dropped)")
+    if expected_size is not None and received != expected_size:
+        problems.append(f"expected {expected_size} bytes, received {received}")
+    sha256 = digest.hexdigest()
+    if expected_sha256 is not None and sha256 != expected_sha256:
+        problems.append(f"expected sha256 {expected_sha256}, got {sha256}")
+    if problems:
+        partial.unlink(missing_ok=True)
+        raise PresetError(f"The download of {url} is truncated or corrupted and was deleted: {'; '.join(problems)}. "
+                          "Run again to download it afresh.")
+    os.replace(partial, destination)
+    return destination
+
+
+def convert_original(entry: Mapping[str, Any], *, reason: str = "", cause: BaseException | None = None) -> Path:
+    """Serve zoo `entry` from its published original `.h5`: download, convert and cache it once; return the preset.
+
+    Raises:
+        HubUnavailableError: offline (`HF_HUB_OFFLINE`) or the URL cannot be reached, and no conversion is cached.
+        PresetError: the download is truncated or corrupted (nothing is cached).
+        harmonization.convert.ConversionError: the file does not fit the zoo architecture.
+    """
+    from huggingface_hub import constants
+
+    cached = _cached_conversion(entry)
+    if cached is not None:
+        return cached
+    source = entry["source"]
+    why = f"{reason}; " if reason else ""
+    if constants.is_offline_mode():
+        raise HubUnavailableError(
+            f"Zoo model {entry['name']!r}: {why}its original weights ({source['url']}) are not converted in "
+            f"{str(cache_dir())!r} and HF_HUB_OFFLINE is set. To get the weights, run "
+            f"`harmonization download {entry['name']}` once with network access and HF_HUB_OFFLINE unset, or copy "
+            "a preset directory to this machine and pass its path to load_model."
+        ) from cause
+    from harmonization.convert import convert_to_preset
+
+    target = _conversion_dir(entry)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{entry['name']}.", dir=target.parent) as work:
+        original = Path(work) / source["url"].rsplit("/", 1)[-1]
+        try:
+            download_file(source["url"], original, expected_sha256=source.get("sha256"),
+                          expected_size=source.get("size"))
+        except HubUnavailableError as error:
+            raise HubUnavailableError(
+                f"Zoo model {entry['name']!r}: {why}and its original weights could not be downloaded: {error}"
+            ) from error
+        convert_to_preset(original, entry["name"], target, source_url=source["url"])
+    return target

@@ -382,7 +382,10 @@ def load_model(
     """Load a model: a local preset directory, a Hub preset `hf://org/repo[@revision]`, or a zoo name.
 
     Resolution order: an existing local preset directory; an `hf://` URI; a name from
-    `harmonization.list_models()`. Loading uses Keras `safe_mode` (no code from a downloaded config runs).
+    `harmonization.list_models()`, served from its Hub repo (pinned revision, Hugging Face cache) or, while that
+    repo does not exist yet, from its published original `.h5`, downloaded and converted once
+    (`harmonization.convert`) and cached as a preset under `HARMONIZATION_CACHE`. Loading uses Keras
+    `safe_mode` (no code from a downloaded config runs).
 
     Args:
         name_or_path_or_uri: str or path. Where the model is.

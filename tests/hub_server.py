@@ -1,11 +1,27 @@
 """A local stand-in for the Hugging Face Hub: a real HTTP server on 127.0.0.1 speaking the endpoints
-`huggingface_hub` uses to download (measured against huggingface_hub 2.4):
+`huggingface_hub` uses (read from huggingface_hub 2.4's `hf_api.py`, `_commit_api.py` and `lfs.py`).
 
+Download:
 - `GET /api/models/{repo}/revision/{rev}`           -> repo info with the commit `sha` (snapshot_download)
 - `GET /api/models/{repo}/tree/{sha}?recursive=true`  -> the file listing (snapshot_download)
 - `HEAD|GET /{repo}/resolve/{rev}/{path}`           -> file metadata (`X-Repo-Commit`, `ETag`, size), then bytes;
   `Range: bytes=N-` resumes.
 
+Upload (`create_repo`, then `upload_folder` -> `create_commit`):
+- `POST /api/repos/create`                          -> 200 `{"url": ...}`, or 409 when the repo exists
+  (`exist_ok=True` accepts it); the new repo gets a first commit holding `.gitattributes`, as on the Hub;
+- `POST /api/validate-yaml`                          -> the README's front matter must parse as YAML (400 else);
+- `POST /api/models/{repo}/preupload/{rev}`          -> `uploadMode` per file: "lfs" for weights, "regular" else,
+  with the `oid` of the file already at that path (the client skips unchanged files);
+- `POST /{repo}.git/info/lfs/objects/batch`          -> LFS "basic" transfer actions (no `actions` when the
+  object is already stored), then `PUT` of the bytes (sha256 and size checked) and `POST` verify;
+- `POST /api/models/{repo}/commit/{rev}`             -> the NDJSON commit: a header line, then `file` (base64)
+  and `lfsFile` (oid of an uploaded object) lines; answers `commitOid` and `commitUrl`.
+Write endpoints require `Authorization: Bearer <token>` when `FakeHub.token` is set (401 otherwise), as the Hub
+does. huggingface_hub uploads LFS files through Xet when `hf_xet` is installed; tests set
+`HF_HUB_DISABLE_XET` (a supported client setting) so that the LFS protocol above is used.
+
+Plain files (the originals' public URLs) are served at any other path added with `add_static`.
 Errors carry the `X-Error-Code` header the client maps to its exceptions (RepoNotFound, RevisionNotFound,
 EntryNotFound). Faults can be injected to test what the client does not guard against itself.
 Runs in a thread of the test process; not a pytest plugin, so any test module can import it.
@@ -13,6 +29,7 @@ Runs in a thread of the test process; not a pytest plugin, so any test module ca
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import re
@@ -40,6 +57,12 @@ class FakeHub:
         self.tree_status: int | None = None  # answer the tree listing with this HTTP status
         self.truncate: set[str] = set()  # file paths whose GET body stops half-way (HEAD still gives full size)
         self.tampered: dict[str, bytes] = {}  # file path -> bytes served instead (consistently, HEAD and GET)
+        # Upload side:
+        self.token: str | None = None  # when set, write endpoints require "Authorization: Bearer <token>"
+        self.lfs_objects: dict[str, bytes] = {}  # sha256 -> bytes uploaded through the LFS protocol
+        self.commit_log: list[dict] = []  # {"repo_id", "sha", "summary", "files": {path: "file" | "lfsFile"}}
+        self.validated_yaml: list[str] = []  # README contents sent to /api/validate-yaml
+        self.static: dict[str, bytes] = {}  # URL path -> bytes, for plain files (the originals' public URLs)
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
 
@@ -58,6 +81,15 @@ class FakeHub:
 
     def tag(self, repo_id: str, ref: str, sha: str) -> None:
         self.refs[repo_id][ref] = sha
+
+    def add_static(self, path: str, data: bytes) -> str:
+        """Serve `data` at URL path `path` (e.g. "/bucket/model.h5"); return its full URL."""
+        self.static[path] = data
+        return self.endpoint + path
+
+    def files(self, repo_id: str, ref: str = "main") -> dict[str, bytes]:
+        """The files of `repo_id` at `ref` (a copy)."""
+        return dict(self.commits[self.refs[repo_id][ref]])
 
     def _resolve(self, repo_id: str, rev: str) -> str | None:
         refs = self.refs.get(repo_id, {})
@@ -91,6 +123,12 @@ class FakeHub:
 
 
 _REVISION = re.compile(r"^/api/models/(?P<repo>[^/]+/[^/]+)/revision/(?P<rev>[^/]+)$")
+_PREUPLOAD = re.compile(r"^/api/models/(?P<repo>[^/]+/[^/]+)/preupload/(?P<rev>[^/]+)$")
+_COMMIT = re.compile(r"^/api/models/(?P<repo>[^/]+/[^/]+)/commit/(?P<rev>[^/]+)$")
+_LFS_BATCH = re.compile(r"^/(?P<repo>[^/]+/[^/]+)\.git/info/lfs/objects/batch$")
+_LFS_OBJECT = re.compile(r"^/__lfs__/(?P<oid>[0-9a-f]{64})$")
+_LFS_VERIFY = re.compile(r"^/__lfs_verify__/(?P<oid>[0-9a-f]{64})$")
+GITATTRIBUTES = b"*.h5 filter=lfs diff=lfs merge=lfs -text\n*.safetensors filter=lfs diff=lfs merge=lfs -text\n"
 _TREE = re.compile(r"^/api/models/(?P<repo>[^/]+/[^/]+)/tree/(?P<rev>[^/]+)(?:/(?P<path>.*))?$")
 _RESOLVE = re.compile(r"^/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<path>.+)$")
 
@@ -107,6 +145,158 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self):
         self._dispatch(head=False)
+
+    def do_POST(self):
+        self._dispatch_write()
+
+    def do_PUT(self):
+        self._dispatch_write()
+
+    # --- upload side ----------------------------------------------------------------------------------
+    def _read_body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            chunks = []
+            while True:
+                size = int(self.rfile.readline().strip().split(b";")[0], 16)
+                if size == 0:
+                    self.rfile.readline()
+                    break
+                chunks.append(self.rfile.read(size))
+                self.rfile.readline()
+            return b"".join(chunks)
+        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+    def _json(self, status: int, body) -> None:
+        self._send(status, json.dumps(body).encode(), {"Content-Type": "application/json"})
+
+    def _authorized(self) -> bool:
+        token = self.fake.token
+        if token is None or self.headers.get("Authorization") == f"Bearer {token}":
+            return True
+        self._error(401, None, "Invalid credentials in Authorization header", head=False)
+        return False
+
+    def _dispatch_write(self):
+        fake = self.fake
+        path = unquote(urlsplit(self.path).path)
+        body = self._read_body()
+        with fake._lock:
+            fake.requests.append((self.command, self.path))
+        if self.command == "PUT":
+            if match := _LFS_OBJECT.match(path):
+                return self._lfs_put(match["oid"], body)
+            return self._error(404, None, f"no route for PUT {path}", head=False)
+        if path == "/api/validate-yaml":
+            return self._validate_yaml(json.loads(body))
+        if match := _LFS_VERIFY.match(path):
+            return self._lfs_verify(match["oid"], json.loads(body))
+        if not self._authorized():
+            return None
+        if path == "/api/repos/create":
+            return self._create_repo(json.loads(body))
+        if match := _PREUPLOAD.match(path):
+            return self._preupload(match["repo"], match["rev"], json.loads(body))
+        if match := _LFS_BATCH.match(path):
+            return self._lfs_batch(match["repo"], json.loads(body))
+        if match := _COMMIT.match(path):
+            return self._commit(match["repo"], match["rev"], body)
+        return self._error(404, None, f"no route for POST {path}", head=False)
+
+    def _create_repo(self, payload: dict):
+        repo_id = f"{payload['organization']}/{payload['name']}" if payload.get("organization") else payload["name"]
+        url = f"{self.fake.endpoint}/{repo_id}"
+        if repo_id in self.fake.refs:
+            return self._json(409, {"error": "You already created this model repo", "url": url})
+        self.fake.add_commit(repo_id, {".gitattributes": GITATTRIBUTES})
+        return self._json(200, {"url": url, "name": repo_id, "id": hashlib.sha1(repo_id.encode()).hexdigest()})
+
+    def _validate_yaml(self, payload: dict):
+        import yaml
+
+        content = payload.get("content", "")
+        self.fake.validated_yaml.append(content)
+        match = re.match(r"^---\n(.*?)\n---\n", content, re.DOTALL)
+        if match is None:
+            return self._json(200, {"errors": [], "warnings": [{"message": "empty or missing yaml metadata"}]})
+        try:
+            metadata = yaml.safe_load(match[1])
+        except yaml.YAMLError as error:
+            return self._json(400, {"errors": [{"message": f"YAML parse error: {error}"}], "warnings": []})
+        if not isinstance(metadata, dict):
+            return self._json(400, {"errors": [{"message": "metadata must be a mapping"}], "warnings": []})
+        return self._json(200, {"errors": [], "warnings": []})
+
+    def _preupload(self, repo_id: str, rev: str, payload: dict):
+        sha = self._commit_or_error(repo_id, rev, head=False)
+        if sha is None:
+            return None
+        current = self.fake.commits[sha]
+        files = []
+        for item in payload["files"]:
+            path = item["path"]
+            lfs = path.endswith(LFS_SUFFIXES) or item["size"] > 10 * 1024 * 1024
+            oid = None
+            if path in current:
+                data = current[path]
+                oid = hashlib.sha256(data).hexdigest() if lfs else _git_blob_id(data)
+            files.append({"path": path, "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False, "oid": oid})
+        return self._json(200, {"files": files, "commitOid": sha})
+
+    def _lfs_batch(self, repo_id: str, payload: dict):
+        if repo_id not in self.fake.refs:
+            return self._error(404, "RepoNotFound", f"Repository {repo_id} not found", head=False)
+        objects = []
+        for obj in payload["objects"]:
+            entry = {"oid": obj["oid"], "size": obj["size"], "authenticated": True}
+            if obj["oid"] not in self.fake.lfs_objects:
+                entry["actions"] = {
+                    "upload": {"href": f"{self.fake.endpoint}/__lfs__/{obj['oid']}", "header": {}},
+                    "verify": {"href": f"{self.fake.endpoint}/__lfs_verify__/{obj['oid']}", "header": {}},
+                }
+            objects.append(entry)
+        return self._json(200, {"transfer": "basic", "objects": objects})
+
+    def _lfs_put(self, oid: str, body: bytes):
+        if hashlib.sha256(body).hexdigest() != oid:
+            return self._error(400, None, f"uploaded bytes do not hash to {oid}", head=False)
+        self.fake.lfs_objects[oid] = body
+        return self._send(200)
+
+    def _lfs_verify(self, oid: str, payload: dict):
+        data = self.fake.lfs_objects.get(oid)
+        if data is None or len(data) != payload.get("size"):
+            return self._error(404, None, f"object {oid} was not uploaded whole", head=False)
+        return self._json(200, {"success": True})
+
+    def _commit(self, repo_id: str, rev: str, body: bytes):
+        parent = self._commit_or_error(repo_id, rev, head=False)
+        if parent is None:
+            return None
+        lines = [json.loads(line) for line in body.splitlines() if line.strip()]
+        if not lines or lines[0].get("key") != "header":
+            return self._error(400, None, "the commit payload must start with a header line", head=False)
+        files = dict(self.fake.commits[parent])
+        kinds = {}
+        for line in lines[1:]:
+            key, value = line["key"], line["value"]
+            if key == "file":
+                files[value["path"]] = base64.b64decode(value["content"])
+            elif key == "lfsFile":
+                data = self.fake.lfs_objects.get(value["oid"])
+                if data is None or len(data) != value["size"]:
+                    return self._error(400, None, f"LFS object {value['oid']} of {value['path']} was not uploaded",
+                                       head=False)
+                files[value["path"]] = data
+            elif key == "deletedFile":
+                files.pop(value["path"], None)
+            else:
+                return self._error(400, None, f"unsupported commit operation {key!r}", head=False)
+            kinds[value["path"]] = key
+        sha = self.fake.add_commit(repo_id, files, ref=rev)
+        self.fake.commit_log.append({"repo_id": repo_id, "sha": sha, "summary": lines[0]["value"]["summary"],
+                                     "files": kinds})
+        return self._json(200, {"commitUrl": f"{self.fake.endpoint}/{repo_id}/commit/{sha}", "commitOid": sha,
+                                "pullRequestUrl": None})
 
     def _send(self, status: int, body: bytes = b"", headers: dict | None = None, head: bool = False,
               length: int | None = None):
@@ -137,7 +327,27 @@ class _Handler(BaseHTTPRequestHandler):
             return self._tree(match["repo"], match["rev"], head)
         if match := _RESOLVE.match(path):
             return self._resolve(match["repo"], match["rev"], match["path"], head)
+        if path in fake.static:
+            return self._static(path, head)
         return self._error(404, None, f"no route for {path}", head)
+
+    def _static(self, path: str, head: bool):
+        data = self.fake.static[path]
+        headers = {"Content-Type": "application/octet-stream", "Accept-Ranges": "bytes",
+                   "ETag": f'"{hashlib.md5(data).hexdigest()}"'}
+        length = len(data)
+        if not head and path in self.fake.truncate:
+            # Announce the full length, send half and close: what a dropped connection looks like.
+            self.send_response(200)
+            for key, value in headers.items():
+                self.send_header(key, value)
+            self.send_header("Content-Length", str(length))
+            self.end_headers()
+            self.wfile.write(data[: length // 2])
+            self.wfile.flush()
+            self.close_connection = True
+            return None
+        return self._send(200, data, headers, head)
 
     def _commit_or_error(self, repo_id: str, rev: str, head: bool):
         if repo_id not in self.fake.refs:
@@ -196,3 +406,31 @@ class _Handler(BaseHTTPRequestHandler):
         if not head and name in self.fake.truncate:
             data = data[: len(data) // 2]
         self._send(status, data, headers, head)
+
+
+def point_huggingface_hub_at(fake: FakeHub, monkeypatch, cache: Path, *, token: str | None = None) -> None:
+    """Point the already-imported huggingface_hub at `fake`, with an empty cache and (optionally) a token.
+
+    What HF_ENDPOINT / HF_HUB_CACHE / HF_TOKEN do when set before the import; `HF_HUB_DISABLE_XET` makes the
+    client upload LFS files with the LFS protocol the stand-in speaks. The saved-token file is pointed at a
+    path that does not exist, so no real credential is ever read.
+    """
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", fake.endpoint)
+    monkeypatch.setattr(
+        constants, "HUGGINGFACE_CO_URL_TEMPLATE", fake.endpoint + "/{repo_id}/resolve/{revision}/{filename}"
+    )
+    monkeypatch.setattr(constants, "HF_URL_HOSTS", constants.HF_URL_HOSTS | {"127.0.0.1"})
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache / "hf-cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", True)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(cache / "no-saved-token"))
+    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(cache / "no-stored-tokens"))
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    if token is None:
+        monkeypatch.delenv("HF_TOKEN", raising=False)
+    else:
+        monkeypatch.setenv("HF_TOKEN", token)
+    monkeypatch.setenv("HARMONIZATION_CACHE", str(cache / "harmonization-cache"))

@@ -15,7 +15,7 @@ from harmonization.presets import PresetError, load_model, save_preset
 from harmonization.zoo import UnknownModelError
 
 sys.path.insert(0, str(Path(__file__).parent))  # the stand-in Hub lives next to the tests
-from hub_server import FakeHub  # noqa: E402
+from hub_server import FakeHub, point_huggingface_hub_at  # noqa: E402
 
 REPO = "serre-lab/tiny_harmonized"
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,18 +44,8 @@ def preset_dirs(tmp_path):
 @pytest.fixture
 def fake_hub(monkeypatch, tmp_path):
     """A FakeHub, with huggingface_hub pointed at it and at an empty cache (as HF_ENDPOINT/HF_HUB_CACHE would)."""
-    from huggingface_hub import constants
-
     with FakeHub() as fake:
-        monkeypatch.setattr(constants, "ENDPOINT", fake.endpoint)
-        monkeypatch.setattr(
-            constants, "HUGGINGFACE_CO_URL_TEMPLATE", fake.endpoint + "/{repo_id}/resolve/{revision}/{filename}"
-        )
-        monkeypatch.setattr(constants, "HF_URL_HOSTS", constants.HF_URL_HOSTS | {"127.0.0.1"})
-        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
-        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-        monkeypatch.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", True)
-        monkeypatch.delenv("HF_TOKEN", raising=False)
+        point_huggingface_hub_at(fake, monkeypatch, tmp_path)
         yield fake
 
 
@@ -188,13 +178,16 @@ def test_missing_repo_and_unknown_names(fake_hub):
     assert fake_hub.requests and all("nothing" in p for _, p in fake_hub.requests)
 
 
-def test_zoo_name_resolves_to_its_hub_repo(fake_hub, preset_dirs, images):
+def test_zoo_name_resolves_to_its_hub_repo(fake_hub, preset_dirs, images, monkeypatch):
     models, dirs = preset_dirs
     from harmonization.zoo import model_info
 
     repo_id = model_info("vgg16_harmonized")["hub"]["repo_id"]
-    # Not published yet: the error names the repo and the original file.
-    with pytest.raises(HubUnavailableError, match=f"{repo_id}.*does not exist.*vgg16_harmonized.h5"):
+    # Not published yet, and the original cannot be fetched (here: a 404 where the bucket would be): the error
+    # names the repo and the original file.
+    _patch_zoo_entry(monkeypatch, "vgg16_harmonized",
+                     url=fake_hub.endpoint + "/serrelab/prj_harmonization/models/vgg16_harmonized.h5")
+    with pytest.raises(HubUnavailableError, match=f"{repo_id}.*does not exist.*vgg16_harmonized.h5.*HTTP 404"):
         load_model("vgg16_harmonized")
     fake_hub.add_preset(repo_id, dirs[0])  # published (stand-in weights: any preset serves the resolution path)
     model = load_model("vgg16_harmonized")
@@ -227,3 +220,99 @@ def test_environment_variables_are_honoured_by_the_cli(preset_dirs, tmp_path):
                            capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert empty.returncode == 1
     assert "HF_HUB_OFFLINE is set" in empty.stderr and "harmonization download" in empty.stderr
+
+
+# --- the fallback: the published original `.h5`, converted once and cached as a preset --------------------------
+
+FIXTURES = Path(__file__).parent / "fixtures" / "keras2"
+LEVIT_TINY = dict(image_size=96, patch_channel=16, out_channels=[24, 32, 32], num_heads=[2, 4, 4], depths=[2, 1, 1],
+                  key_dims=[4, 4, 4], num_classes=5)
+ORIGINAL_PATH = "/serrelab/prj_harmonization/models/levit_small_harmonized.h5"
+
+
+def _patch_zoo_entry(monkeypatch, name, *, url=None, config=None):
+    """Replace zoo entry `name`'s source URL and/or architecture config for this test (the registry is data)."""
+    from harmonization import zoo
+
+    registry = {n: zoo.model_info(n) for n in zoo.list_models()}
+    if url is not None:
+        registry[name]["source"]["url"] = url
+    if config is not None:
+        registry[name]["architecture"]["config"] = config
+    monkeypatch.setattr(zoo, "_registry", lambda: registry)
+
+
+@pytest.fixture
+def original_on_the_bucket(fake_hub, monkeypatch):
+    """levit128_harmonized's original (a kecam LeViT fixture) served at its bucket path by the local server."""
+    data = (FIXTURES / "kecam_levit_weights.h5").read_bytes()
+    url = fake_hub.add_static(ORIGINAL_PATH, data)
+    _patch_zoo_entry(monkeypatch, "levit128_harmonized", url=url, config=LEVIT_TINY)
+    expected = np.load(FIXTURES / "kecam_levit_weights.npz")
+    return fake_hub, data, expected["images"].astype("float32"), expected["logits"]
+
+
+def test_unpublished_zoo_model_is_converted_from_its_original_once(original_on_the_bucket, monkeypatch):
+    import hashlib
+
+    from harmonization.presets import read_metadata
+
+    fake, data, images, logits = original_on_the_bucket
+    model = load_model("levit128_harmonized")
+    np.testing.assert_allclose(np.asarray(model(images)), logits, atol=1e-4)
+    paths = [p for _, p in fake.requests]
+    assert "/api/models/serre-lab/levit128_harmonized/revision/main" in paths  # the Hub is asked first
+    assert paths.count(ORIGINAL_PATH) == 1
+    preset = hub_module.resolve_preset("levit128_harmonized")
+    assert preset.is_relative_to(hub_module.cache_dir())
+    metadata = read_metadata(preset)
+    assert metadata["source_sha256"] == hashlib.sha256(data).hexdigest()
+    assert metadata["source_url"].endswith(ORIGINAL_PATH) and metadata["name"] == "levit128_harmonized"
+    assert (preset / "README.md").is_file()
+    assert paths.count(ORIGINAL_PATH) == 1 and [p for _, p in fake.requests].count(ORIGINAL_PATH) == 1  # cached
+    # Offline, the conversion is served from the cache without a request.
+    _go_offline(monkeypatch)
+    count = len(fake.requests)
+    again = load_model("levit128_harmonized", num_classes=3)
+    assert again.output_shape == (None, 3) and len(fake.requests) == count
+
+
+def test_truncated_original_is_never_cached(original_on_the_bucket):
+    fake, data, images, logits = original_on_the_bucket
+    fake.truncate.add(ORIGINAL_PATH)
+    with pytest.raises(PresetError, match=f"truncated or corrupted and was deleted: received {len(data) // 2} of the "
+                                          f"{len(data)} bytes"):
+        load_model("levit128_harmonized")
+    converted = hub_module.cache_dir() / "converted"
+    assert not any(p for p in converted.rglob("*") if p.is_file())  # no partial download, no preset
+    fake.truncate.clear()
+    np.testing.assert_allclose(np.asarray(load_model("levit128_harmonized")(images)), logits, atol=1e-4)
+
+
+def test_original_with_a_wrong_checksum_is_refused(original_on_the_bucket, monkeypatch):
+    from harmonization import zoo
+
+    registry = zoo._registry()
+    registry["levit128_harmonized"]["source"]["sha256"] = "0" * 64
+    with pytest.raises(PresetError, match="expected sha256 0000"):
+        load_model("levit128_harmonized")
+    assert hub_module._cached_conversion(registry["levit128_harmonized"]) is None
+
+
+def test_offline_without_a_conversion_says_how_to_get_the_weights(original_on_the_bucket, monkeypatch):
+    fake, *_ = original_on_the_bucket
+    _go_offline(monkeypatch)
+    with pytest.raises(HubUnavailableError, match="HF_HUB_OFFLINE is set.*harmonization download"):
+        load_model("levit128_harmonized")
+    assert fake.requests == []
+
+
+def test_a_damaged_cached_conversion_is_rebuilt(original_on_the_bucket):
+    fake, data, images, logits = original_on_the_bucket
+    preset = hub_module.resolve_preset("levit128_harmonized")
+    weights = preset / "model.weights.h5"
+    damaged = bytearray(weights.read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF
+    weights.write_bytes(bytes(damaged))
+    np.testing.assert_allclose(np.asarray(load_model("levit128_harmonized")(images)), logits, atol=1e-4)
+    assert [p for _, p in fake.requests].count(ORIGINAL_PATH) == 2  # downloaded and converted again

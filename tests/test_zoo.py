@@ -87,3 +87,16 @@ def test_invalid_entries_are_rejected():
     entry["architecture"]["module"] = "os"
     with pytest.raises(ValueError, match="outside harmonization.architectures"):
         zoo._validate(entry, "vgg16_harmonized.json")
+
+
+def test_entries_have_a_display_name_and_cite_their_metrics():
+    for name in PUBLISHED:
+        info = model_info(name)
+        assert isinstance(info["display_name"], str) and info["display_name"]
+        metrics = info["metrics"]
+        assert {"imagenet_top1", "clickme_alignment_spearman", "source", "source_url"} <= set(metrics)
+        for key in ("imagenet_top1", "clickme_alignment_spearman"):
+            assert metrics[key] is None or isinstance(metrics[key], (int, float))
+        # A number is only ever filled in together with where it was read.
+        assert isinstance(metrics["source"], str) and metrics["source"]
+        assert metrics["source_url"].startswith("https://")
