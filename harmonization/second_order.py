@@ -39,7 +39,7 @@ class SecondOrderError(RuntimeError):
 def _exact_compute_moments(x, axes, keepdims):
     """mean and population variance, differentiable twice (no stop_gradient on the mean)."""
     mean = tf.reduce_mean(x, axis=axes, keepdims=True)
-    variance = tf.reduce_mean(tf.square(x - mean), axis=axes, keepdims=True)
+    variance = tf.reduce_mean(tf.math.squared_difference(x, mean), axis=axes, keepdims=True)
     if not keepdims:
         mean = tf.squeeze(mean, axes)
         variance = tf.squeeze(variance, axes)

@@ -192,6 +192,7 @@ def test_jit_compile_gives_the_same_step_as_graph_mode():
 
 
 def test_mixed_bfloat16_trains_with_float32_saliency_and_loss():
+    previous = keras.config.dtype_policy()
     keras.mixed_precision.set_global_policy("mixed_bfloat16")
     try:
         model = small_cnn()
@@ -204,7 +205,7 @@ def test_mixed_bfloat16_trains_with_float32_saliency_and_loss():
         total, _, harm = hmodel._loss_terms(*terms, training=False)
         assert total.dtype == tf.float32 and harm.dtype == tf.float32
     finally:
-        keras.mixed_precision.set_global_policy("float32")
+        keras.mixed_precision.set_global_policy(previous)
     assert np.isfinite(history.history["loss"]).all()
     assert history.history["harmonization"][-1] > 0
 

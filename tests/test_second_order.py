@@ -16,10 +16,13 @@ RNG = np.random.default_rng(7)
 
 @pytest.fixture
 def float64():
-    previous = keras.config.floatx()
+    """Layers built in float64 (the global dtype policy wins over floatx once it has been set)."""
+    previous_floatx, previous_policy = keras.config.floatx(), keras.config.dtype_policy()
     keras.config.set_floatx("float64")
+    keras.config.set_dtype_policy("float64")
     yield
-    keras.config.set_floatx(previous)
+    keras.config.set_floatx(previous_floatx)
+    keras.config.set_dtype_policy(previous_policy)
 
 
 def every_layer_type_model(num_classes=3):
@@ -50,12 +53,13 @@ def batch(n=4, size=8, blank_heatmaps=False):
     }
 
 
-def directional_check(objective, variables, h=1e-6, directions=3):
+def directional_check(objective, variables, h=1e-6, directions=3, max_tries=12):
     """Max relative error between <grad, v> and a finite difference of `objective` along v.
 
     The finite difference is central and Richardson-extrapolated (steps h and h/2), so its own
-    error is O(h^4): what remains is the error of the analytic gradient. The step is small because
-    saliency maps jump where a max-pool switches its argmax; a larger step may straddle such a jump.
+    error is O(h^4): what remains is the error of the analytic gradient. Saliency maps jump where
+    a max-pool switches its argmax or a ReLU its sign; a direction along which the two central
+    differences disagree straddles such a jump, where no derivative exists, and is drawn again.
     """
     with tf.GradientTape() as tape:
         value = objective()
@@ -70,14 +74,18 @@ def directional_check(objective, variables, h=1e-6, directions=3):
             v.assign(o)
         return result
 
-    worst = 0.0
-    for _ in range(directions):
+    errors = []
+    for _ in range(max_tries):
         direction = [RNG.normal(size=v.shape) for v in variables]
         analytic = sum(float(tf.reduce_sum(g * d)) for g, d in zip(grads, direction))
-        central = [(along(direction, step) - along(direction, -step)) / (2 * step) for step in (h, h / 2)]
-        fd = (4 * central[1] - central[0]) / 3
-        worst = max(worst, abs(analytic - fd) / abs(fd))
-    return worst
+        coarse, fine = [(along(direction, step) - along(direction, -step)) / (2 * step) for step in (h, h / 2)]
+        if abs(coarse - fine) > 1e-5 * abs(fine):
+            continue  # not differentiable along this direction within the step
+        fd = (4 * fine - coarse) / 3
+        errors.append(abs(analytic - fd) / abs(fd))
+        if len(errors) == directions:
+            return max(errors)
+    raise AssertionError(f"only {len(errors)} of {max_tries} directions were smooth enough to check")
 
 
 def saliency_objective(hmodel, data, weights):
