@@ -18,6 +18,7 @@ from harmonization import (  # noqa: E402
     model_card,
     saliency,
     second_order,
+    synthetic,
 )
 from harmonization.harmonized_model import HarmonizedModel  # noqa: E402
 from harmonization.losses import (  # noqa: E402
