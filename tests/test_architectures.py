@@ -13,6 +13,7 @@ from scipy.special import erf
 import harmonization.layers as hlayers
 from harmonization.architectures import ConvNeXt, EfficientNet, ImageNetNormalization, ResNetV2, VGG, ViT
 from harmonization.presets import load_model, save_preset
+from architecture_helpers import perturb_weights, random_images
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
 MEAN = np.array([0.485, 0.456, 0.406])
@@ -30,19 +31,8 @@ TINY = {
 TINY_FEATURES = {"vit": 8, "resnet_v2": 16, "vgg": 8, "efficientnet": 128, "convnext": 8}
 
 
-def _images(size, n=2, seed=0):
-    return np.random.default_rng(seed).uniform(0, 255, (n, size, size, 3)).astype("float32")
-
-
-def _perturb(model, seed=1):
-    """Non-trivial values for every weight (zeros for class tokens and unit BN stats would hide bugs)."""
-    rng = np.random.default_rng(seed)
-    for variable in model.weights:
-        value = rng.normal(0, 0.3, variable.shape)
-        if "variance" in variable.path:
-            value = np.abs(value) + 0.5
-        variable.assign(value.astype("float32"))
-    return model
+_images = random_images
+_perturb = perturb_weights
 
 
 def _build(key, **overrides):

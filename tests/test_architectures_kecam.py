@@ -19,6 +19,7 @@ from harmonization.architectures import LeViT, MaxViT
 from harmonization.architectures.levit import attention_bias_index
 from harmonization.architectures.maxvit import relative_position_index
 from harmonization.presets import load_model, save_preset
+from architecture_helpers import perturb_weights, random_images
 
 REFERENCE = Path(__file__).parent / "fixtures" / "reference"
 MEAN = np.array([0.485, 0.456, 0.406])
@@ -37,18 +38,8 @@ FULL_SIZE = {"maxvit": (MaxViT, 30_964_144, "kecam-1.3.9_maxvit_tiny_weights.tsv
              "levit": (LeViT, 8_876_008, "kecam-1.3.9_levit128_weights.tsv")}
 
 
-def _images(size, n=2, seed=0):
-    return np.random.default_rng(seed).uniform(0, 255, (n, size, size, 3)).astype("float32")
-
-
-def _perturb(model, seed=1):
-    rng = np.random.default_rng(seed)
-    for variable in model.weights:
-        value = rng.normal(0, 0.3, variable.shape)
-        if "variance" in variable.path:
-            value = np.abs(value) + 0.5
-        variable.assign(value.astype("float32"))
-    return model
+_images = random_images
+_perturb = perturb_weights
 
 
 def _build(key, **overrides):
