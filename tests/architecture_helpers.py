@@ -1,5 +1,6 @@
 """Helpers shared by the architecture test files (imported by name: pytest puts tests/ on sys.path)."""
 
+import keras
 import numpy as np
 
 
@@ -17,3 +18,10 @@ def perturb_weights(model, seed=1):
             value = np.abs(value) + 0.5
         variable.assign(value.astype("float32"))
     return model
+
+
+def build_tiny(tiny, key, **overrides):
+    """Build `tiny[key]` = (class, config) with a fixed seed, `overrides` replacing config entries."""
+    cls, config = tiny[key]
+    keras.utils.set_random_seed(0)
+    return cls(**{**config, **overrides})

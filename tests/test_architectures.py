@@ -13,7 +13,7 @@ from scipy.special import erf
 import harmonization.layers as hlayers
 from harmonization.architectures import ConvNeXt, EfficientNet, ImageNetNormalization, ResNetV2, VGG, ViT
 from harmonization.presets import load_model, save_preset
-from architecture_helpers import perturb_weights, random_images
+from architecture_helpers import build_tiny, perturb_weights, random_images
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
 MEAN = np.array([0.485, 0.456, 0.406])
@@ -31,21 +31,15 @@ TINY = {
 TINY_FEATURES = {"vit": 8, "resnet_v2": 16, "vgg": 8, "efficientnet": 128, "convnext": 8}
 
 
-_images = random_images
-_perturb = perturb_weights
-
-
 def _build(key, **overrides):
-    cls, config = TINY[key]
-    keras.utils.set_random_seed(0)
-    return cls(**{**config, **overrides})
+    return build_tiny(TINY, key, **overrides)
 
 
 @pytest.mark.parametrize("key", sorted(TINY))
 def test_forward_shapes_and_config_round_trip(key):
-    model = _perturb(_build(key))
+    model = perturb_weights(_build(key))
     cls, config = TINY[key]
-    x = _images(config["image_size"])
+    x = random_images(config["image_size"])
     logits = np.asarray(model(x))
     assert logits.shape == (2, 5) and np.isfinite(logits).all()
     # Every constructor argument is in get_config (a round trip alone cannot catch a key never written).
@@ -79,8 +73,8 @@ def test_normalisation_layers_have_exact_second_derivatives(key):
     ["convnext", "vgg", "vit"] + [pytest.param(k, marks=pytest.mark.slow) for k in ("efficientnet", "resnet_v2")],
 )
 def test_preset_round_trip_and_variants(key, tmp_path):
-    model = _perturb(_build(key))
-    x = _images(TINY[key][1]["image_size"])
+    model = perturb_weights(_build(key))
+    x = random_images(TINY[key][1]["image_size"])
     assert isinstance(model.get_layer("preprocessing"), ImageNetNormalization)
     path = save_preset(model, tmp_path / key)
     restored = load_model(path)
@@ -112,7 +106,7 @@ def test_fine_tuning_fits_and_harmonizes(tmp_path):
     path = save_preset(_build("vgg"), tmp_path / "vgg")
     model = load_model(path, num_classes=3)
     rng = np.random.default_rng(0)
-    x = _images(32, n=4)
+    x = random_images(32, n=4)
     y = rng.integers(0, 3, 4)
     model.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     history = model.fit(x, y, epochs=1, batch_size=2, verbose=0)
@@ -180,8 +174,8 @@ def _numpy_vit(model, images, cfg):
 def test_vit_matches_a_float64_numpy_reference():
     cfg = dict(image_size=32, patch_size=8, hidden_size=12, num_layers=2, num_heads=3, mlp_dim=24, num_classes=7)
     keras.utils.set_random_seed(0)
-    model = _perturb(ViT(**cfg), seed=3)
-    x = _images(32, n=3, seed=4)
+    model = perturb_weights(ViT(**cfg), seed=3)
+    x = random_images(32, n=3, seed=4)
     np.testing.assert_allclose(np.asarray(model(x)), _numpy_vit(model, x, cfg), rtol=1e-4, atol=1e-4)
 
 
@@ -198,7 +192,7 @@ def _transfer_by_name(source, target):
 @pytest.mark.slow
 def test_resnet50v2_matches_keras_applications():
     reference = keras.applications.ResNet50V2(weights=None, input_shape=(64, 64, 3), classifier_activation=None)
-    _perturb(reference, seed=5)
+    perturb_weights(reference, seed=5)
     model = ResNetV2(image_size=64, preprocess=False)
     assert _transfer_by_name(reference, model) == len(model.weights) == len(reference.weights)
     x = np.random.default_rng(0).normal(size=(2, 64, 64, 3)).astype("float32")
@@ -210,7 +204,7 @@ def test_efficientnet_b0_matches_keras_applications_where_paddings_agree():
     # keras.applications pads explicitly; with even sizes at every strided layer it computes what the
     # `efficientnet` package's "same" padding does. Its Rescaling+Normalization (unadapted: x/255) is not ours.
     reference = keras.applications.EfficientNetB0(weights=None, input_shape=(64, 64, 3), classifier_activation=None)
-    _perturb(reference, seed=6)
+    perturb_weights(reference, seed=6)
     reference.get_layer("normalization").set_weights([np.zeros(3), np.ones(3), np.zeros(())])
     model = EfficientNet(image_size=64, preprocess=False)
     assert _transfer_by_name(reference, model) == len(model.weights) == len(reference.weights) - 3
@@ -224,7 +218,7 @@ def test_convnext_tiny_matches_keras_applications():
         weights=None, input_shape=(64, 64, 3), include_preprocessing=False, classifier_activation=None
     )
     model = ConvNeXt(image_size=64, preprocess=False)
-    _perturb(model, seed=7)
+    perturb_weights(model, seed=7)
     assert len(model.weights) == len(reference.weights) == 182
     for ours, theirs in zip(model.weights, reference.weights):  # same order; depthwise kernels laid out apart
         value = np.asarray(ours)
@@ -279,7 +273,7 @@ def test_full_size_parameter_count_and_one_forward_pass(name):
     cls, count = FULL_SIZE[name]
     model = cls()
     assert model.count_params() == count
-    logits = np.asarray(model(_images(224, n=1)))
+    logits = np.asarray(model(random_images(224, n=1)))
     assert logits.shape == (1, 1000) and np.isfinite(logits).all()
 
 

@@ -19,7 +19,7 @@ from harmonization.architectures import LeViT, MaxViT
 from harmonization.architectures.levit import attention_bias_index
 from harmonization.architectures.maxvit import relative_position_index
 from harmonization.presets import load_model, save_preset
-from architecture_helpers import perturb_weights, random_images
+from architecture_helpers import build_tiny, perturb_weights, random_images
 
 REFERENCE = Path(__file__).parent / "fixtures" / "reference"
 MEAN = np.array([0.485, 0.456, 0.406])
@@ -38,21 +38,15 @@ FULL_SIZE = {"maxvit": (MaxViT, 30_964_144, "kecam-1.3.9_maxvit_tiny_weights.tsv
              "levit": (LeViT, 8_876_008, "kecam-1.3.9_levit128_weights.tsv")}
 
 
-_images = random_images
-_perturb = perturb_weights
-
-
 def _build(key, **overrides):
-    cls, config = TINY[key]
-    keras.utils.set_random_seed(0)
-    return cls(**{**config, **overrides})
+    return build_tiny(TINY, key, **overrides)
 
 
 @pytest.mark.parametrize("key", sorted(TINY))
 def test_forward_shapes_and_config_round_trip(key):
     cls, config = TINY[key]
-    model = _perturb(_build(key))
-    logits = np.asarray(model(_images(config["image_size"])))
+    model = perturb_weights(_build(key))
+    logits = np.asarray(model(random_images(config["image_size"])))
     assert logits.shape == (2, 5) and np.isfinite(logits).all()
     arguments = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "kwargs")]
     assert sorted(arguments) == sorted(k for k in model.get_config() if k != "trainable")
@@ -72,8 +66,8 @@ def test_normalisation_layers_have_exact_second_derivatives(key):
 
 @pytest.mark.parametrize("key", sorted(TINY))
 def test_preset_round_trip_and_variants(key, tmp_path):
-    model = _perturb(_build(key))
-    x = _images(TINY[key][1]["image_size"])
+    model = perturb_weights(_build(key))
+    x = random_images(TINY[key][1]["image_size"])
     path = save_preset(model, tmp_path / key)
     restored = load_model(path)
     assert type(restored) is type(model)
@@ -107,7 +101,7 @@ def test_harmonized_training_step_runs(key):
     harmonized = HarmonizedModel(model)
     harmonized.compile(optimizer="adam")
     before = [np.asarray(w).copy() for w in model.trainable_weights]
-    history = harmonized.fit({"image": _images(size, n=2), "heatmap": rng.uniform(0, 1, (2, size, size, 1)),
+    history = harmonized.fit({"image": random_images(size, n=2), "heatmap": rng.uniform(0, 1, (2, size, size, 1)),
                               "label": rng.integers(0, 3, 2)}, epochs=1, batch_size=2, verbose=0)
     assert all(np.isfinite(v).all() for v in history.history.values())
     assert any(not np.array_equal(a, np.asarray(b)) for a, b in zip(before, model.trainable_weights))
@@ -169,7 +163,7 @@ def test_full_size_one_forward_pass(key):
     cls, count, _ = FULL_SIZE[key]
     model = cls()
     assert model.count_params() == count
-    logits = np.asarray(model(_images(224, n=1)))
+    logits = np.asarray(model(random_images(224, n=1)))
     assert logits.shape == (1, 1000) and np.isfinite(logits).all()
 
 
