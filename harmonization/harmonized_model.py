@@ -260,11 +260,10 @@ class HarmonizedModel(keras.Model):
             if isinstance(v, tf.distribute.DistributedValues) else v,
             data_batch,
         )
-        images, _, labels, _ = _unpack_batch(data_batch)
+        images = _unpack_batch(data_batch)[0][:1]
         with strategy.scope():
-            logits = keras.ops.convert_to_numpy(self.model(images[:1], training=False))
-            onehot = tf.zeros([1, logits.shape[-1]], tf.float32)
-            self._symbolic_build(data_batch=(images[:1], onehot))
+            num_classes = self.model(images, training=False).shape[-1]
+            self._symbolic_build(data_batch=(images, tf.zeros([1, num_classes], tf.float32)))
 
     # ------------------------------------------------------------------ the loss terms
     def decayed_weights(self) -> list:
