@@ -18,6 +18,7 @@ import tensorflow as tf
 from harmonization import metrics
 from harmonization._validation import as_maps
 from harmonization.saliency import class_logit_gradient
+from harmonization.saliency_input import resolve_saliency_input
 
 _BATCH_KEYS = ("image", "heatmap", "label")
 
@@ -102,12 +103,13 @@ def _class_ids(labels: np.ndarray) -> np.ndarray:
     return np.rint(labels.reshape(-1)).astype(np.int64)
 
 
-def _keras_saliency(model: keras.layers.Layer) -> Callable:
+def _keras_saliency(model: keras.layers.Layer, options: Mapping[str, Any]) -> Callable:
     """(images, labels) -> (logits, saliency): the model runs once per batch for both."""
+    resolve_saliency_input(model, **options)  # a softmax or an ambiguous output fails here, before any batch
 
     @tf.function(reduce_retracing=True)
     def logits_and_saliency(images, labels):
-        logits, grads = class_logit_gradient(model, images, labels, training=False)
+        logits, grads = class_logit_gradient(model, images, labels, training=False, **options)
         # Exactly `harmonization.saliency.saliency_map`: max over channels of |gradient|.
         return logits, tf.reduce_max(tf.abs(grads), axis=-1)
 
@@ -157,6 +159,10 @@ def evaluate_alignment(
     ceiling: float = metrics.HUMAN_CEILING,
     max_batches: int | None = None,
     verbose: int = 1,
+    saliency_input: str | None = "auto",
+    preprocessing: Callable | None = None,
+    output: int | str | None = None,
+    allow_softmax: bool = False,
 ) -> dict[str, Any]:
     """Score how well a model's saliency maps agree with human maps, image by image.
 
@@ -166,7 +172,8 @@ def evaluate_alignment(
 
     Args:
         model_or_explainer: a Keras model (or layer) returning logits, explained with
-            `harmonization.saliency.saliency_map` (max over channels of |d logit_label / d image|); or any
+            `harmonization.saliency.saliency_map` (max over channels of |d logit_label / d x|, x the
+            preprocessed input, as the published `evaluate_clickme` with xplique `Saliency`); or any
             callable `f(images, labels) -> maps` taking NumPy arrays and returning one map per image,
             (N, H, W) or (N, H, W, 1), as a NumPy array or a tensor: e.g. a PyTorch or JAX model's saliency.
         dataset: a `tf.data.Dataset` or any iterable of batches, each a dict
@@ -176,6 +183,14 @@ def evaluate_alignment(
         ceiling: human inter-rater Spearman correlation that normalises the alignment score.
         max_batches: stop after this many batches (all of them if None).
         verbose: 0 is silent, 1 shows a progress bar, 2 prints one line at the end.
+        saliency_input: for a Keras model, where the saliency is taken: "auto" (after the preprocessing
+            layers at the model's front, as published), "input" or a layer name; see
+            `harmonization.saliency_input.resolve_saliency_input`.
+        preprocessing: for a Keras model that expects preprocessed inputs: applied to the images first (the
+            published `preprocess_inputs`); its output is differentiated.
+        output: for a Keras model with several outputs: which one holds the logits.
+        allow_softmax: accept a Keras model that ends in a softmax (refused by default: the saliency of
+            probabilities saturates).
 
     Returns:
         A dict with the per-image float32 arrays `"spearman"`, `"dice"` and `"iou"`, their means
@@ -197,9 +212,20 @@ def evaluate_alignment(
         raise ValueError(f"`verbose` must be 0, 1 or 2; got {verbose!r}.")
     # Any Keras layer, e.g. a `keras.layers.TFSMLayer` wrapping a SavedModel, is explained by gradient.
     is_keras = isinstance(model_or_explainer, keras.layers.Layer)
+    options = {
+        "saliency_input": saliency_input,
+        "preprocessing": preprocessing,
+        "output": output,
+        "allow_softmax": allow_softmax,
+    }
     if is_keras:
-        explain = _keras_saliency(model_or_explainer)
+        explain = _keras_saliency(model_or_explainer, options)
     elif callable(model_or_explainer):
+        if preprocessing is not None or saliency_input not in ("auto", "input", None) or output is not None:
+            raise ValueError(
+                "`preprocessing`, `saliency_input` and `output` apply to Keras models; an explainer callable "
+                "computes its own maps."
+            )
         explain = model_or_explainer
     else:
         raise TypeError(
@@ -242,8 +268,8 @@ def evaluate_alignment(
             num_images += images.shape[0]
             # Dice and IoU from one binarisation: the same as metrics.dice and metrics.iou.
             intersection, sizes, union = metrics._overlaps(saliency, heatmaps, percentile)
-            scores["dice"].append(metrics._ratio_or_zero(2.0 * intersection, sizes).numpy())
-            scores["iou"].append(metrics._ratio_or_zero(intersection, union).numpy())
+            scores["dice"].append(metrics._published_ratio(2.0 * intersection, sizes).numpy())
+            scores["iou"].append(metrics._published_ratio(intersection, union).numpy())
         running_mean = spearman_sum / num_images if num_images else 0.0
         progress.update(num_batches, values=[("spearman", running_mean)])
 

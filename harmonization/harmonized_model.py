@@ -18,6 +18,7 @@ import tensorflow as tf
 from harmonization import second_order
 from harmonization.losses import harmonization_loss
 from harmonization.saliency import class_logit_gradient, one_hot_labels
+from harmonization.saliency_input import SaliencyInput, resolve_saliency_input
 
 #: Substrings of variable paths left out of the weight decay, as in the published training code
 #: (normalisation parameters, embeddings, the class token).
@@ -131,6 +132,17 @@ class HarmonizedModel(keras.Model):
         exact_second_order: bool. Make Keras normalisation layers differentiate exactly twice during
             the training step (see `harmonization.second_order`). Defaults to True; turn it off only
             for models without LayerNormalization/BatchNormalization/GroupNormalization.
+        saliency_input: str. Where the saliency is taken. "auto" (default): after the preprocessing
+            layers at the model's front (`ImageNetNormalization` in every zoo model, `Rescaling`,
+            `Normalization`), i.e. w.r.t. the preprocessed input, as the published method; the model's
+            input when it has none. "input": the model's own input. A layer name: that layer's output.
+            `hmodel.saliency_input` shows what was chosen.
+        preprocessing: callable or None. For a bare network that expects preprocessed inputs: applied to
+            the batch's images before the model (e.g. `harmonization.models.preprocess_input`); its output
+            is differentiated. Defaults to None.
+        output: int, str or None. Which output holds the logits, for a model with several outputs.
+        allow_softmax: bool. Accept a model that ends in a softmax (its probabilities' gradients
+            saturate, so this is refused by default). Defaults to False.
 
     Example:
 
@@ -151,6 +163,10 @@ class HarmonizedModel(keras.Model):
         epsilon: float = 1e-5,
         weight_decay_exclude: Sequence[str] = DEFAULT_WEIGHT_DECAY_EXCLUDE,
         exact_second_order: bool = True,
+        saliency_input: str | None = "auto",
+        preprocessing=None,
+        output: int | str | None = None,
+        allow_softmax: bool = False,
         **kwargs,
     ):
         if not callable(model):
@@ -173,21 +189,48 @@ class HarmonizedModel(keras.Model):
         self.epsilon = float(epsilon)
         self.weight_decay_exclude = tuple(weight_decay_exclude)
         self.exact_second_order = bool(exact_second_order)
+        self.saliency_input_option = saliency_input
+        self.preprocessing = preprocessing
+        self.logits_output = output  # `output` is a Keras Layer property
+        self.allow_softmax = bool(allow_softmax)
         # === Trackers ===
         self.cross_entropy_tracker = keras.metrics.Mean(name="cross_entropy")
         self.harmonization_tracker = keras.metrics.Mean(name="harmonization")
         self.spearman_tracker = keras.metrics.Mean(name="spearman")
         # A wrapper of a built model is built: its weights are the wrapped model's (saving needs it).
         self.built = bool(getattr(model, "built", False))
+        if self.built:
+            self.saliency_input  # noqa: B018  (resolve now: a softmax or an ambiguous output fails here)
+
+    @property
+    def saliency_input(self) -> SaliencyInput:
+        """What the saliency differentiates (e.g. the output of the zoo model's 'preprocessing' layer)."""
+        return resolve_saliency_input(
+            self.model,
+            saliency_input=self.saliency_input_option,
+            preprocessing=self.preprocessing,
+            output=self.logits_output,
+            allow_softmax=self.allow_softmax,
+        )
+
+    def _saliency_options(self) -> dict:
+        return {
+            "saliency_input": self.saliency_input_option,
+            "preprocessing": self.preprocessing,
+            "output": self.logits_output,
+            "allow_softmax": self.allow_softmax,
+        }
 
     # ------------------------------------------------------------------ Keras plumbing
     def call(self, inputs, training=None):
-        return self.model(inputs, training=training)
+        view = self.saliency_input
+        return view.network(view.split(inputs, training=training), training=training)
 
     def build(self, input_shape):
         if not self.model.built:
             self.model.build(input_shape)
         self.built = True
+        self.saliency_input  # noqa: B018
 
     def compile(self, optimizer="auto", loss="auto", metrics="auto", **kwargs):
         """Like `keras.Model.compile`, with "auto" defaults.
@@ -205,6 +248,8 @@ class HarmonizedModel(keras.Model):
             metrics = [keras.metrics.CategoricalAccuracy(name="accuracy")]
         if self.exact_second_order:
             second_order.verify_exact_second_order()
+        if self.model.built:
+            self.saliency_input  # noqa: B018
         super().compile(optimizer=optimizer, loss=loss, metrics=metrics, **kwargs)
 
     def compile_from_config(self, config):
@@ -225,6 +270,12 @@ class HarmonizedModel(keras.Model):
                 "epsilon": self.epsilon,
                 "weight_decay_exclude": list(self.weight_decay_exclude),
                 "exact_second_order": self.exact_second_order,
+                "saliency_input": self.saliency_input_option,
+                "preprocessing": None
+                if self.preprocessing is None
+                else keras.saving.serialize_keras_object(self.preprocessing),
+                "output": self.logits_output,
+                "allow_softmax": self.allow_softmax,
             }
         )
         return config
@@ -233,6 +284,10 @@ class HarmonizedModel(keras.Model):
     def from_config(cls, config, custom_objects=None):
         config = dict(config)
         config["model"] = keras.saving.deserialize_keras_object(config["model"], custom_objects=custom_objects)
+        if config.get("preprocessing") is not None:
+            config["preprocessing"] = keras.saving.deserialize_keras_object(
+                config["preprocessing"], custom_objects=custom_objects
+            )
         return cls(**config)
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
@@ -262,7 +317,7 @@ class HarmonizedModel(keras.Model):
         )
         images = _unpack_batch(data_batch)[0][:1]
         with strategy.scope():
-            num_classes = self.model(images, training=False).shape[-1]
+            num_classes = self(images, training=False).shape[-1]
             self._symbolic_build(data_batch=(images, tf.zeros([1, num_classes], tf.float32)))
 
     # ------------------------------------------------------------------ the loss terms
@@ -294,7 +349,9 @@ class HarmonizedModel(keras.Model):
         heatmaps = _check_heatmap_matches(images, tf.convert_to_tensor(heatmaps))
         exact = second_order.exact_moments() if self.exact_second_order else contextlib.nullcontext()
         with exact:
-            logits, grads = class_logit_gradient(self.model, images, labels, training=training)
+            logits, grads = class_logit_gradient(
+                self.model, images, labels, training=training, **self._saliency_options()
+            )
         onehot = one_hot_labels(labels, logits.shape[-1], logits.dtype)
         if tokens is None:
             tokens = tf.ones(tf.shape(images)[:1], tf.float32)

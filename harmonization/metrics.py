@@ -25,6 +25,10 @@ from harmonization._validation import as_maps, check_finite, check_same_shape
 #: be expected to reach, used to normalise the alignment score (arXiv 2211.04533).
 HUMAN_CEILING = 0.65753
 
+#: Added to the Dice and IoU denominators, as published (serre-lab/Harmonization,
+#: harmonization/evaluation/metrics.py: `EPSILON = 1e-9`); two empty masks score 0 / 1e-9 = 0.
+EPSILON = 1e-9
+
 
 def _as_map_pair(a, b) -> tuple[tf.Tensor, tf.Tensor]:
     """Validate two map batches and return them flattened to (N, H*W)."""
@@ -178,9 +182,13 @@ def _overlaps(a, b, percentile) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     return intersection, count(mask_a) + count(mask_b), count(tf.logical_or(mask_a, mask_b))
 
 
-def _ratio_or_zero(numerator: tf.Tensor, denominator: tf.Tensor) -> tf.Tensor:
-    safe = tf.where(denominator > 0, denominator, tf.ones_like(denominator))
-    return tf.where(denominator > 0, numerator / safe, tf.zeros_like(numerator))
+def _published_ratio(numerator: tf.Tensor, denominator: tf.Tensor) -> tf.Tensor:
+    """numerator / (denominator + EPSILON), the published Dice and IoU formula, as float32.
+
+    Computed in float64 like the published IoU (numpy counts are int64); the pixel counts are exact.
+    """
+    numerator, denominator = tf.cast(numerator, tf.float64), tf.cast(denominator, tf.float64)
+    return tf.cast(numerator / (denominator + EPSILON), tf.float32)
 
 
 def dice(a, b, percentile: float = 10) -> tf.Tensor:
@@ -188,7 +196,8 @@ def dice(a, b, percentile: float = 10) -> tf.Tensor:
 
     Each map is binarised as published: `m > np.percentile(m, 100 - percentile)` (linear
     interpolation), so ties at the threshold are left out and a mostly-zero human map keeps only its
-    non-zero pixels. When both masks are empty (e.g. two constant maps) the score is 0.0.
+    non-zero pixels. The denominator gets the published `EPSILON` (1e-9), so two empty masks (e.g. two
+    constant maps) score 0.0.
 
     Args:
         a: (N, H, W) or (N, H, W, 1) maps.
@@ -199,19 +208,19 @@ def dice(a, b, percentile: float = 10) -> tf.Tensor:
         A float32 tensor (N,) in [0, 1].
     """
     intersection, sizes, _ = _overlaps(a, b, percentile)
-    return _ratio_or_zero(2.0 * intersection, sizes)
+    return _published_ratio(2.0 * intersection, sizes)
 
 
 def iou(a, b, percentile: float = 10) -> tf.Tensor:
     """Per-map intersection over union |A & B| / |A | B| of the top `percentile` % pixels of each map.
 
-    Binarised like `dice`; two empty masks score 0.0.
+    Binarised like `dice`; the denominator gets the published `EPSILON`, so two empty masks score 0.0.
 
     Returns:
         A float32 tensor (N,) in [0, 1].
     """
     intersection, _, union = _overlaps(a, b, percentile)
-    return _ratio_or_zero(intersection, union)
+    return _published_ratio(intersection, union)
 
 
 def alignment_score(spearmans, ceiling: float = HUMAN_CEILING) -> float:

@@ -3,12 +3,18 @@
 Two flavours, as in the published method (arXiv 2211.04533): the *training* map averages the signed
 input gradient over channels (smooth, differentiable, what the harmonization loss compares), and the
 *evaluation* map takes the max of its absolute value over channels (the classic Simonyan et al. map
-that the alignment scores are reported on).
+that the alignment scores are reported on). Both are taken w.r.t. the preprocessed input, as published
+(`harmonization.saliency_input`).
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
+import keras
 import tensorflow as tf
+
+from harmonization.saliency_input import resolve_saliency_input
 
 
 def one_hot_labels(labels, num_classes: int, dtype=tf.float32) -> tf.Tensor:
@@ -28,27 +34,44 @@ def one_hot_labels(labels, num_classes: int, dtype=tf.float32) -> tf.Tensor:
     return tf.one_hot(tf.cast(labels, tf.int32), num_classes, dtype=dtype)
 
 
-def class_logit_gradient(model, images, labels, training: bool = False):
-    """Return (logits, d sum(logits * onehot(labels)) / d images) from one forward pass.
+def class_logit_gradient(
+    model,
+    images,
+    labels,
+    training: bool = False,
+    *,
+    saliency_input: str | None = "auto",
+    preprocessing: Callable | None = None,
+    output: int | str | None = None,
+    allow_softmax: bool = True,
+):
+    """Return (logits, d sum(logits * onehot(labels)) / d x) from one forward pass.
 
-    Logits come back in at least float32; the gradient has the images' shape (N, H, W, C).
-    Called inside an outer `tf.GradientTape`, the gradient stays differentiable w.r.t. the weights.
+    `x` is the tensor the published method differentiates: the *preprocessed* images. For a model with
+    its preprocessing inside (every zoo model, or a `Rescaling`/`Normalization` layer at the front) it
+    is that layer's output; see `harmonization.saliency_input.resolve_saliency_input` for the options.
+    Logits come back in at least float32; the gradient has x's shape (N, H, W, C). Called inside an
+    outer `tf.GradientTape`, the gradient stays differentiable w.r.t. the weights.
     """
+    if isinstance(model, keras.Sequential) and not model.built and getattr(images, "shape", None) is not None:
+        model.build((None, *tuple(images.shape)[1:]))  # its layers (and preprocessing) appear when built
+    view = resolve_saliency_input(
+        model, saliency_input=saliency_input, preprocessing=preprocessing, output=output, allow_softmax=allow_softmax
+    )
     images = tf.convert_to_tensor(images)
     if images.shape.rank != 4:
         raise ValueError(f"`images` must have shape (N, H, W, C); got {tuple(images.shape)}.")
     if not images.dtype.is_floating:
         images = tf.cast(images, tf.float32)
+    x = view.split(images, training=training)
     with tf.GradientTape() as tape:
-        tape.watch(images)
-        logits = model(images, training=training)
-        if isinstance(logits, (list, tuple)):
-            logits = logits[0]
+        tape.watch(x)
+        logits = view.network(x, training=training)
         # The saliency is computed in at least float32, also under mixed precision.
         logits = tf.cast(logits, tf.float32) if logits.dtype in (tf.float16, tf.bfloat16) else logits
         onehot = one_hot_labels(labels, logits.shape[-1], logits.dtype)
         class_score = tf.reduce_sum(logits * onehot, axis=-1)
-    grads = tape.gradient(class_score, images)
+    grads = tape.gradient(class_score, x)
     if grads is None:
         raise ValueError(
             "The model's output does not depend on `images` (no gradient). "
@@ -59,26 +82,30 @@ def class_logit_gradient(model, images, labels, training: bool = False):
     return logits, grads
 
 
-def input_gradients(model, images, labels, training: bool = False) -> tf.Tensor:
-    """Training-time saliency: the input gradient of the true-class logit, averaged over channels.
+def input_gradients(model, images, labels, training: bool = False, **saliency_options) -> tf.Tensor:
+    """Training-time saliency: the gradient of the true-class logit w.r.t. the preprocessed input,
+    averaged over channels (serre-lab/Harmonization `training/loss.py`: `tf.reduce_mean(gradients, -1)`).
 
     Args:
         model: a Keras model (or any differentiable callable) mapping images to logits.
         images: float tensor (N, H, W, C) in the model's input range.
         labels: integer class ids (N,) or one-hot labels (N, num_classes).
         training: passed to the model (True inside the harmonized training step).
+        **saliency_options: `saliency_input`, `preprocessing`, `output`, `allow_softmax`; see
+            `class_logit_gradient`.
 
     Returns:
         A float tensor (N, H, W).
     """
-    _, grads = class_logit_gradient(model, images, labels, training)
+    _, grads = class_logit_gradient(model, images, labels, training, **saliency_options)
     return tf.reduce_mean(grads, axis=-1)
 
 
-def saliency_map(model, images, labels, training: bool = False) -> tf.Tensor:
-    """Evaluation-time saliency: max over channels of |d logit_y / d image| (Simonyan et al. 2014).
+def saliency_map(model, images, labels, training: bool = False, **saliency_options) -> tf.Tensor:
+    """Evaluation-time saliency: max over channels of |d logit_y / d preprocessed input| (Simonyan et al.
+    2014; xplique `Saliency`, as the published `evaluate_clickme` uses it).
 
     Same arguments as `input_gradients`; returns a non-negative float tensor (N, H, W).
     """
-    _, grads = class_logit_gradient(model, images, labels, training)
+    _, grads = class_logit_gradient(model, images, labels, training, **saliency_options)
     return tf.reduce_max(tf.abs(grads), axis=-1)

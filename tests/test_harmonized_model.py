@@ -87,7 +87,9 @@ def test_logged_loss_is_the_sum_of_its_terms():
         tape.watch(images)
         logits = model(images)
         score = tf.reduce_sum(logits * tf.one_hot(data["label"], 3), -1)
-    saliency = tf.reduce_mean(tape.gradient(score, images), -1)
+    # The saliency is taken at the Rescaling(1/255) output (the preprocessed input, as published):
+    # by the chain rule, 255 x the raw-pixel gradient.
+    saliency = tf.reduce_mean(tape.gradient(score, images), -1) * 255.0
     onehot = tf.one_hot(data["label"], 3) * 0.9 + 0.1 / 3
     ce = float(tf.reduce_mean(-tf.reduce_sum(onehot * tf.nn.log_softmax(logits), -1)))
     harm = float(harmonization_loss(saliency, data["heatmap"]))

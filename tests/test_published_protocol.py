@@ -1,0 +1,179 @@
+"""Our ClickMe evaluation against the published one (serre-lab/Harmonization), rewritten here from its formulas.
+
+`evaluate_clickme(model, preprocess_inputs=preprocess_input)` with xplique's `Saliency`:
+`parse_clickme_prototype` (common/clickme_dataset.py) reads each record, `Saliency` takes
+max_c |d logit_label / d preprocessed input|, `spearman_correlation`, `dice` and
+`intersection_over_union` (evaluation/metrics.py) score each image, and the alignment score is the mean
+Spearman / 0.65753. Everything runs offline on tiny generated shards in the published format.
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from scipy import stats
+
+import tfds_clickme  # noqa: F401  (registers "clickme")
+from harmonization import data, evaluation
+from tfds_clickme.clickme import published_shards
+
+NUM_VALIDATION = 5  # odd: a batch size of 2 leaves a remainder
+BATCH_SIZE = 2
+
+
+# ------------------------------------------------------------------------------------------------
+# The published protocol, from its formulas (plain TF and NumPy, nothing from `harmonization`).
+# ------------------------------------------------------------------------------------------------
+
+
+def published_kernel(size=10, sigma=10):
+    """common/blur.py `gaussian_kernel`: its asymmetric grid, x = -5..4 and y = 4..-5 for size 10."""
+    xs, ys = np.meshgrid(
+        np.arange(-(size - 1) // 2, (size - 1) // 2 + 1), np.arange((size - 1) // 2, -(size - 1) // 2 - 1, -1)
+    )
+    kernel = np.exp(-(xs**2 + ys**2) / (2 * sigma**2)) / (2 * np.pi * sigma**2)
+    return tf.constant((kernel / kernel.sum())[:, :, None, None], tf.float32)
+
+
+def published_parse(record):
+    """common/clickme_dataset.py `parse_clickme_prototype`."""
+    features = {
+        "image": tf.io.FixedLenFeature([], tf.string, default_value=""),
+        "heatmap": tf.io.FixedLenFeature([], tf.string, default_value=""),
+        "label": tf.io.FixedLenFeature([], tf.int64, default_value=0),
+    }
+    example = tf.io.parse_single_example(record, features)
+    image = tf.cast(tf.reshape(tf.io.decode_jpeg(example["image"]), (256, 256, 3)), tf.float32)
+    image = tf.image.resize(image, (224, 224), method="bilinear")
+    heatmap = tf.cast(tf.reshape(tf.io.decode_jpeg(example["heatmap"]), (256, 256, 1)), tf.float32)
+    heatmap = tf.image.resize(heatmap, (64, 64), method="bilinear")
+    heatmap = tf.nn.conv2d(heatmap[None], published_kernel(), [1, 1, 1, 1], "SAME")[0]
+    heatmap = tf.image.resize(heatmap, (224, 224), method="bilinear")
+    return image, heatmap, tf.one_hot(tf.cast(example["label"], tf.int32), 1000)
+
+
+def published_preprocess(images):
+    """models/preprocess.py `preprocess_input`."""
+    return (images / 255.0 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
+
+
+def published_metrics(saliency, heatmaps, percentile=10):
+    """evaluation/metrics.py: per-image Spearman, Dice and IoU, EPSILON = 1e-9."""
+    spearman, dice, iou = [], [], []
+    for a, b in zip(np.asarray(saliency, np.float32), np.asarray(heatmaps, np.float32)):
+        spearman.append(stats.spearmanr(a.flatten(), b.flatten())[0])
+        a = (a > np.percentile(a, 100 - percentile, (0, 1))).astype(np.float32)
+        b = (b > np.percentile(b, 100 - percentile, (0, 1))).astype(np.float32)
+        dice.append(2.0 * np.sum(a * b) / (np.sum(a + b) + 1e-9))
+        iou.append(np.sum(np.logical_and(a, b)) / (np.sum(np.logical_or(a, b)) + 1e-9))
+    return np.array(spearman), np.array(dice), np.array(iou)
+
+
+# ------------------------------------------------------------------------------------------------
+# Fixtures: published-format shards, the TFDS dataset built from them, a tiny network.
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def shard_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("published_shards")
+    records = published_shards.synthetic_records(NUM_VALIDATION, seed=11, quality=85)
+    published_shards.write_shard(directory / "val-0.tfrecords", records)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def clickme_dir(tmp_path_factory, shard_dir):
+    data_dir = tmp_path_factory.mktemp("published_tfds")
+    builder = tfds.builder("clickme", data_dir=str(data_dir))
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(shard_dir)))
+    return data_dir
+
+
+@pytest.fixture(scope="module")
+def published_examples(clickme_dir, shard_dir):
+    """The published parse of every raw record, in the order of the TFDS split (matched by record id)."""
+    raw = list(tf.data.TFRecordDataset(str(shard_dir / "val-0.tfrecords")))
+    ids = tfds.load(
+        "clickme", split="validation", data_dir=str(clickme_dir), download=False,
+        decoders={"image": tfds.decode.SkipDecoding(), "heatmap": tfds.decode.SkipDecoding()},
+    )
+    order = [int(example["id"].numpy().decode().split("_")[-1]) for example in ids]
+    assert sorted(order) == list(range(NUM_VALIDATION))
+    parsed = [published_parse(raw[index]) for index in order]
+    return [np.stack([p[k].numpy() for p in parsed]) for k in range(3)]
+
+
+def network():
+    """A tiny classifier of *preprocessed* images, as the published models (preprocessing outside)."""
+    keras.utils.set_random_seed(5)
+    return keras.Sequential(
+        [
+            keras.Input((224, 224, 3)),
+            keras.layers.Conv2D(4, 5, strides=2, padding="same", activation="relu"),
+            keras.layers.Conv2D(4, 3, padding="same", activation="tanh"),
+            keras.layers.GlobalAveragePooling2D(),
+            keras.layers.Dense(1000),
+        ]
+    )
+
+
+def published_saliency_explainer(model):
+    """xplique `Saliency` on `preprocess_input(images)`: max over channels of |d logit_label / d input|."""
+
+    def explain(images, labels):
+        inputs = tf.convert_to_tensor(published_preprocess(images), tf.float32)
+        with tf.GradientTape() as tape:
+            tape.watch(inputs)
+            score = tf.reduce_sum(model(inputs) * tf.one_hot(labels, 1000), axis=-1)
+        return tf.reduce_max(tf.abs(tape.gradient(score, inputs)), axis=-1).numpy()
+
+    return explain
+
+
+# ------------------------------------------------------------------------------------------------
+# Tests.
+# ------------------------------------------------------------------------------------------------
+
+
+def test_published_batching_drops_the_remainder_and_ours_keeps_every_image(shard_dir, clickme_dir):
+    published = tf.data.TFRecordDataset(str(shard_dir / "val-0.tfrecords")).map(published_parse)
+    published = published.batch(BATCH_SIZE, drop_remainder=True)  # as published
+    assert sum(int(images.shape[0]) for images, _, _ in published) == NUM_VALIDATION - 1
+    ours = data.load_clickme("validation", BATCH_SIZE, training=False, data_dir=clickme_dir, download=False)
+    assert [int(batch["image"].shape[0]) for batch in ours] == [2, 2, 1]
+
+
+def test_evaluation_pipeline_equals_the_published_parse(clickme_dir, published_examples):
+    batches = list(data.load_clickme("validation", BATCH_SIZE, training=False, data_dir=clickme_dir, download=False))
+    images, heatmaps, labels = (
+        np.concatenate([b[key].numpy() for b in batches]) for key in ("image", "heatmap", "label")
+    )
+    want_images, want_heatmaps, want_labels = published_examples
+    assert images.shape == want_images.shape == (NUM_VALIDATION, 224, 224, 3)
+    assert heatmaps.shape == want_heatmaps.shape == (NUM_VALIDATION, 224, 224, 1)
+    # Images in [0, 255], heatmaps in [0, ~255]: float32 noise only.
+    np.testing.assert_allclose(images, want_images, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(heatmaps, want_heatmaps, rtol=0, atol=5e-4)
+    np.testing.assert_array_equal(labels, np.argmax(want_labels, axis=-1))
+    assert heatmaps.max() > 10  # real maps, not blank ones
+
+
+def test_evaluate_alignment_equals_the_published_metrics(clickme_dir, published_examples):
+    explain = published_saliency_explainer(network())
+    dataset = data.load_clickme("validation", BATCH_SIZE, training=False, data_dir=clickme_dir, download=False)
+    result = evaluation.evaluate_alignment(explain, dataset, verbose=0)
+
+    # The published evaluation of the same images, heatmaps and saliency.
+    images, heatmaps, labels = published_examples
+    saliency = explain(images, np.argmax(labels, axis=-1))
+    spearman, dice, iou = published_metrics(saliency, np.mean(heatmaps, axis=-1))
+    assert result["num_images"] == NUM_VALIDATION
+    np.testing.assert_allclose(result["spearman"], spearman, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(result["dice"], dice, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(result["iou"], iou, rtol=0, atol=1e-6)
+    assert result["alignment_score"] == pytest.approx(np.mean(spearman) / 0.65753, abs=1e-5)
+    assert np.ptp(spearman) > 0 and np.all(iou > 0)  # the scores really vary and overlap
