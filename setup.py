@@ -22,7 +22,7 @@ setup(
     package_data={
         "tfds_clickme": ["**/*.tsv", "**/*.md", "**/*.bib", "**/*.txt", "**/dummy_data/**/*"],
         "models": ["*.json", "**/*.json"],
-        "harmonization": ["*.md", "**/*.json", "**/*.txt"],
+        "harmonization": ["*.md", "*.txt", "**/*.json", "**/*.txt"],
     },
     install_requires=[
         "tensorflow>=2.21,<2.22",

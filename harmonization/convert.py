@@ -281,8 +281,12 @@ def _sha256(path: str | os.PathLike) -> str:
 
 
 def conversion_metadata(source: str | os.PathLike, arch: str, *, source_url: str | None = None,
-                        keras2: Keras2File | None = None) -> dict[str, Any]:
-    """The `metadata.json` facts of a converted preset: where it comes from and how it was converted."""
+                        keras2: Keras2File | None = None, num_classes: int | None = None) -> dict[str, Any]:
+    """The `metadata.json` facts of a converted preset: where it comes from and how it was converted.
+
+    A zoo model with its ImageNet-1k head also records the ImageNet `class_names`; `num_classes` (the converted
+    model's outputs, default the zoo config's) leaves them out when the head was changed.
+    """
     from harmonization import zoo
 
     metadata: dict[str, Any] = {
@@ -301,6 +305,10 @@ def conversion_metadata(source: str | os.PathLike, arch: str, *, source_url: str
         metadata["name"] = arch
         metadata["source_url"] = source_url or entry["source"]["url"]
         metadata["source_format"] = entry["source"]["format"]
+        imagenet_head = ((entry.get("training") or {}).get("dataset") == "imagenet-1k"
+                         and entry["architecture"]["config"].get("num_classes") == 1000)
+        if imagenet_head and num_classes in (None, 1000):
+            metadata["class_names"] = zoo.imagenet_class_names()
     elif source_url:
         metadata["source_url"] = source_url
     return metadata
@@ -319,7 +327,8 @@ def convert_to_preset(source: str | os.PathLike, arch: str, out: str | os.PathLi
     keras2 = read_keras2_h5(source)
     model = build_native(arch, config)
     load_keras2_weights(model, keras2)
-    metadata = conversion_metadata(source, arch, source_url=source_url, keras2=keras2)
+    metadata = conversion_metadata(source, arch, source_url=source_url, keras2=keras2,
+                                   num_classes=model.output_shape[-1])
     path = presets.save_preset(model, out, metadata=metadata)
     if model_card and arch in zoo.list_models():
         from harmonization.model_card import TemplateNotFoundError, render_model_card

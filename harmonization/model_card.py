@@ -5,6 +5,9 @@ the zoo entry (`models/NAME.json`); the front matter is built with `huggingface_
 Hub metadata (library_name, license, tags, datasets, model-index with the paper's metrics and their source)
 is written in the exact form the Hub validates. Rendering is strict both ways: a placeholder the renderer
 does not fill, or a field the template lost, raises, so the card and the registry cannot drift apart.
+
+The paper's numbers are shown beside the baseline's, with their source; a number the paper did not publish
+reads "not published" rather than disappearing.
 """
 
 from __future__ import annotations
@@ -21,20 +24,21 @@ TEMPLATE_NAME = "MODEL_CARD.md"
 _PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
 _COMMENT = re.compile(r"\{#.*?#\}\n?", re.DOTALL)  # template comments, not rendered
 # Fields the template must use (a card without them is not a model card).
-REQUIRED_FIELDS = frozenset({"card_data", "name", "repo_id", "metrics_table", "mean", "std", "source_url"})
-# Names of the paper metrics in a zoo entry's `metrics`, with how the card and the Hub model-index show them.
+REQUIRED_FIELDS = frozenset({"card_data", "name", "repo_id", "metrics_table", "output", "mean", "std", "source_url"})
+# The paper metrics of a zoo entry's `metrics` (`zoo.PAPER_METRICS`), as the card and the Hub model-index show them.
 _METRICS = {
     "imagenet_top1": {
-        "label": "ImageNet top-1 accuracy (%)",
+        "label": "ImageNet-1k top-1 accuracy (%)",
         "dataset": ("ImageNet-1k", "imagenet-1k", "validation"),
         "metric_type": "accuracy",
     },
-    "clickme_alignment_spearman": {
-        "label": "Human feature alignment, ClickMe (Spearman, % of human inter-rater)",
+    "clickme_alignment": {
+        "label": "ClickMe human feature alignment (% of the human ceiling)",
         "dataset": ("ClickMe", "clickme", "validation"),
-        "metric_type": "spearmanr",
+        "metric_type": "clickme_alignment",
     },
 }
+NOT_PUBLISHED = "not published"
 
 
 class TemplateNotFoundError(FileNotFoundError):
@@ -58,21 +62,19 @@ def _display_name(entry: Mapping[str, Any]) -> str:
     return entry.get("display_name") or entry["architecture"]["class_name"]
 
 
-def _paper_metrics(entry: Mapping[str, Any]) -> list[tuple[str, float]]:
-    metrics = entry.get("metrics") or {}
-    return [(key, float(metrics[key])) for key in _METRICS if metrics.get(key) is not None]
-
-
 def card_data(entry: Mapping[str, Any]):
-    """The Hub metadata of a zoo entry as a `huggingface_hub.ModelCardData`."""
+    """The Hub metadata of a zoo entry as a `huggingface_hub.ModelCardData`.
+
+    The model-index holds the harmonized model's published numbers only (the baseline is another model), each
+    with the entry's source; with none published there is no model-index (the Hub requires values).
+    """
     from huggingface_hub import EvalResult, ModelCardData
 
-    metrics = entry.get("metrics") or {}
-    source = metrics.get("source")
-    source_url = metrics.get("source_url") or (entry.get("paper") or {}).get("url")
+    metrics = entry["metrics"]
     results = []
-    for key, value in _paper_metrics(entry):
-        spec = _METRICS[key]
+    for key, spec in _METRICS.items():
+        if metrics[key] is None:
+            continue
         dataset_name, dataset_type, split = spec["dataset"]
         results.append(
             EvalResult(
@@ -82,11 +84,11 @@ def card_data(entry: Mapping[str, Any]):
                 dataset_name=dataset_name,
                 dataset_split=split,
                 metric_type=spec["metric_type"],
-                metric_value=value,
+                metric_value=float(metrics[key]),
                 metric_name=spec["label"],
                 verified=False,
-                source_name=source,
-                source_url=source_url,
+                source_name=metrics["source"],
+                source_url=metrics["source_url"],
             )
         )
     family = entry["architecture"]["module"].rsplit(".", 1)[-1]
@@ -104,19 +106,41 @@ def card_data(entry: Mapping[str, Any]):
     )
 
 
+def _shown(value: float | None) -> str:
+    return NOT_PUBLISHED if value is None else f"{float(value):g}"
+
+
 def _metrics_table(entry: Mapping[str, Any], checks: Mapping[str, Any] | None) -> str:
-    metrics = entry.get("metrics") or {}
-    source = metrics.get("source") or "not recorded"
-    source_url = metrics.get("source_url")
-    cited = f"[{source}]({source_url})" if source_url else source
-    rows = ["| Metric | Value | Source |", "|---|---|---|"]
+    from harmonization.metrics import HUMAN_CEILING
+
+    metrics = entry["metrics"]
+    rows = ["| Metric (paper) | Harmonized (this model) | Baseline (same architecture, not harmonized) |",
+            "|---|---|---|"]
     for key, spec in _METRICS.items():
-        value = metrics.get(key)
-        shown = f"{float(value):g}" if value is not None else "not transcribed yet"
-        rows.append(f"| {spec['label']} | {shown} | {cited} |")
-    for label, (value, how) in (checks or {}).items():
-        rows.append(f"| {label} | {value} | {how} |")
-    return "\n".join(rows)
+        rows.append(f"| {spec['label']} | {_shown(metrics[key])} | {_shown(metrics['baseline'][key])} |")
+    lines = [
+        "\n".join(rows),
+        f"Source: {metrics['source']} <{metrics['source_url']}>",
+        "The alignment score is the mean Spearman correlation between the model's saliency maps and the ClickMe "
+        f"human maps, divided by the human inter-rater ceiling ({HUMAN_CEILING:g}) and times 100 "
+        "(`harmonization.evaluate_alignment`).",
+    ]
+    if checks:
+        measured = ["| Check | Value | How |", "|---|---|---|"]
+        measured += [f"| {label} | {value} | {how} |" for label, (value, how) in checks.items()]
+        lines.append("\n".join(measured))
+    return "\n\n".join(lines)
+
+
+def _output(entry: Mapping[str, Any], num_classes: str) -> str:
+    output = entry["output"]
+    native = "logits (no softmax)" if output["native"] == "logits" else "probabilities (softmax)"
+    text = f"{num_classes} ImageNet {native}, in class-index order (names: `model.class_names`)"
+    if output["original"] == output["native"]:
+        return f"{text}, as the original model returned."
+    if output["original"] == "probabilities":
+        return f"{text}. The original model returned probabilities (softmax); `keras.ops.softmax(logits)` gives them."
+    return f"{text}. The original model returned logits."
 
 
 def render_model_card(
@@ -138,11 +162,15 @@ def render_model_card(
         template: path or None. The template. Defaults to the top-level `MODEL_CARD.md`.
 
     Raises:
-        TemplateNotFoundError: no template. ValueError: the template and the fields do not match.
+        TemplateNotFoundError: no template. ValueError: the template and the fields do not match, or the entry
+            is not a valid zoo entry (e.g. a metric outside [0, 100]).
     """
     from harmonization import zoo
 
-    entry = zoo.model_info(name_or_entry) if isinstance(name_or_entry, str) else dict(name_or_entry)
+    if isinstance(name_or_entry, str):
+        entry = zoo.model_info(name_or_entry)
+    else:
+        entry = zoo._validate(dict(name_or_entry), f"{name_or_entry.get('name')}.json")
     text = Path(template if template is not None else template_path()).read_text(encoding="utf-8")
     text = _COMMENT.sub("", text)
     architecture = entry["architecture"]
@@ -150,6 +178,7 @@ def render_model_card(
     preprocessing = entry.get("preprocessing") or {}
     source = entry["source"]
     count = parameter_count if parameter_count is not None else entry.get("parameter_count")
+    num_classes = str(config.get("num_classes", 1000))
     fields = {
         "card_data": card_data(entry).to_yaml(),
         "title": f"{_display_name(entry)}, harmonized ({entry['name']})",
@@ -160,7 +189,8 @@ def render_model_card(
         "module": architecture["module"],
         "parameter_count": f"{int(count):,}" if count is not None else "unknown",
         "image_size": str(config.get("image_size", (preprocessing.get("input_shape") or [224])[0])),
-        "num_classes": str(config.get("num_classes", 1000)),
+        "num_classes": num_classes,
+        "output": _output(entry, num_classes),
         "repo_id": repo_id or entry["hub"]["repo_id"],
         "source_url": source["url"],
         "source_file": source["url"].rsplit("/", 1)[-1],

@@ -6,7 +6,7 @@ A preset directory holds (the keras-hub layout):
 - `model.weights.h5` — its weights (`model.save_weights`);
 - `metadata.json` — where the weights come from (zoo name, source URL and sha256), the library versions
   that wrote them, the parameter count and the size and sha256 of every file above, so that a truncated or
-  corrupted copy is detected before it is used;
+  corrupted copy is detected before it is used, and optionally `class_names`, the label of each output;
 - `README.md` — optional, the model card.
 
 Loading never runs code from the preset: the config is deserialised with Keras `safe_mode=True`, so only
@@ -35,6 +35,7 @@ __all__ = [
     "PresetError",
     "README_FILE",
     "WEIGHTS_FILE",
+    "class_names",
     "is_preset_dir",
     "load_model",
     "load_preset",
@@ -97,6 +98,63 @@ def _library_versions() -> dict[str, str]:
     return versions
 
 
+def _num_outputs(model: keras.Model) -> int | None:
+    try:
+        shape = model.output_shape
+    except (AttributeError, ValueError, RuntimeError):
+        return None
+    return shape[-1] if isinstance(shape, tuple) and len(shape) == 2 and isinstance(shape[-1], int) else None
+
+
+def _check_class_names(names: Any, model: keras.Model | None, where: str) -> list[str]:
+    """`names` as a list, checked: str items, one per output of `model` (when given)."""
+    if not isinstance(names, (list, tuple)) or not all(isinstance(name, str) for name in names):
+        raise TypeError(f"{where} must be a list of str (one name per class), got {names!r:.200}.")
+    if model is not None:
+        count = _num_outputs(model)
+        if count is None:
+            raise ValueError(
+                f"{where} needs a model with one output of shape (batch, num_classes); model {model.name!r} has "
+                f"output shape {getattr(model, 'output_shape', 'unknown')}."
+            )
+        if len(names) != count:
+            raise ValueError(f"{where} must have one name per output of model {model.name!r}: expected {count} "
+                             f"names, got {len(names)}.")
+    return list(names)
+
+
+def class_names(preset_or_model: keras.Model | str | os.PathLike) -> list[str] | None:
+    """The class names of a loaded model or a local preset directory, in output order; None if not recorded.
+
+    A model loaded from a preset carries them as `model.class_names` (a tuple, a plain Python attribute: Keras
+    does not save it, `save_preset` does, in `metadata.json`). A model whose head was replaced
+    (`load_model(..., num_classes=...)`) or dropped (`include_top=False`) has none.
+
+    Example:
+        >>> model = harmonization.load_model("vit_b16_harmonized")
+        >>> harmonization.presets.class_names(model)[:2]
+        ['tench', 'goldfish']
+    """
+    if isinstance(preset_or_model, keras.Model):
+        names = getattr(preset_or_model, "class_names", None)
+        return None if names is None else list(names)
+    if not isinstance(preset_or_model, (str, os.PathLike)):
+        raise TypeError(
+            f"class_names: `preset_or_model` must be a keras.Model or a preset directory, got "
+            f"{type(preset_or_model).__name__}."
+        )
+    directory = Path(preset_or_model).expanduser()
+    if not is_preset_dir(directory):
+        raise FileNotFoundError(f"class_names: no preset directory at {str(directory)!r}.")
+    names = read_metadata(directory).get("class_names")
+    if names is None:
+        return None
+    try:
+        return _check_class_names(names, None, f"{METADATA_FILE} 'class_names' in {str(directory)!r}")
+    except TypeError as error:
+        raise PresetError(str(error), bad_file=directory / METADATA_FILE) from None
+
+
 def is_preset_dir(path: str | os.PathLike) -> bool:
     """Whether `path` is a directory holding at least a preset's `config.json`."""
     path = Path(path)
@@ -120,7 +178,8 @@ def save_preset(
             `@keras.saving.register_keras_serializable`); checked by serialising it before anything is written.
         directory: str or path. The preset directory to create.
         metadata: mapping or None. JSON-serialisable facts recorded in `metadata.json`, e.g. `name` (the zoo
-            name), `source_url`, `source_sha256`. Must not use the keys the preset computes itself
+            name), `source_url`, `source_sha256`, and `class_names` (a list of str, one per output; defaults to
+            `model.class_names` when the model has them). Must not use the keys the preset computes itself
             (`files`, `parameter_count`, versions, ...). Defaults to None.
         overwrite: bool. Replace an existing preset at `directory`. A non-empty directory that is not a preset
             is never replaced. Defaults to True, as `keras.Model.save`.
@@ -145,6 +204,11 @@ def save_preset(
         raise ValueError(
             f"save_preset: `metadata` may not set {reserved}; those keys are computed from the model and files."
         )
+    if "class_names" in metadata:
+        metadata["class_names"] = _check_class_names(metadata["class_names"], model,
+                                                     "save_preset: `metadata['class_names']`")
+    elif getattr(model, "class_names", None) is not None:
+        metadata["class_names"] = _check_class_names(model.class_names, model, "save_preset: `model.class_names`")
     try:
         json.dumps(metadata)
     except TypeError as error:
@@ -330,7 +394,7 @@ def load_preset(
 ) -> keras.Model:
     """Load a model from a local preset directory (see `load_model` for the arguments)."""
     directory = Path(directory)
-    verify_preset(directory)
+    record = verify_preset(directory)
     config = _read_config(directory)
     model = _deserialize(config, directory)
     try:
@@ -339,6 +403,14 @@ def load_preset(
         raise PresetError(
             f"The weights in {str(directory / WEIGHTS_FILE)!r} do not fit the model in {CONFIG_FILE}: {error}"
         ) from error
+    names = record.get("class_names")
+    if names is not None:
+        try:
+            names = _check_class_names(names, model, f"{METADATA_FILE} 'class_names' in {str(directory)!r}")
+        except (TypeError, ValueError) as error:
+            raise PresetError(str(error), bad_file=directory / METADATA_FILE) from None
+        # A tuple of str: a plain attribute, which Keras neither tracks nor saves.
+        model.class_names = tuple(names)
 
     overrides = {}
     if num_classes is not None:
@@ -368,6 +440,8 @@ def load_preset(
     head = getattr(variant, "classifier_name", "predictions")
     fresh = {head} if "num_classes" in overrides and overrides["num_classes"] != inner["num_classes"] else set()
     _transfer_weights(model, variant, fresh=fresh)
+    if names is not None and not fresh and variant_config["config"].get("include_top", True):
+        variant.class_names = tuple(names)
     return variant
 
 
@@ -398,7 +472,8 @@ def load_model(
             the bare network, which expects normalised inputs. Defaults to True.
 
     Returns:
-        A `keras.Model` with the preset's weights.
+        A `keras.Model` with the preset's weights. When the preset records class names and the head is kept,
+        `model.class_names` holds them (a tuple of str, in output order; see `harmonization.presets.class_names`).
 
     Example:
         >>> model = harmonization.load_model("vit_b16_harmonized")

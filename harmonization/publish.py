@@ -73,7 +73,7 @@ def _source_model(name: str, source: str | os.PathLike | None) -> tuple[Any, dic
         keras2 = read_keras2_h5(source)
         model = build_native(name)
         report = load_keras2_weights(model, keras2)
-        metadata = conversion_metadata(source, name, keras2=keras2)
+        metadata = conversion_metadata(source, name, keras2=keras2, num_classes=model.output_shape[-1])
         checks = [f"{report.weights} of {keras2.weight_count} weights ({report.parameters:,} parameters) of "
                   f"{Path(source).name} (sha256 {metadata['source_sha256'][:12]}...) loaded by name"]
         return model, metadata, checks

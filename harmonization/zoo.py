@@ -4,6 +4,10 @@ An entry keeps the architecture (a class of `harmonization.architectures` and it
 apart from where the weights live (Hub repo and pinned revision, original URL and file format) and how
 inputs are prepared, like timm's `PretrainedCfg`. Entries are data, so they are read with
 `importlib.resources` and work from a wheel as well as from a source checkout.
+
+Each entry also records what its network outputs (`output`: ours always returns logits, the original file
+may have returned probabilities) and the paper's numbers (`metrics`, see `paper_metrics`), each with where it
+was read, so that cards and `harmonization evaluate` never show a number without its source.
 """
 
 from __future__ import annotations
@@ -16,11 +20,27 @@ import json
 from importlib import resources
 from typing import Any
 
-__all__ = ["UnknownModelError", "build_architecture", "list_models", "model_info"]
+__all__ = [
+    "UnknownModelError",
+    "build_architecture",
+    "imagenet_class_names",
+    "list_models",
+    "model_info",
+    "paper_metrics",
+]
 
 ZOO_PACKAGE = "models"
-REQUIRED_KEYS = ("name", "description", "architecture", "parameter_count", "hub", "source", "preprocessing", "license")
+REQUIRED_KEYS = (
+    "name", "description", "architecture", "parameter_count", "hub", "source", "preprocessing", "output", "license",
+    "metrics",
+)
 _ARCHITECTURES_PACKAGE = "harmonization.architectures"
+# What a network's last layer gives: `output.native` (the converted model) and `output.original` (the published file).
+OUTPUT_KINDS = ("logits", "probabilities")
+# The paper's numbers of a model (and of its baseline); both in %, or None where nothing was published.
+PAPER_METRICS = ("imagenet_top1", "clickme_alignment")
+_METRICS_KEYS = frozenset((*PAPER_METRICS, "baseline", "source", "source_url"))
+IMAGENET_CLASSES_FILE = "imagenet_classes.txt"
 
 
 class UnknownModelError(KeyError):
@@ -48,7 +68,57 @@ def _validate(entry: Any, filename: str) -> dict[str, Any]:
         )
     if "repo_id" not in entry["hub"] or "url" not in entry["source"]:
         raise ValueError(f"Zoo entry {filename}: 'hub' needs 'repo_id' and 'source' needs 'url'.")
+    _validate_output(entry["output"], filename)
+    _validate_metrics(entry["metrics"], filename)
     return entry
+
+
+def _validate_output(output: Any, filename: str) -> None:
+    if not isinstance(output, dict):
+        raise ValueError(f"Zoo entry {filename}: 'output' must be an object, got {output!r}.")
+    for key in ("native", "original"):
+        if output.get(key) not in OUTPUT_KINDS:
+            raise ValueError(
+                f"Zoo entry {filename}: 'output.{key}' must be one of {list(OUTPUT_KINDS)}, got {output.get(key)!r}."
+            )
+    if not isinstance(output.get("evidence"), str) or not output["evidence"].strip():
+        raise ValueError(
+            f"Zoo entry {filename}: 'output.evidence' must say how the original output is known (a non-empty "
+            f"string), got {output.get('evidence')!r}."
+        )
+
+
+def _check_percent(value: Any, filename: str, key: str) -> None:
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if value is not None and not (is_number and 0 <= value <= 100):
+        raise ValueError(f"Zoo entry {filename}: '{key}' must be a percentage in [0, 100] or null, got {value!r}.")
+
+
+def _validate_metrics(metrics: Any, filename: str) -> None:
+    if not isinstance(metrics, dict):
+        raise ValueError(f"Zoo entry {filename}: 'metrics' must be an object, got {metrics!r}.")
+    missing = sorted(_METRICS_KEYS - set(metrics))
+    unknown = sorted(set(metrics) - _METRICS_KEYS)
+    if missing or unknown:
+        raise ValueError(
+            f"Zoo entry {filename}: 'metrics' must have exactly the keys {sorted(_METRICS_KEYS)}; "
+            f"missing {missing}, unknown {unknown}."
+        )
+    baseline = metrics["baseline"]
+    if not isinstance(baseline, dict) or set(baseline) != set(PAPER_METRICS):
+        raise ValueError(
+            f"Zoo entry {filename}: 'metrics.baseline' must be an object with the keys {list(PAPER_METRICS)} "
+            f"(null where not published), got {baseline!r}."
+        )
+    for key in PAPER_METRICS:
+        _check_percent(metrics[key], filename, f"metrics.{key}")
+        _check_percent(baseline[key], filename, f"metrics.baseline.{key}")
+    for key in ("source", "source_url"):
+        if not isinstance(metrics[key], str) or not metrics[key].strip():
+            raise ValueError(
+                f"Zoo entry {filename}: 'metrics.{key}' must say where the numbers come from (a non-empty "
+                f"string), got {metrics[key]!r}."
+            )
 
 
 @functools.lru_cache(maxsize=None)
@@ -91,6 +161,37 @@ def model_info(name: str) -> dict[str, Any]:
     if entry is None:
         raise _unknown(name)
     return copy.deepcopy(entry)
+
+
+def paper_metrics(name: str) -> dict[str, Any]:
+    """The paper's numbers for zoo model `name` and its baseline, with their source (a copy).
+
+    Returns the entry's `metrics`: `imagenet_top1` (ImageNet-1k top-1 accuracy, %) and `clickme_alignment` (the
+    ClickMe alignment score, %: mean Spearman correlation with the human maps divided by the human inter-rater
+    ceiling `harmonization.HUMAN_CEILING`, times 100), each a float or None where nothing was published;
+    `baseline` with the same two keys for the same architecture trained without harmonization; `source` and
+    `source_url`, saying where each number was read (figure values are read off a plot, ±0.5 points).
+
+    Example:
+        >>> harmonization.zoo.paper_metrics("vgg16_harmonized")["clickme_alignment"]
+        61.5
+    """
+    return model_info(name)["metrics"]
+
+
+@functools.lru_cache(maxsize=None)
+def _imagenet_class_names() -> tuple[str, ...]:
+    text = resources.files("harmonization").joinpath(IMAGENET_CLASSES_FILE).read_text(encoding="utf-8")
+    return tuple(text.splitlines())
+
+
+def imagenet_class_names() -> list[str]:
+    """The 1000 ImageNet-1k class names in class-index order ('tench', 'goldfish', ..., 'toilet tissue').
+
+    Shipped with the package (made by tools/make_imagenet_classes.py), so no download is needed: the zoo's
+    heads use this order.
+    """
+    return list(_imagenet_class_names())
 
 
 def build_architecture(name: str, **overrides: Any):

@@ -171,6 +171,17 @@ def test_convert_to_preset_records_the_source_and_loads_safely(tmp_path):
     np.testing.assert_allclose(np.asarray(model(images)), logits, atol=TOLERANCE)
 
 
+def test_zoo_conversions_record_the_imagenet_class_names_of_a_1000_class_head():
+    from harmonization.zoo import imagenet_class_names
+
+    source = FIXTURES / "kecam_levit_weights.h5"
+    metadata = convert.conversion_metadata(source, "levit128_harmonized", num_classes=1000)
+    assert metadata["class_names"] == imagenet_class_names() and metadata["class_names"][0] == "tench"
+    assert convert.conversion_metadata(source, "levit128_harmonized")["class_names"] == imagenet_class_names()
+    assert "class_names" not in convert.conversion_metadata(source, "levit128_harmonized", num_classes=5)
+    assert "class_names" not in convert.conversion_metadata(source, "LeViT", num_classes=1000)  # not a zoo name
+
+
 def test_cli_convert(tmp_path, capsys):
     name = "resnet50v2_full_model"
     _, config, _ = CASES[name]
@@ -184,6 +195,7 @@ def test_cli_convert(tmp_path, capsys):
     # A zoo name records the published URL and renders the model card.
     assert metadata["name"] == "resnet50v2_harmonized"
     assert metadata["source_url"].endswith("/resnet50v2_harmonized.h5")
+    assert "class_names" not in metadata  # the 5-class test head is not ImageNet's
     assert (out / "README.md").read_text().startswith("---\n")
     images, logits, _ = _expected(name)
     np.testing.assert_allclose(np.asarray(load_model(out)(images)), logits, atol=TOLERANCE)

@@ -200,3 +200,91 @@ def test_variant_arguments_need_a_zoo_architecture(tmp_path):
         load_preset(path, num_classes=0)
     with pytest.raises(ValueError, match="`revision` applies to Hub models"):
         load_model(path, revision="main")
+
+
+# --- class names -----------------------------------------------------------------------------------------------
+
+NAMES = ["cat", "dog", "owl", "fox", "eel"]
+
+
+def test_class_names_round_trip_through_metadata_and_the_loaded_model(tmp_path):
+    path = save_preset(_small_model(), tmp_path / "p", metadata={"class_names": NAMES})
+    assert json.loads((path / "metadata.json").read_text())["class_names"] == NAMES
+    assert presets.class_names(path) == presets.class_names(str(path)) == NAMES
+    model = load_model(path)
+    assert model.class_names == tuple(NAMES)
+    assert presets.class_names(model) == NAMES
+    # Without recorded names there are none, on the directory and on the model.
+    bare = save_preset(_small_model(), tmp_path / "bare")
+    assert presets.class_names(bare) is None and presets.class_names(load_model(bare)) is None
+    assert not hasattr(load_model(bare), "class_names")
+    with pytest.raises(FileNotFoundError, match="no preset directory"):
+        presets.class_names(tmp_path / "nowhere")
+    with pytest.raises(TypeError, match="keras.Model or a preset directory, got int"):
+        presets.class_names(3)
+
+
+def test_class_names_set_on_a_model_are_saved_and_do_not_break_keras_saving(tmp_path, batch):
+    model = _small_model()
+    model.class_names = list(NAMES)  # a list: Keras wraps it in a tracked list
+    expected = model.predict(batch, verbose=0)
+    path = save_preset(model, tmp_path / "p")
+    assert presets.class_names(path) == NAMES
+    model.save(tmp_path / "model.keras")
+    restored = keras.saving.load_model(tmp_path / "model.keras")
+    np.testing.assert_array_equal(restored.predict(batch, verbose=0), expected)
+    # Explicit metadata wins over the attribute.
+    other = ["a", "b", "c", "d", "e"]
+    assert presets.class_names(save_preset(model, tmp_path / "q", metadata={"class_names": other})) == other
+
+
+@pytest.mark.parametrize(
+    "names, error, message",
+    [
+        (NAMES[:4], ValueError, r"`metadata\['class_names'\]` must have one name per output of model 'small': "
+                                r"expected 5 names, got 4"),
+        ("cat dog owl fox eel", TypeError, r"`metadata\['class_names'\]` must be a list of str"),
+        (["cat", "dog", "owl", "fox", 5], TypeError,
+         r"`metadata\['class_names'\]` must be a list of str \(one name per class\), got \['cat', .*, 5\]"),
+    ],
+)
+def test_save_checks_class_names(tmp_path, names, error, message):
+    with pytest.raises(error, match=r"^save_preset: " + message):
+        save_preset(_small_model(), tmp_path / "p", metadata={"class_names": names})
+    model = _small_model()
+    model.class_names = ["cat"]
+    with pytest.raises(ValueError, match=r"`model.class_names` must have one name per output.*expected 5 names, got 1"):
+        save_preset(model, tmp_path / "p")
+    assert not (tmp_path / "p").exists()
+
+
+def test_class_names_need_a_single_vector_output(tmp_path):
+    inputs = keras.Input((8, 8, 3))
+    model = keras.Model(inputs, keras.layers.Conv2D(2, 3, name="maps")(inputs))
+    with pytest.raises(ValueError, match=r"needs a model with one output of shape \(batch, num_classes\); model "
+                                         r"'.*' has output shape \(None, 6, 6, 2\)"):
+        save_preset(model, tmp_path / "p", metadata={"class_names": ["a", "b"]})
+
+
+def test_class_names_that_do_not_fit_the_model_are_a_preset_error(tmp_path):
+    path = save_preset(_small_model(), tmp_path / "p", metadata={"class_names": NAMES})
+    record = json.loads((path / "metadata.json").read_text())
+    record["class_names"] = NAMES + ["yak"]
+    (path / "metadata.json").write_text(json.dumps(record))  # metadata.json is not hashed: editing it is allowed
+    with pytest.raises(PresetError, match=r"'class_names' in .* must have one name per output.*expected 5 names, "
+                                          r"got 6") as caught:
+        load_model(path)
+    assert caught.value.bad_file.endswith("metadata.json")
+
+
+def test_variants_keep_class_names_only_with_the_published_head(tmp_path):
+    from harmonization.architectures import VGG
+
+    keras.utils.set_random_seed(0)
+    model = VGG(image_size=32, block_filters=[4, 8, 16, 32, 32], fc_units=16, num_classes=5)
+    path = save_preset(model, tmp_path / "vgg", metadata={"class_names": NAMES})
+    assert load_preset(path).class_names == tuple(NAMES)
+    assert load_preset(path, preprocess=False).class_names == tuple(NAMES)
+    assert load_preset(path, num_classes=5).class_names == tuple(NAMES)
+    assert presets.class_names(load_preset(path, num_classes=3)) is None  # a new head: the names no longer apply
+    assert presets.class_names(load_preset(path, include_top=False)) is None

@@ -72,22 +72,67 @@ def test_every_zoo_entry_renders_a_card_the_hub_client_parses():
             assert section in text
 
 
-def test_paper_metrics_become_a_model_index_with_their_source():
+@pytest.mark.parametrize("name", zoo.list_models())
+def test_cards_show_the_paper_numbers_beside_the_baseline_with_their_source(name):
+    from huggingface_hub import ModelCard
+
+    metrics = zoo.paper_metrics(name)
+    card = ModelCard(model_card.render_model_card(name))
+
+    def shown(value):
+        return "not published" if value is None else f"{value:g}"
+
+    for key, label in (("imagenet_top1", "ImageNet-1k top-1 accuracy (%)"),
+                       ("clickme_alignment", "ClickMe human feature alignment (% of the human ceiling)")):
+        row = f"| {label} | {shown(metrics[key])} | {shown(metrics['baseline'][key])} |"
+        assert row in card.text.splitlines(), row
+    assert f"Source: {metrics['source']} <{metrics['source_url']}>" in card.text
+    # The model-index carries the harmonized model's published numbers only, each with the source.
+    results = {r.metric_type: r for r in card.data.eval_results or []}
+    expected = {t: metrics[k] for t, k in (("accuracy", "imagenet_top1"), ("clickme_alignment", "clickme_alignment"))
+                if metrics[k] is not None}
+    assert {t: r.metric_value for t, r in results.items()} == expected
+    assert all(r.source_url == metrics["source_url"] and r.source_name == metrics["source"] and not r.verified
+               for r in results.values())
+    assert ("model-index" in card.content) == bool(expected)
+
+
+def test_cards_hold_the_transcribed_numbers():
+    text = model_card.render_model_card("vgg16_harmonized")
+    assert "| ImageNet-1k top-1 accuracy (%) | 69.3 | 67.2 |" in text
+    assert "| ClickMe human feature alignment (% of the human ceiling) | 61.5 | 23.3 |" in text
+    text = model_card.render_model_card("convnext_tiny_harmonized")
+    assert "| ImageNet-1k top-1 accuracy (%) | not published | not published |" in text
+    assert "| ClickMe human feature alignment (% of the human ceiling) | 74 | not published |" in text
+
+
+def test_a_changed_entry_renders_its_own_numbers_and_a_wrong_one_is_refused():
     from huggingface_hub import ModelCard
 
     entry = zoo.model_info("vit_b16_harmonized")
-    entry["metrics"] = {"imagenet_top1": 80.5, "clickme_alignment_spearman": 0.5, "source": "Table 1 of a paper",
-                        "source_url": "https://example.org/paper"}
+    entry["metrics"] = {"imagenet_top1": 80.5, "clickme_alignment": None,
+                        "baseline": {"imagenet_top1": None, "clickme_alignment": 12.25},
+                        "source": "Table 1 of a paper", "source_url": "https://example.org/paper"}
     card = ModelCard(model_card.render_model_card(entry, repo_id="org/vit"))
-    results = {r.metric_type: r for r in card.data.eval_results}
-    assert results["accuracy"].metric_value == 80.5 and results["accuracy"].dataset_type == "imagenet-1k"
-    assert results["spearmanr"].metric_value == 0.5 and results["spearmanr"].dataset_name == "ClickMe"
-    assert results["accuracy"].source_url == "https://example.org/paper"
+    (result,) = card.data.eval_results
+    assert (result.metric_type, result.metric_value, result.dataset_type) == ("accuracy", 80.5, "imagenet-1k")
+    assert result.source_url == "https://example.org/paper" and result.source_name == "Table 1 of a paper"
     assert card.data.model_name == "vit_b16_harmonized"
-    assert "| ImageNet top-1 accuracy (%) | 80.5 | [Table 1 of a paper](https://example.org/paper) |" in card.text
-    # Without numbers there is no model-index (the Hub requires values), and the card says so.
-    text = model_card.render_model_card("vit_b16_harmonized")
-    assert "model-index" not in text and "not transcribed yet" in text
+    assert "| ClickMe human feature alignment (% of the human ceiling) | not published | 12.25 |" in card.text
+    entry["metrics"]["clickme_alignment"] = 0.72 * 1000
+    with pytest.raises(ValueError, match=r"'metrics.clickme_alignment' must be a percentage in \[0, 100\]"):
+        model_card.render_model_card(entry)
+
+
+@pytest.mark.parametrize("name", zoo.list_models())
+def test_the_output_row_says_what_the_original_returned(name):
+    text = model_card.render_model_card(name)
+    (row,) = [line for line in text.splitlines() if line.startswith("| Output |")]
+    assert row.startswith("| Output | 1000 ImageNet logits (no softmax), in class-index order")
+    if zoo.model_info(name)["output"]["original"] == "probabilities":
+        assert "The original model returned probabilities (softmax); `keras.ops.softmax(logits)` gives them." in row
+    else:
+        assert row.endswith(", as the original model returned. |")
 
 
 def test_template_and_renderer_cannot_drift_apart(tmp_path):
@@ -116,6 +161,7 @@ def test_dry_run_writes_the_checked_folder_and_touches_no_network(tiny_zoo, tmp_
     verify_preset(folder)
     metadata = read_metadata(folder)
     assert metadata["name"] == NAME and metadata["source_file"] == SOURCE.name
+    assert "class_names" not in metadata  # the tiny test head has 5 classes, not ImageNet's 1000
     card = ModelCard((folder / "README.md").read_text())
     assert card.data.library_name == "keras"
     assert f"hf://{REPO}" in card.text and "Preset round trip" in card.text and "loaded by name" in card.text

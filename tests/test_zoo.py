@@ -94,9 +94,113 @@ def test_entries_have_a_display_name_and_cite_their_metrics():
         info = model_info(name)
         assert isinstance(info["display_name"], str) and info["display_name"]
         metrics = info["metrics"]
-        assert {"imagenet_top1", "clickme_alignment_spearman", "source", "source_url"} <= set(metrics)
-        for key in ("imagenet_top1", "clickme_alignment_spearman"):
-            assert metrics[key] is None or isinstance(metrics[key], (int, float))
-        # A number is only ever filled in together with where it was read.
+        assert set(metrics) == {"imagenet_top1", "clickme_alignment", "baseline", "source", "source_url"}
+        assert set(metrics["baseline"]) == {"imagenet_top1", "clickme_alignment"}
         assert isinstance(metrics["source"], str) and metrics["source"]
-        assert metrics["source_url"].startswith("https://")
+        assert metrics["source_url"].startswith("https://github.com/serre-lab/Harmonization/")
+
+
+# The paper's numbers (harmonized top-1, alignment; baseline top-1, alignment), in %. Read off the plot of
+# arXiv 2211.04533 (serre-lab/Harmonization docs/assets/imagenet_results.png, ±0.5 points); ConvNeXt's alignment
+# from serre-lab/Harmonization PR #11; MaxViT and LeViT have none.
+PAPER = {
+    "vit_b16_harmonized": (75.7, 72.5, 73.3, 31.5),
+    "resnet50v2_harmonized": (77.2, 45.0, 76.0, 32.7),
+    "vgg16_harmonized": (69.3, 61.5, 67.2, 23.3),
+    "efficientnet_b0_harmonized": (77.8, 44.8, 77.7, 25.2),
+    "convnext_tiny_harmonized": (None, 74.0, None, None),
+    "maxvit_tiny_harmonized": (None, None, None, None),
+    "levit128_harmonized": (None, None, None, None),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_paper_metrics_are_the_published_numbers_with_their_source(name):
+    metrics = zoo.paper_metrics(name)
+    baseline = metrics["baseline"]
+    assert (metrics["imagenet_top1"], metrics["clickme_alignment"], baseline["imagenet_top1"],
+            baseline["clickme_alignment"]) == PAPER[name]
+    if name == "convnext_tiny_harmonized":
+        assert "PR #11" in metrics["source"] and metrics["source_url"].endswith("/pull/11")
+    elif metrics["imagenet_top1"] is None:
+        assert metrics["source"].startswith("not published")
+    else:
+        assert "read off" in metrics["source"] and "±0.5 points" in metrics["source"]
+        assert metrics["source_url"].endswith("docs/assets/imagenet_results.png")
+    assert ("~30-33" in metrics["source"]) == (name == "vit_b16_harmonized")
+
+
+def test_paper_metrics_returns_a_copy_of_the_entry_block():
+    metrics = zoo.paper_metrics("vgg16_harmonized")
+    assert metrics == model_info("vgg16_harmonized")["metrics"]
+    metrics["baseline"]["imagenet_top1"] = 0.0
+    assert zoo.paper_metrics("vgg16_harmonized")["baseline"]["imagenet_top1"] == 67.2
+    with pytest.raises(UnknownModelError):
+        zoo.paper_metrics("vgg_harmonized")
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_entries_say_what_the_original_returned(name):
+    output = model_info(name)["output"]
+    assert output["native"] == "logits"  # converted models never end in a softmax
+    # Only the `efficientnet` package's EfficientNetB0 ends in Dense('probs', activation='softmax').
+    assert output["original"] == ("probabilities" if name == "efficientnet_b0_harmonized" else "logits")
+    assert "serre-lab/Harmonization harmonization/models/" in output["evidence"]
+
+
+@pytest.mark.parametrize(
+    "path, value, message",
+    [
+        (("metrics", "imagenet_top1"), 101.0, r"'metrics.imagenet_top1' must be a percentage in \[0, 100\] or null, "
+                                              r"got 101.0"),
+        (("metrics", "clickme_alignment"), 0.44, None),  # a fraction is a valid number: only the range is checked
+        (("metrics", "clickme_alignment"), "44.8", r"'metrics.clickme_alignment' must be a percentage.*got '44.8'"),
+        (("metrics", "baseline", "imagenet_top1"), -1, r"'metrics.baseline.imagenet_top1' must be a percentage"),
+        (("metrics", "baseline", "clickme_alignment"), True, r"'metrics.baseline.clickme_alignment'.*got True"),
+        (("metrics", "baseline"), None, r"'metrics.baseline' must be an object with the keys"),
+        (("metrics", "source"), " ", r"'metrics.source' must say where the numbers come from"),
+        (("metrics", "source_url"), None, r"'metrics.source_url' must say where"),
+        (("metrics", "clickme_alignment_spearman"), 0.5,
+         r"'metrics' must have exactly the keys .*unknown \['clickme_alignment_spearman'\]"),
+        (("output", "original"), "softmax", r"'output.original' must be one of \['logits', 'probabilities'\], "
+                                            r"got 'softmax'"),
+        (("output", "native"), None, r"'output.native' must be one of"),
+        (("output", "evidence"), "", r"'output.evidence' must say how"),
+    ],
+)
+def test_invalid_metrics_and_output_are_rejected_naming_file_and_key(path, value, message):
+    entry = model_info("vgg16_harmonized")
+    block = entry
+    for key in path[:-1]:
+        block = block[key]
+    block[path[-1]] = value
+    if message is None:
+        assert zoo._validate(entry, "vgg16_harmonized.json") is entry
+        return
+    with pytest.raises(ValueError, match=r"^Zoo entry vgg16_harmonized.json: " + message):
+        zoo._validate(entry, "vgg16_harmonized.json")
+
+
+def test_metrics_without_baseline_or_with_a_missing_key_are_rejected():
+    entry = model_info("vgg16_harmonized")
+    del entry["metrics"]["baseline"]
+    with pytest.raises(ValueError, match=r"vgg16_harmonized.json: 'metrics' must have exactly the keys .*"
+                                         r"missing \['baseline'\]"):
+        zoo._validate(entry, "vgg16_harmonized.json")
+    entry = model_info("vgg16_harmonized")
+    del entry["metrics"]
+    with pytest.raises(ValueError, match=r"lacks required keys \['metrics'\]"):
+        zoo._validate(entry, "vgg16_harmonized.json")
+
+
+def test_imagenet_class_names_ship_with_the_package():
+    from importlib import resources
+
+    names = zoo.imagenet_class_names()
+    assert len(names) == 1000 and all(isinstance(n, str) and n.strip() == n and n for n in names)
+    assert names[0] == "tench" and names[1] == "goldfish" and names[999] == "toilet tissue"
+    assert names[207] == "golden retriever" and names[281] == "tabby"
+    text = resources.files("harmonization").joinpath(zoo.IMAGENET_CLASSES_FILE).read_text(encoding="utf-8")
+    assert text.splitlines() == names
+    names.append("extra")  # a copy: callers cannot change the zoo's list
+    assert len(zoo.imagenet_class_names()) == 1000
