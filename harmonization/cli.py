@@ -1,4 +1,4 @@
-"""The `harmonization` command: browse the zoo, download, convert, publish, predict, explain, run the quickstart.
+"""The `harmonization` command: browse the zoo, download, convert, publish, predict, explain, evaluate, quickstart.
 
 Heavy imports (TensorFlow, Keras) happen inside the subcommands, so `harmonization --help` and
 `harmonization list` answer at once.
@@ -100,12 +100,12 @@ def _input_size(model) -> int:
 def _cmd_predict(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from harmonization.presets import load_model
+    from harmonization.presets import class_names, load_model
 
     model = load_model(args.model, revision=args.revision)
     images = _load_images(args.images, _input_size(model))
     logits = np.asarray(model.predict(images, verbose=0))
-    labels = _imagenet_labels(logits.shape[-1])
+    labels = _imagenet_labels(logits.shape[-1], class_names(model))
     shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
     probs = shifted / shifted.sum(axis=-1, keepdims=True)
     for path, row in zip(args.images, probs):
@@ -115,23 +115,15 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _imagenet_labels(num_classes: int) -> list[str]:
-    """ImageNet class names when the head has 1000 classes and Keras has them cached; else class indices."""
-    if num_classes == 1000:
-        try:
-            import keras
+def _imagenet_labels(num_classes: int, names: Sequence[str] | None = None) -> list[str]:
+    """The preset's class names if it has them; else the shipped ImageNet names for a 1000-class head; else indices."""
+    if names is not None and len(names) == num_classes:
+        return list(names)
+    from harmonization.zoo import imagenet_class_names
 
-            path = keras.utils.get_file(
-                "imagenet_class_index.json",
-                "https://storage.googleapis.com/download.tensorflow.org/data/imagenet_class_index.json",
-                cache_subdir="models",
-                file_hash="c2c37ea517e94d9795004a39431a14cb",
-            )
-            with open(path, encoding="utf-8") as handle:
-                index = json.load(handle)
-            return [index[str(i)][1] for i in range(1000)]
-        except Exception as error:  # offline: fall back to indices, say why
-            print(f"(ImageNet class names unavailable: {error}; showing class indices)", file=sys.stderr)
+    imagenet = imagenet_class_names()
+    if num_classes == len(imagenet):
+        return imagenet
     return [f"class_{i}" for i in range(num_classes)]
 
 
@@ -164,6 +156,13 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from harmonization import evaluate_command
+
+    evaluate_command.run(args)
+    return 0
+
+
 def _cmd_quickstart(args: argparse.Namespace, rest: list[str]) -> int:
     from harmonization import quickstart
 
@@ -174,7 +173,7 @@ def _cmd_quickstart(args: argparse.Namespace, rest: list[str]) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="harmonization",
-        description="Harmonized vision models: list the zoo, download, convert, publish, predict, explain.",
+        description="Harmonized vision models: list the zoo, download, convert, publish, predict, explain, evaluate.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -225,6 +224,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="vit_b16_harmonized", help="zoo name, hf:// URI or preset directory")
     p.add_argument("--revision", default=None)
     p.set_defaults(func=_cmd_explain)
+
+    from harmonization import evaluate_command as ev
+
+    p = sub.add_parser("evaluate", help="score a model's human alignment on ClickMe, beside the paper's numbers")
+    p.add_argument("model", metavar="MODEL", help="zoo name, hf://org/repo[@revision] or preset directory")
+    p.add_argument("--data-dir", default=None, metavar="DIR", help="TFDS data directory (default: TFDS's)")
+    p.add_argument("--dataset", default=ev.DEFAULT_DATASET, help=f"TFDS dataset (default: {ev.DEFAULT_DATASET})")
+    p.add_argument("--split", default=ev.DEFAULT_SPLIT, help=f"split to score (default: {ev.DEFAULT_SPLIT})")
+    p.add_argument("--batch-size", type=ev.positive_int, default=ev.DEFAULT_BATCH_SIZE, metavar="N",
+                   help=f"images per batch (default: {ev.DEFAULT_BATCH_SIZE})")
+    p.add_argument("--limit", type=ev.positive_int, default=None, metavar="N", help="score only the first N images")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help=f"where results.json and saliency_grid.png go (default: ./{ev.DEFAULT_OUT_ROOT}/MODEL)")
+    p.add_argument("--download", action="store_true",
+                   help="download and build the dataset if DIR lacks it (ClickMe: every published shard)")
+    p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser(
         "quickstart", help="run the quickstart (arguments are passed on)", add_help=False, prefix_chars="\0"

@@ -11,7 +11,7 @@ from PIL import Image
 
 from harmonization import cli
 from harmonization.presets import save_preset
-from harmonization.zoo import list_models
+from harmonization.zoo import imagenet_class_names, list_models
 
 
 def test_list(capsys):
@@ -80,6 +80,34 @@ def test_predict_prints_the_top_classes(preset_and_images, capsys):
     assert out[1].split()[-1] == f"class_{int(np.argmax(logits))}"
     probs = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
     assert out[1].split()[0] == f"{probs.max():.2%}"
+
+
+def test_predict_uses_the_class_names_of_the_preset(preset_and_images, tmp_path, capsys):
+    model, _, paths = preset_and_images
+    names = ["apple", "pear", "plum", "fig"]
+    preset = save_preset(model, tmp_path / "named", metadata={"class_names": names})
+    assert cli.main(["predict", paths[0], "--model", str(preset), "--top", "4"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
+    assert sorted(row[-1] for row in rows) == sorted(names)
+    assert all(names[int(row[1])] == row[2] for row in rows)
+
+
+def test_predict_names_1000_class_heads_with_the_shipped_imagenet_names(tmp_path, monkeypatch, capsys):
+    import keras.utils
+
+    monkeypatch.setattr(keras.utils, "get_file", None)  # no download: the names ship with the package
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.GlobalAveragePooling2D()(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(1000, name="predictions")(x))
+    image = tmp_path / "image.png"
+    Image.fromarray(np.full((8, 8, 3), 128, dtype=np.uint8)).save(image)
+    assert cli.main(["predict", str(image), "--model", str(save_preset(model, tmp_path / "p")), "--top", "1"]) == 0
+    _, index, name = capsys.readouterr().out.splitlines()[1].split(maxsplit=2)
+    assert name == imagenet_class_names()[int(index)]
+    assert cli._imagenet_labels(1000)[:2] == ["tench", "goldfish"]
+    assert cli._imagenet_labels(3) == ["class_0", "class_1", "class_2"]
+    assert cli._imagenet_labels(3, ["a", "b", "c"]) == ["a", "b", "c"]
 
 
 def test_explain_writes_a_png(preset_and_images, tmp_path, capsys):

@@ -1,0 +1,145 @@
+"""`harmonization evaluate`, end to end through `cli.main` on a tiny preset and generated ClickMe shards."""
+
+from __future__ import annotations
+
+import json
+
+import keras
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from PIL import Image
+
+import harmonization
+import tfds_clickme  # noqa: F401  (registers "clickme")
+from harmonization import cli, zoo
+from tfds_clickme.clickme import published_shards
+
+NUM_VALIDATION = 5
+SIZE = 32
+ZOO_NAME = "resnet50v2_harmonized"
+
+
+@pytest.fixture(scope="module")
+def clickme_dir(tmp_path_factory):
+    shards = tmp_path_factory.mktemp("evaluate_shards")
+    published_shards.write_shard(shards / "val-0.tfrecords", published_shards.synthetic_records(NUM_VALIDATION, seed=3))
+    data_dir = tmp_path_factory.mktemp("evaluate_tfds")
+    builder = tfds.builder("clickme", data_dir=str(data_dir))
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(shards)))
+    return data_dir
+
+
+@pytest.fixture(scope="module")
+def model():
+    keras.utils.set_random_seed(1)
+    inputs = keras.Input((SIZE, SIZE, 3))
+    x = keras.layers.Rescaling(1 / 127.5, offset=-1.0)(inputs)
+    x = keras.layers.Conv2D(4, 3, strides=2, padding="same", activation="relu")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, keras.layers.Dense(1000, name="predictions")(x))
+
+
+@pytest.fixture(scope="module")
+def presets(tmp_path_factory, model):
+    """A preset that names a zoo model in its metadata, and an anonymous one."""
+    root = tmp_path_factory.mktemp("evaluate_presets")
+    named = harmonization.save_preset(model, root / "named", metadata={"name": ZOO_NAME})
+    return named, harmonization.save_preset(model, root / "tiny_cnn")
+
+
+def test_limit_scores_exactly_n_images_beside_the_paper(clickme_dir, presets, model, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["evaluate", str(presets[0]), "--data-dir", str(clickme_dir), "--limit", "3", "--batch-size", "2",
+            "--out", str(out)]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+
+    results = json.loads((out / "results.json").read_text())
+    assert results["data"] == {
+        "dataset": "clickme", "split": "validation", "data_dir": str(clickme_dir.resolve()),
+        "limit": 3, "batch_size": 2, "num_images": 3,
+    }
+    assert results["model"]["spec"] == str(presets[0]) and results["model"]["zoo_name"] == ZOO_NAME
+    assert results["model"]["input_size"] == SIZE
+    # The same numbers as the library call on the same three images.
+    dataset = harmonization.data.load_clickme(
+        "validation", 2, image_size=SIZE, data_dir=clickme_dir, download=False
+    ).unbatch().take(3).batch(2)
+    want = harmonization.evaluate_alignment(model, dataset, verbose=0)
+    scores = results["scores"]
+    assert scores["num_images"] == 3
+    for key in ("spearman", "dice", "iou"):
+        np.testing.assert_allclose(results["per_image"][key], want[key], atol=1e-6)
+        assert scores[key] == pytest.approx(want[f"{key}_mean"], abs=1e-6)
+    assert scores["accuracy"] == pytest.approx(want["accuracy"])
+    assert scores["alignment_score"] == pytest.approx(np.mean(want["spearman"]) / 0.65753, abs=1e-6)
+    assert scores["alignment_score_percent"] == pytest.approx(100 * scores["alignment_score"])
+
+    protocol = results["protocol"]
+    assert (protocol["image_size"], protocol["heatmap_resolution"], protocol["blur_size"]) == (SIZE, 64, 10)
+    assert (protocol["percentile"], protocol["epsilon"], protocol["human_ceiling"]) == (10, 1e-9, 0.65753)
+    assert set(results["versions"]) >= {"harmonization", "tensorflow", "keras", "numpy"}
+
+    # The table: this run beside the paper's harmonized and baseline numbers (in %).
+    paper = zoo.paper_metrics(ZOO_NAME)
+    assert results["paper"] == paper
+    header, *rows = [line for line in printed.splitlines() if line.startswith(" " * 20) or "(%)" in line
+                     or line.startswith(("Spearman", "Dice", "IoU"))]
+    assert header.split() == ["this", "run", "paper", "paper", "baseline"]
+    cells = {row[:20].strip(): row[20:].split() for row in rows}
+    assert cells["alignment score (%)"][0] == f"{100 * scores['alignment_score']:.1f}"
+
+    def shown(value):
+        return "-" if value is None else f"{value:.1f}"
+
+    assert cells["alignment score (%)"][1:] == [shown(paper["clickme_alignment"]),
+                                                shown(paper["baseline"]["clickme_alignment"])]
+    assert cells["top-1 accuracy (%)"][1:] == [shown(paper["imagenet_top1"]), shown(paper["baseline"]["imagenet_top1"])]
+    assert cells["Spearman"] == [f"{scores['spearman']:.3f}", "-", "-"]
+    assert "3 images of clickme 'validation'" in printed
+
+    with Image.open(out / results["files"]["saliency_grid"]) as grid:  # 3 rows of 3 panels, 210 px each
+        assert grid.format == "PNG" and grid.size == (630, 3 * 210)
+
+
+def test_every_image_is_scored_and_a_non_zoo_model_has_no_paper_column(clickme_dir, presets, tmp_path,
+                                                                       monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    argv = ["evaluate", str(presets[1]), "--data-dir", str(clickme_dir), "--batch-size", "2",
+            "--dataset", "clickme/strict"]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    results = json.loads((tmp_path / "harmonization_evaluate" / "tiny_cnn" / "results.json").read_text())
+    assert results["scores"]["num_images"] == NUM_VALIDATION  # 2 + 2 + 1: the remainder counts
+    assert len(results["per_image"]["spearman"]) == NUM_VALIDATION
+    assert results["paper"] is None and results["model"]["zoo_name"] is None
+    assert results["data"]["dataset"] == "clickme/strict"
+    assert "paper" not in printed and "this run" in printed
+    with Image.open(tmp_path / "harmonization_evaluate" / "tiny_cnn" / "saliency_grid.png") as grid:
+        assert grid.size == (630, NUM_VALIDATION * 210)  # one row per image, up to six
+
+
+@pytest.mark.parametrize("option,value", [("--limit", "0"), ("--limit", "-2"), ("--batch-size", "0"),
+                                          ("--batch-size", "x")])
+def test_bad_counts_are_usage_errors(presets, option, value, capsys):
+    with pytest.raises(SystemExit) as caught:
+        cli.main(["evaluate", str(presets[1]), option, value])
+    assert caught.value.code == 2
+    assert f"argument {option}: expected a positive integer" in capsys.readouterr().err
+
+
+def test_missing_data_dir_unknown_model_and_unprepared_dataset_are_error_exits(presets, clickme_dir, tmp_path,
+                                                                                capsys):
+    assert cli.main(["evaluate", str(presets[1]), "--data-dir", str(tmp_path / "nowhere")]) == 1
+    assert "--data-dir" in capsys.readouterr().err and not (tmp_path / "harmonization_evaluate").exists()
+
+    assert cli.main(["evaluate", "resnet50v2_harmonised", "--data-dir", str(clickme_dir)]) == 1
+    err = capsys.readouterr().err
+    assert "harmonization evaluate: error: Unknown model 'resnet50v2_harmonised'" in err
+    assert f"Did you mean {ZOO_NAME!r}?" in err
+
+    (tmp_path / "empty").mkdir()
+    assert cli.main(["evaluate", str(presets[1]), "--data-dir", str(tmp_path / "empty")]) == 1
+    err = capsys.readouterr().err
+    assert "is not prepared" in err and "--download" in err
