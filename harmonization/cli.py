@@ -130,8 +130,7 @@ def _imagenet_labels(num_classes: int, names: Sequence[str] | None = None) -> li
 def _cmd_explain(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from harmonization.presets import load_model
-
+    from harmonization.presets import class_names, load_model
     from harmonization.saliency import saliency_map
     import matplotlib
 
@@ -140,13 +139,16 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 
     model = load_model(args.model, revision=args.revision)
     image = _load_images([args.image], _input_size(model))
-    label = int(np.argmax(np.asarray(model.predict(image, verbose=0))[0]))
+    logits = np.asarray(model.predict(image, verbose=0))[0]
+    label = int(np.argmax(logits))
+    name = _imagenet_labels(logits.shape[-1], class_names(model))[label]
+    # W.r.t. the preprocessed input, as published (harmonization.saliency_input).
     saliency = np.asarray(saliency_map(model, image, [label]))[0]
     figure, axes = plt.subplots(1, 2, figsize=(8, 4))
     axes[0].imshow(image[0].astype("uint8"))
     axes[0].set_title("image")
     axes[1].imshow(saliency, cmap="jet")
-    axes[1].set_title(f"saliency of class {label}")
+    axes[1].set_title(f"saliency of {name} (class {label})")
     for axis in axes:
         axis.axis("off")
     figure.tight_layout()

@@ -2,13 +2,14 @@
 
 It runs the same code paths as real ClickMe training, on a generated ClickMe-format dataset
 (`tfds_clickme/clickme_synthetic`) whose classes are defined by an object that the "human" maps mark,
-and whose training images also carry an easier *shortcut* (a coloured corner mark agreeing with the
-class ~90% of the time; random in the test split):
+and whose training images also carry an easier *shortcut* (a black-and-white texture in a corner that names
+the class in ~90% of the training images; random in the test split):
 
 1. build (once, cached by TFDS) and load the dataset with `tfds` + `harmonization.data.load_clickme`;
 2. train a baseline (cross-entropy only) and a `HarmonizedModel`: same architecture, seed and steps;
 3. score both on the shortcut-free test split: accuracy, Spearman, alignment score, Dice, IoU;
-4. save the harmonized model as a preset and reload it with `harmonization.load_model`;
+4. save the harmonized model as a preset (with its class names) and reload it with `harmonization.load_model`:
+   it takes raw [0, 255] images, so `harmonization predict` and `explain` work on it;
 5. draw figures: test images | human map | baseline saliency | harmonized saliency, and the
    accuracy-vs-alignment plane.
 """
@@ -52,27 +53,21 @@ def parse_args(argv=None) -> argparse.Namespace:
 def quickstart_model(num_classes: int, image_size: int, seed: int):
     """A small CNN (three strided convolutions), the same for both runs, initialised from `seed`.
 
-    It takes images scaled to [-1, 1] (`scale_images`). The scaling is done in the input pipeline,
-    not in the model, on purpose: the harmonization loss divides each saliency map by its std +
-    1e-5, so the input gradient must be taken at a scale where that epsilon is negligible (gradients
-    w.r.t. raw 0-255 pixels are ~127x smaller and the harmonization term all but vanishes early in
-    training, exactly when the model picks up the shortcut).
+    It takes raw RGB in [0, 255] and scales it to [-1, 1] with its first layer, a `Rescaling`. The
+    harmonizer differentiates at that layer's output (the preprocessed input, as published;
+    `HarmonizedModel.saliency_input` says so): w.r.t. raw pixels the gradients would be 127.5x
+    smaller, the loss's std epsilon would dominate them and the harmonization term would all but vanish.
     """
     import keras
 
     keras.utils.set_random_seed(seed)
     inputs = keras.Input((image_size, image_size, 3), name="images")
-    x = inputs
+    x = keras.layers.Rescaling(1.0 / 127.5, offset=-1.0, name="preprocessing")(inputs)
     for i, filters in enumerate((16, 32, 64)):
         x = keras.layers.Conv2D(filters, 3, strides=2, padding="same", activation="relu", name=f"conv{i + 1}")(x)
     x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
     outputs = keras.layers.Dense(num_classes, name="predictions")(x)
     return keras.Model(inputs, outputs, name="quickstart_cnn")
-
-
-def scale_images(batch: dict) -> dict:
-    """[0, 255] -> [-1, 1], the model's input range (see `quickstart_model`)."""
-    return {**batch, "image": batch["image"] / 127.5 - 1.0}
 
 
 def build_dataset(config: str, data_dir):
@@ -99,6 +94,7 @@ def train(model, dataset, steps: int, harmonized: bool, verbose: int):
     if harmonized:
         trainer = harmonization.HarmonizedModel(model)
         trainer.compile(optimizer=optimizer)
+        print(f"      saliency taken at {trainer.saliency_input.description}", flush=True)
         data = dataset
     else:
         trainer = model
@@ -163,7 +159,6 @@ def draw_figures(baseline, harmonized, examples: dict, results: dict, class_name
     import harmonization
 
     images, heatmaps, labels = examples["image"], examples["heatmap"][..., 0], examples["label"]
-    display = examples["display"]
     maps = {
         "baseline": harmonization.saliency_map(baseline, images, labels).numpy(),
         "harmonized": harmonization.saliency_map(harmonized, images, labels).numpy(),
@@ -172,7 +167,7 @@ def draw_figures(baseline, harmonized, examples: dict, results: dict, class_name
     fig, axes = plt.subplots(rows, 4, figsize=(8, 2.1 * rows), squeeze=False)
     titles = ["test image", "human map", "baseline saliency", "harmonized saliency"]
     for r in range(rows):
-        panels = [display[r] / 255.0, heatmaps[r], maps["baseline"][r], maps["harmonized"][r]]
+        panels = [images[r] / 255.0, heatmaps[r], maps["baseline"][r], maps["harmonized"][r]]
         for c, panel in enumerate(panels):
             ax = axes[r, c]
             ax.imshow(np.clip(panel, 0, 1) if c == 0 else panel, cmap=None if c == 0 else "magma")
@@ -236,8 +231,7 @@ def run(args: argparse.Namespace) -> dict:
         .shuffle(4096, seed=args.seed)
         .batch(args.batch_size, drop_remainder=True)
     )
-    test_raw = harmonization.data.load_clickme(test_split, 100, training=False, **load)
-    train_ds, test_ds = train_ds.map(scale_images), test_raw.map(scale_images)
+    test_ds = harmonization.data.load_clickme(test_split, 100, training=False, **load)
 
     models = {}
     histories = {}
@@ -255,11 +249,14 @@ def run(args: argparse.Namespace) -> dict:
     print("[4/5] Saving the harmonized model as a preset and reloading it with harmonization.load_model", flush=True)
     examples = next(iter(test_ds.take(1)))
     examples = {key: value.numpy()[:6] for key, value in examples.items()}
-    examples["display"] = next(iter(test_raw.take(1)))["image"].numpy()[:6]
     preset_dir = out / "harmonized_preset"
     max_diff = check_preset_round_trip(
         models["harmonized"], preset_dir,
-        {"name": "quickstart_harmonized", "description": "HarmonizedModel trained by `harmonization quickstart`"},
+        {
+            "name": "quickstart_harmonized",
+            "description": "HarmonizedModel trained by `harmonization quickstart`",
+            "class_names": list(class_names),
+        },
         examples["image"],
     )
     if max_diff > 1e-5:

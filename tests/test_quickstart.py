@@ -2,11 +2,13 @@
 
 import json
 
+import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
 import tfds_clickme  # noqa: F401  (registers the builders)
 from harmonization import quickstart, synthetic
+from harmonization.presets import class_names, load_model
 
 
 @pytest.mark.slow
@@ -26,6 +28,15 @@ def test_quickstart_shows_the_harmonization_effect(tmp_path, capsys):
     assert summary["preset_max_abs_difference"] <= 1e-5
     assert (out / "harmonized_preset" / "model.weights.h5").is_file()
     assert "accuracy" in printed and "alignment" in printed
+    assert "saliency taken at the output of the preprocessing 'preprocessing' (Rescaling)" in printed
+
+    # The preset stands on its own: raw [0, 255] test images in, the printed accuracy out, class names kept.
+    model = load_model(out / "harmonized_preset")
+    names = tfds.builder("clickme_synthetic/default", data_dir=data_dir).info.features["label"].names
+    assert class_names(model) == names
+    test = tfds.load("clickme_synthetic/default", split="test[:300]", data_dir=data_dir, batch_size=-1)
+    predicted = np.argmax(model.predict(np.asarray(test["image"], np.float32), verbose=0), axis=-1)
+    assert np.mean(predicted == test["label"]) == pytest.approx(harm["accuracy"], abs=1e-6)
 
 
 def test_the_dataset_is_built_once_and_an_interrupted_build_is_never_trusted(tmp_path, monkeypatch):
