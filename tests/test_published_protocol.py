@@ -177,3 +177,22 @@ def test_evaluate_alignment_equals_the_published_metrics(clickme_dir, published_
     np.testing.assert_allclose(result["iou"], iou, rtol=0, atol=1e-6)
     assert result["alignment_score"] == pytest.approx(np.mean(spearman) / 0.65753, abs=1e-5)
     assert np.ptp(spearman) > 0 and np.all(iou > 0)  # the scores really vary and overlap
+
+
+def test_a_model_with_its_preprocessing_inside_scores_as_published(clickme_dir, published_examples):
+    """The Keras-model path end to end: ImageNetNormalization inside, saliency taken at its output."""
+    from harmonization.architectures import ImageNetNormalization
+
+    bare = network()
+    inputs = keras.Input((224, 224, 3))
+    model = keras.Model(inputs, bare(ImageNetNormalization(name="preprocessing")(inputs)))
+    dataset = data.load_clickme("validation", BATCH_SIZE, training=False, data_dir=clickme_dir, download=False)
+    result = evaluation.evaluate_alignment(model, dataset, verbose=0)
+
+    images, heatmaps, labels = published_examples
+    saliency = published_saliency_explainer(bare)(images, np.argmax(labels, axis=-1))
+    spearman, dice, iou = published_metrics(saliency, np.mean(heatmaps, axis=-1))
+    np.testing.assert_allclose(result["spearman"], spearman, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(result["dice"], dice, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(result["iou"], iou, rtol=0, atol=1e-6)
+    assert result["alignment_score"] == pytest.approx(np.mean(spearman) / 0.65753, abs=1e-4)
