@@ -17,6 +17,7 @@ from harmonization import (  # noqa: E402
     metrics,
     model_card,
     saliency,
+    saliency_input,
     second_order,
     synthetic,
 )
@@ -31,6 +32,7 @@ from harmonization.evaluation import evaluate_alignment  # noqa: E402
 from harmonization.metrics import HUMAN_CEILING, alignment_score, dice, iou, spearman  # noqa: E402
 from harmonization.presets import PresetError, load_model, save_preset  # noqa: E402
 from harmonization.saliency import input_gradients, saliency_map  # noqa: E402
+from harmonization.saliency_input import SaliencyInput, SoftmaxOutputError  # noqa: E402
 from harmonization.second_order import exact_moments  # noqa: E402
 from harmonization.zoo import list_models, model_info  # noqa: E402
 

@@ -11,6 +11,8 @@ import json
 import sys
 from typing import Sequence
 
+from harmonization.cli_common import input_size
+
 
 def _cmd_list(args: argparse.Namespace) -> int:
     from harmonization import zoo
@@ -90,20 +92,13 @@ def _load_images(paths: Sequence[str], size: int):
     return np.stack(images)
 
 
-def _input_size(model) -> int:
-    shape = model.input_shape
-    if not (isinstance(shape, tuple) and len(shape) == 4 and shape[1] and shape[1] == shape[2]):
-        raise ValueError(f"Expected a model with square image inputs (batch, size, size, 3), got {shape}.")
-    return int(shape[1])
-
-
 def _cmd_predict(args: argparse.Namespace) -> int:
     import numpy as np
 
     from harmonization.presets import class_names, load_model
 
     model = load_model(args.model, revision=args.revision)
-    images = _load_images(args.images, _input_size(model))
+    images = _load_images(args.images, input_size(model))
     logits = np.asarray(model.predict(images, verbose=0))
     labels = _imagenet_labels(logits.shape[-1], class_names(model))
     shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
@@ -138,7 +133,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     import matplotlib.pyplot as plt
 
     model = load_model(args.model, revision=args.revision)
-    image = _load_images([args.image], _input_size(model))
+    image = _load_images([args.image], input_size(model))
     logits = np.asarray(model.predict(image, verbose=0))[0]
     label = int(np.argmax(logits))
     name = _imagenet_labels(logits.shape[-1], class_names(model))[label]

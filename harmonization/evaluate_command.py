@@ -16,6 +16,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from harmonization.cli_common import input_size
+
 DEFAULT_OUT_ROOT = "harmonization_evaluate"
 DEFAULT_DATASET = "clickme"
 DEFAULT_SPLIT = "validation"
@@ -115,13 +117,6 @@ def paper_metrics(name: str | None) -> dict[str, Any] | None:
     return zoo.paper_metrics(name)
 
 
-def _input_size(model) -> int:
-    shape = model.input_shape
-    if not (isinstance(shape, tuple) and len(shape) == 4 and shape[1] and shape[1] == shape[2]):
-        raise ValueError(f"MODEL must take square images (batch, size, size, 3); its input shape is {shape}.")
-    return int(shape[1])
-
-
 def format_table(scores: dict[str, Any], paper: dict[str, Any] | None) -> str:
     """This run's scores beside the paper's (harmonized and baseline) when there are any."""
     rows = [  # title, value, format, key of the paper's number (in %)
@@ -188,7 +183,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     directory, zoo_name, run_name = resolve_model(args.model)
     model = harmonization.load_model(directory)
-    image_size = _input_size(model)
+    image_size = input_size(model)
     out = Path(args.out) if args.out else Path(DEFAULT_OUT_ROOT) / run_name
     print(f"Model {args.model} ({zoo_name or 'not a zoo model'}), {image_size}x{image_size} inputs", flush=True)
 

@@ -20,6 +20,7 @@ from PIL import Image
 import tfds_clickme  # noqa: F401  (registers "clickme")
 from harmonization import data
 from tfds_clickme.clickme import published_shards
+from clickme_helpers import build_clickme, write_shards
 
 SHARDS = {"train-0": 7, "train-1": 6, "val-0": 5}
 
@@ -31,19 +32,12 @@ SHARDS = {"train-0": 7, "train-1": 6, "val-0": 5}
 
 @pytest.fixture(scope="module")
 def shard_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("clickme_shards")
-    for seed, (name, count) in enumerate(SHARDS.items()):
-        records = published_shards.synthetic_records(count, seed=100 + seed, quality=80)
-        published_shards.write_shard(directory / f"{name}.tfrecords", records)
-    return directory
+    return write_shards(tmp_path_factory.mktemp("clickme_shards"), SHARDS)
 
 
 @pytest.fixture(scope="module")
 def clickme_dir(tmp_path_factory, shard_dir):
-    data_dir = tmp_path_factory.mktemp("clickme_tfds")
-    builder = tfds.builder("clickme", data_dir=str(data_dir))
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(shard_dir)))
-    return data_dir
+    return build_clickme(tmp_path_factory.mktemp("clickme_tfds"), shard_dir)
 
 
 def published_example(image, heatmap, image_size=224):

@@ -18,7 +18,7 @@ from scipy import stats
 
 import tfds_clickme  # noqa: F401  (registers "clickme")
 from harmonization import data, evaluation
-from tfds_clickme.clickme import published_shards
+from clickme_helpers import build_clickme, write_shards
 
 NUM_VALIDATION = 5  # odd: a batch size of 2 leaves a remainder
 BATCH_SIZE = 2
@@ -79,18 +79,12 @@ def published_metrics(saliency, heatmaps, percentile=10):
 
 @pytest.fixture(scope="module")
 def shard_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("published_shards")
-    records = published_shards.synthetic_records(NUM_VALIDATION, seed=11, quality=85)
-    published_shards.write_shard(directory / "val-0.tfrecords", records)
-    return directory
+    return write_shards(tmp_path_factory.mktemp("published_shards"), {"val-0": NUM_VALIDATION}, seed=11, quality=85)
 
 
 @pytest.fixture(scope="module")
 def clickme_dir(tmp_path_factory, shard_dir):
-    data_dir = tmp_path_factory.mktemp("published_tfds")
-    builder = tfds.builder("clickme", data_dir=str(data_dir))
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(shard_dir)))
-    return data_dir
+    return build_clickme(tmp_path_factory.mktemp("published_tfds"), shard_dir)
 
 
 @pytest.fixture(scope="module")
