@@ -25,6 +25,8 @@ from typing import Any, Callable
 
 import keras
 
+from harmonization.architectures.base import ImageNetNormalization
+
 __all__ = [
     "PREPROCESSING_LAYER_TYPES",
     "SaliencyInput",
@@ -36,15 +38,9 @@ AUTO = "auto"
 RAW_INPUT = "input"
 
 
-def _preprocessing_layer_types() -> tuple[type, ...]:
-    from harmonization.architectures.base import ImageNetNormalization
-
-    return (ImageNetNormalization, keras.layers.Rescaling, keras.layers.Normalization)
-
-
 #: Layers recognised as the preprocessing at the front of a classifier (per-pixel value maps that users
-#: put before a network, like the published `preprocess_input`). Resolved lazily to avoid an import cycle.
-PREPROCESSING_LAYER_TYPES = ("ImageNetNormalization", "Rescaling", "Normalization")
+#: put before a network, like the published `preprocess_input`).
+PREPROCESSING_LAYER_TYPES = (ImageNetNormalization, keras.layers.Rescaling, keras.layers.Normalization)
 
 
 class SoftmaxOutputError(ValueError):
@@ -114,11 +110,10 @@ def _single_input(graph, what: str):
 
 def _leading_preprocessing(graph) -> tuple[Any, list]:
     """(tensor after the chain of preprocessing layers at the graph's front, those layers)."""
-    types = _preprocessing_layer_types()
     tensor, layers = _single_input(graph, "saliency_input"), []
     while True:
         consumers = _consumers(graph, tensor)
-        if len(consumers) != 1 or not isinstance(consumers[0].operation, types):
+        if len(consumers) != 1 or not isinstance(consumers[0].operation, PREPROCESSING_LAYER_TYPES):
             return tensor, layers
         node = consumers[0]
         if len(node.output_tensors) != 1 or len(node.input_tensors) != 1:
@@ -227,12 +222,6 @@ def _check_logits(model, output_index, allow_softmax: bool) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _select(outputs, index):
-    if index is None:
-        return outputs
-    return outputs[index]
-
-
 def _whole_model(model, index, description: str) -> SaliencyInput:
     # A weak reference: views are cached per model, and a value must not keep its key alive.
     reference = weakref.ref(model) if isinstance(model, keras.layers.Layer) else (lambda: model)
@@ -299,11 +288,11 @@ def _resolve(model, saliency_input, preprocessing, output, allow_softmax) -> Sal
             "without a functional graph; pass `preprocessing=` (a function applied before the model) instead."
         )
     images = _single_input(graph, "saliency_input")
-    outputs = _select(graph.outputs, index)
+    logits = graph.outputs[index or 0]  # index is None for a single output
     if saliency_input == AUTO:
         tensor, layers = _leading_preprocessing(graph)
         if not layers:
-            nested = _nested_front(graph, images)
+            nested = _nested_front(graph, images, logits)
             if nested is not None:
                 return nested
             return _whole_model(model, index, "the model's own input (no preprocessing layer at its front)")
@@ -315,7 +304,7 @@ def _resolve(model, saliency_input, preprocessing, output, allow_softmax) -> Sal
         description = f"the output of layer {saliency_input!r} ({type(node.operation).__name__}), as requested"
         names = (saliency_input,)
     front = _cut(images, tensor, "saliency_input")
-    back = _cut(tensor, outputs, "saliency_input")
+    back = _cut(tensor, logits, "saliency_input")
     return SaliencyInput(
         network=lambda x, training=False: back(x, training=training),
         preprocess=lambda images, training=False: front(images, training=training),
@@ -324,9 +313,10 @@ def _resolve(model, saliency_input, preprocessing, output, allow_softmax) -> Sal
     )
 
 
-def _nested_front(graph, images) -> SaliencyInput | None:
+def _nested_front(graph, images, logits) -> SaliencyInput | None:
     """A model whose input goes straight into a nested model that starts with preprocessing, e.g.
-    `keras.Sequential([harmonization.load_model(name, include_top=False), keras.layers.Dense(10)])`."""
+    `keras.Sequential([harmonization.load_model(name, include_top=False), keras.layers.Dense(10)])`;
+    `logits` is the graph's output that holds the logits."""
     consumers = _consumers(graph, images)
     if len(consumers) != 1 or not isinstance(consumers[0].operation, keras.Model):
         return None
@@ -337,7 +327,7 @@ def _nested_front(graph, images) -> SaliencyInput | None:
     view = resolve_saliency_input(node.operation)
     if view.preprocess is None:
         return None
-    rest = _cut(node.output_tensors[0], graph.outputs if len(graph.outputs) > 1 else graph.outputs[0], "saliency_input")
+    rest = _cut(node.output_tensors[0], logits, "saliency_input")
     inner_network = view.network
 
     def network(x, training=False):
@@ -380,10 +370,10 @@ def resolve_saliency_input(
             raise TypeError(f"`model` must be a Keras model or a callable images -> logits; got {type(model).__name__}.")
         if saliency_input not in (AUTO, RAW_INPUT, None):
             raise ValueError(f"`saliency_input`={saliency_input!r} needs a Keras model; got a {type(model).__name__}.")
-        view = _whole_model(model, None if output is None else output, "the callable's input")
-        if preprocessing is not None:
-            return dataclasses.replace(view, preprocess=lambda images, training=False: preprocessing(images))
-        return view
+        view = _whole_model(model, output, "the callable's input")
+        if preprocessing is None:
+            return view
+        return dataclasses.replace(view, preprocess=lambda images, training=False: preprocessing(images))
     if not model.built:  # an unbuilt model has no graph yet: resolve again once it is built
         return _resolve(model, saliency_input, preprocessing, output, allow_softmax)
     key = (saliency_input, id(preprocessing) if preprocessing is not None else None, output, bool(allow_softmax))

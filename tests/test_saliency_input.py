@@ -322,3 +322,15 @@ def test_options_survive_get_config_and_saving(tmp_path):
     hmodel.save(path)
     restored = keras.saving.load_model(path)
     assert restored.saliency_input.layers == ("preprocessing",)
+
+
+def test_the_chosen_output_is_kept_behind_a_nested_zoo_backbone():
+    full, _ = build_pair("vgg")
+    features = keras.Model(full.input, full.get_layer("predictions").input, name="backbone")
+    inputs = keras.Input((32, 32, 3))
+    pooled = features(inputs)
+    model = keras.Model(inputs, [keras.layers.Dense(2, name="aux")(pooled), keras.layers.Dense(3, name="head")(pooled)])
+    view = resolve_saliency_input(model, output="head")
+    assert view.layers == ("preprocessing",)
+    images, _, _ = batch(32)
+    np.testing.assert_allclose(view.network(view.split(images)).numpy(), model(images)[1].numpy(), rtol=1e-5, atol=1e-6)
