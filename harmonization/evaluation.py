@@ -18,7 +18,7 @@ import tensorflow as tf
 from harmonization import metrics
 from harmonization._validation import as_maps
 from harmonization.saliency import class_logit_gradient
-from harmonization.saliency_input import resolve_saliency_input
+from harmonization.saliency_input import AUTO, RAW_INPUT, resolve_saliency_input
 
 _BATCH_KEYS = ("image", "heatmap", "label")
 
@@ -159,7 +159,7 @@ def evaluate_alignment(
     ceiling: float = metrics.HUMAN_CEILING,
     max_batches: int | None = None,
     verbose: int = 1,
-    saliency_input: str | None = "auto",
+    saliency_input: str | None = AUTO,
     preprocessing: Callable | None = None,
     output: int | str | None = None,
     allow_softmax: bool = False,
@@ -221,7 +221,7 @@ def evaluate_alignment(
     if is_keras:
         explain = _keras_saliency(model_or_explainer, options)
     elif callable(model_or_explainer):
-        if preprocessing is not None or saliency_input not in ("auto", "input", None) or output is not None:
+        if preprocessing is not None or saliency_input not in (AUTO, RAW_INPUT, None) or output is not None:
             raise ValueError(
                 "`preprocessing`, `saliency_input` and `output` apply to Keras models; an explainer callable "
                 "computes its own maps."

@@ -205,15 +205,10 @@ class HarmonizedModel(keras.Model):
     @property
     def saliency_input(self) -> SaliencyInput:
         """What the saliency differentiates (e.g. the output of the zoo model's 'preprocessing' layer)."""
-        return resolve_saliency_input(
-            self.model,
-            saliency_input=self.saliency_input_option,
-            preprocessing=self.preprocessing,
-            output=self.logits_output,
-            allow_softmax=self.allow_softmax,
-        )
+        return resolve_saliency_input(self.model, **self._saliency_options())
 
     def _saliency_options(self) -> dict:
+        """The constructor's saliency arguments, as `class_logit_gradient` takes them."""
         return {
             "saliency_input": self.saliency_input_option,
             "preprocessing": self.preprocessing,
