@@ -10,7 +10,8 @@ downloads it again instead of trusting it.
 A zoo model whose Hub repo does not exist yet is served from its published original: the Keras-2 `.h5` is
 downloaded from its public URL (with a progress bar; a short or corrupted download is detected and deleted),
 converted once with `harmonization.convert`, and cached as a preset under `HARMONIZATION_CACHE` (default
-`~/.cache/harmonization`), where later calls, offline ones included, find it.
+`~/.cache/harmonization`), where later calls, offline ones included, find it. `HARMONIZATION_MODELS_URL` points
+that download at a mirror (`harmonization.mirrors`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
-from harmonization import presets
+from harmonization import mirrors, presets
 from harmonization.presets import PresetError
 
 __all__ = [
@@ -309,7 +310,8 @@ def convert_original(entry: Mapping[str, Any], *, reason: str = "", cause: BaseE
     why = f"{reason}; " if reason else ""
     if constants.is_offline_mode():
         raise HubUnavailableError(
-            f"Zoo model {entry['name']!r}: {why}its original weights ({source['url']}) are not converted in "
+            f"Zoo model {entry['name']!r}: {why}its original weights ({mirrors.model_file_url(source['url'])}) are "
+            f"not converted in "
             f"{str(cache_dir())!r} and HF_HUB_OFFLINE is set. To get the weights, run "
             f"`harmonization download {entry['name']}` once with network access and HF_HUB_OFFLINE unset, or copy "
             "a preset directory to this machine and pass its path to load_model."
@@ -320,9 +322,10 @@ def convert_original(entry: Mapping[str, Any], *, reason: str = "", cause: BaseE
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{entry['name']}.", dir=target.parent) as work:
         original = Path(work) / source["url"].rsplit("/", 1)[-1]
+        # From HARMONIZATION_MODELS_URL when set; the cache stays keyed by the published URL (same file).
+        url = mirrors.model_file_url(source["url"])
         try:
-            download_file(source["url"], original, expected_sha256=source.get("sha256"),
-                          expected_size=source.get("size"))
+            download_file(url, original, expected_sha256=source.get("sha256"), expected_size=source.get("size"))
         except HubUnavailableError as error:
             raise HubUnavailableError(
                 f"Zoo model {entry['name']!r}: {why}and its original weights could not be downloaded: {error}"

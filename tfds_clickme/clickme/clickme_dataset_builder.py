@@ -11,13 +11,14 @@ from absl import logging
 from etils import epath
 from google.protobuf import message as protobuf_message
 
+from harmonization import mirrors
 from tfds_clickme.clickme import published_shards
 
-#: Where the harmonization authors publish the shards; `{folder}` is `train` or `val`.
-PUBLISHED_URL_TEMPLATE = (
-    "https://storage.googleapis.com/serrelab/prj_harmonization/dataset/click-me/"
-    "{folder}/{folder}-{index}.tfrecords"
-)
+#: A shard's path under the ClickMe base URL (the bucket's, or HARMONIZATION_CLICKME_URL's); `{folder}` is
+#: `train` or `val`, as in serre-lab/Harmonization 0.0.9 `load_clickme_train` / `load_clickme_val`.
+SHARD_PATH_TEMPLATE = "{folder}/{folder}-{index}.tfrecords"
+#: Where the harmonization authors publish the shards.
+PUBLISHED_URL_TEMPLATE = f"{mirrors.PUBLISHED_CLICKME_URL}/{SHARD_PATH_TEMPLATE}"
 # The published loader lists range(318) and range(17), but its own tests fetch `train-318` and
 # `val-17` (the smallest shard, 256 records): shards 0..318 and 0..17 exist, the loader misses one.
 PUBLISHED_TRAIN_SHARDS = tuple(range(319))
@@ -43,15 +44,16 @@ class ClickMeConfig(tfds.core.BuilderConfig):
     """Where the shards come from and what to do with bad records.
 
     Attributes:
-        url_template: str. URL of one shard, with `{folder}` (`train` or `val`) and `{index}`.
-            Point it at a mirror to download from there.
+        url_template: str or None. URL of one shard, with `{folder}` (`train` or `val`) and `{index}`.
+            None (the default): under `HARMONIZATION_CLICKME_URL` when set (a mirror laid out as the
+            bucket), else the published bucket, read when the download starts.
         train_shards: tuple of int. Indices of the `train-{index}` shards to download.
         validation_shards: tuple of int. Indices of the `val-{index}` shards to download.
         skip_bad_records: bool. Skip records that do not parse, decode or validate, and count
             them in `info.metadata["skipped_records"]`, instead of failing the build.
     """
 
-    url_template: str = PUBLISHED_URL_TEMPLATE
+    url_template: str | None = None
     train_shards: tuple[int, ...] = PUBLISHED_TRAIN_SHARDS
     validation_shards: tuple[int, ...] = PUBLISHED_VALIDATION_SHARDS
     skip_bad_records: bool = False
@@ -59,9 +61,10 @@ class ClickMeConfig(tfds.core.BuilderConfig):
     def shard_urls(self) -> dict[str, dict[str, str]]:
         """{split: {shard name: url}} for the automatic download."""
         indices = {"train": self.train_shards, "validation": self.validation_shards}
+        template = self.url_template or f"{mirrors.clickme_url()}/{SHARD_PATH_TEMPLATE}"
         return {
             split: {
-                f"{folder}-{index}": self.url_template.format(folder=folder, index=index)
+                f"{folder}-{index}": template.format(folder=folder, index=index)
                 for index in indices[split]
             }
             for split, folder in SPLIT_FOLDERS.items()
@@ -103,7 +106,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         <manual_dir>/val-0.tfrecords ... val-17.tfrecords         or  <manual_dir>/val/val-*.tfrecords
 
     Every `train-*.tfrecords` file found becomes the `train` split and every `val-*.tfrecords`
-    file the `validation` split, whatever their number. The shards are public, e.g.:
+    file the `validation` split, whatever their number. To download from a mirror laid out as the
+    bucket instead, set HARMONIZATION_CLICKME_URL. The shards are public, e.g.:
 
         BASE=https://storage.googleapis.com/serrelab/prj_harmonization/dataset/click-me
         for i in $(seq 0 318); do curl -O $BASE/train/train-$i.tfrecords; done
