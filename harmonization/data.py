@@ -88,9 +88,12 @@ def gaussian_kernel(size: int = PUBLISHED_BLUR_SIZE, sigma: float = PUBLISHED_BL
 
 
 def blur_heatmaps(
-    heatmaps, size: int = PUBLISHED_BLUR_SIZE, sigma: float = PUBLISHED_BLUR_SIGMA
+    heatmaps, size: int = PUBLISHED_BLUR_SIZE, sigma: float = PUBLISHED_BLUR_SIGMA, *, kernel=None
 ) -> tf.Tensor:
-    """Blur maps (N, H, W, 1) or (H, W, 1) with `gaussian_kernel`, zero SAME padding, as published."""
+    """Blur maps (N, H, W, 1) or (H, W, 1) with `gaussian_kernel`, zero SAME padding, as published.
+
+    `kernel` (kh, kw) or (kh, kw, 1, 1) replaces `gaussian_kernel(size, sigma)`, e.g. a kernel made once.
+    """
     heatmaps = tf.convert_to_tensor(heatmaps)
     if not heatmaps.dtype.is_floating:
         heatmaps = tf.cast(heatmaps, tf.float32)
@@ -101,7 +104,13 @@ def blur_heatmaps(
         raise ValueError(
             f"`heatmaps` must have shape (N, H, W, 1) or (H, W, 1); got {tuple(heatmaps.shape)}."
         )
-    kernel = tf.constant(gaussian_kernel(size, sigma)[:, :, None, None], heatmaps.dtype)
+    if kernel is None:
+        kernel = gaussian_kernel(size, sigma)
+    kernel = tf.cast(kernel, heatmaps.dtype)
+    if kernel.shape.rank == 2:
+        kernel = kernel[:, :, None, None]
+    if kernel.shape.rank != 4 or tuple(kernel.shape[2:]) != (1, 1):
+        raise ValueError(f"`kernel` must have shape (kh, kw) or (kh, kw, 1, 1); got {tuple(kernel.shape)}.")
     blurred = tf.nn.conv2d(heatmaps, kernel, strides=1, padding="SAME")
     return blurred[0] if single else blurred
 
@@ -479,23 +488,33 @@ def from_tfrecords(
     """The `load_clickme` pipeline over raw published ClickMe shards, without building the dataset.
 
     Args:
-        paths: a shard path, a glob pattern (e.g. "clickme/train-*.tfrecords") or a list of them.
+        paths: a shard path, a glob pattern (e.g. "clickme/train-*.tfrecords") or a list of them; or a
+            `tf.data.Dataset` of serialized records already read, in the order wanted (e.g. the published
+            loader's `tf.data.TFRecordDataset(paths, num_parallel_reads=AUTOTUNE)`).
         Other arguments: as in `load_clickme`.
 
     Returns:
         A `tf.data.Dataset` of dicts {"image", "heatmap", "label", "token"}.
     """
     _check_common_args(batch_size, image_size, shuffle_buffer, crop_scale, crop_ratio)
-    files = _expand_paths(paths)
-    filenames = tf.data.Dataset.from_tensor_slices(files)
-    if training:
-        filenames = filenames.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
-    records = filenames.interleave(
-        tf.data.TFRecordDataset,
-        cycle_length=min(len(files), 16),
-        num_parallel_calls=_AUTOTUNE,
-        deterministic=seed is not None or not training,
-    )
+    if isinstance(paths, tf.data.Dataset):
+        if paths.element_spec != tf.TensorSpec([], tf.string):
+            raise ValueError(
+                "`paths` as a tf.data.Dataset must yield serialized records (scalar tf.string); got "
+                f"{paths.element_spec}."
+            )
+        records = paths
+    else:
+        files = _expand_paths(paths)
+        filenames = tf.data.Dataset.from_tensor_slices(files)
+        if training:
+            filenames = filenames.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
+        records = filenames.interleave(
+            tf.data.TFRecordDataset,
+            cycle_length=min(len(files), 16),
+            num_parallel_calls=_AUTOTUNE,
+            deterministic=seed is not None or not training,
+        )
     examples = records.map(
         lambda record: tf.io.parse_single_example(record, PUBLISHED_FEATURES), num_parallel_calls=_AUTOTUNE
     )

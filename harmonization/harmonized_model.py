@@ -101,6 +101,32 @@ def _logs_for_reduction(logs: dict) -> dict:
     return {key: tf.reshape(value, [1]) if value.shape.rank == 0 else value for key, value in logs.items()}
 
 
+def decayed_weights(model: keras.Model, exclude: Sequence[str] = DEFAULT_WEIGHT_DECAY_EXCLUDE) -> list:
+    """The trainable variables of `model` that get the L2 penalty.
+
+    Left out, as in the published training code: variables whose path contains one of `exclude`, and
+    (ours, so that a normalisation layer's name does not matter) every weight of a normalisation or
+    embedding layer.
+    """
+    excluded = set()
+    for layer in model._flatten_layers(include_self=True, recursive=True):
+        if isinstance(layer, _NO_DECAY_LAYER_TYPES):
+            excluded.update(id(v) for v in layer.weights)
+    return [
+        v for v in model.trainable_variables if id(v) not in excluded and not any(p in v.path for p in exclude)
+    ]
+
+
+def weight_decay(model: keras.Model, exclude: Sequence[str] = DEFAULT_WEIGHT_DECAY_EXCLUDE) -> tf.Tensor:
+    """sum(0.5 * ||w||^2) over `decayed_weights(model, exclude)` (0 when there are none), in float32 at least."""
+    weights = decayed_weights(model, exclude)
+    if not weights:
+        return tf.constant(0.0)
+    return tf.add_n(
+        [tf.nn.l2_loss(tf.cast(v, "float32") if v.dtype in ("float16", "bfloat16") else v) for v in weights]
+    )
+
+
 def _replica_scale(value: tf.Tensor) -> tf.Tensor:
     """Divide by the replica count, as Keras does for `compute_loss` under tf.distribute."""
     replicas = tf.distribute.get_strategy().num_replicas_in_sync
@@ -318,22 +344,11 @@ class HarmonizedModel(keras.Model):
     # ------------------------------------------------------------------ the loss terms
     def decayed_weights(self) -> list:
         """The trainable variables that get the L2 penalty (not normalisation/embedding/class token)."""
-        excluded = set()
-        for layer in self.model._flatten_layers(include_self=True, recursive=True):
-            if isinstance(layer, _NO_DECAY_LAYER_TYPES):
-                excluded.update(id(v) for v in layer.weights)
-        return [
-            v
-            for v in self.model.trainable_variables
-            if id(v) not in excluded and not any(p in v.path for p in self.weight_decay_exclude)
-        ]
+        return decayed_weights(self.model, self.weight_decay_exclude)
 
     def weight_decay(self) -> tf.Tensor:
         """sum(0.5 * ||w||^2) over `decayed_weights()` (0 when there are none)."""
-        weights = self.decayed_weights()
-        if not weights:
-            return tf.constant(0.0)
-        return tf.add_n([tf.nn.l2_loss(tf.cast(v, "float32") if v.dtype in ("float16", "bfloat16") else v) for v in weights])
+        return weight_decay(self.model, self.weight_decay_exclude)
 
     def _forward(self, data, training: bool):
         """Logits, one-hot labels, raw input gradients, heatmaps and tokens of one batch."""

@@ -81,7 +81,7 @@ def average_ranks(values) -> tf.Tensor:
     return tf.reshape(doubled, [n, p])
 
 
-def spearman(a, b) -> tf.Tensor:
+def spearman(a, b, *, dtype=tf.float32) -> tf.Tensor:
     """Per-map Spearman rank correlation between two batches of maps, ties ranked by their average.
 
     Equal to `scipy.stats.spearmanr(a[i].ravel(), b[i].ravel())` for each i, except for a constant map:
@@ -91,9 +91,10 @@ def spearman(a, b) -> tf.Tensor:
     Args:
         a: (N, H, W) or (N, H, W, 1) maps, e.g. model saliency.
         b: maps of the same shape, e.g. human feature importance.
+        dtype: float dtype of the result. Defaults to float32; float64 returns the computation as is.
 
     Returns:
-        A float32 tensor (N,) in [-1, 1].
+        A tensor (N,) in [-1, 1].
     """
     a, b = _as_map_pair(a, b)
     n = tf.shape(a)[0]
@@ -111,7 +112,7 @@ def spearman(a, b) -> tf.Tensor:
     scale = tf.sqrt(tf.reduce_sum(ca * ca, axis=1) * tf.reduce_sum(cb * cb, axis=1))
     safe_scale = tf.where(scale > 0, scale, tf.ones_like(scale))
     rho = tf.where(scale > 0, covariance / safe_scale, tf.zeros_like(scale))
-    return tf.cast(tf.clip_by_value(rho, -1.0, 1.0), tf.float32)
+    return tf.cast(tf.clip_by_value(rho, -1.0, 1.0), dtype)
 
 
 def _check_ceiling(ceiling) -> float:
@@ -182,16 +183,16 @@ def _overlaps(a, b, percentile) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     return intersection, count(mask_a) + count(mask_b), count(tf.logical_or(mask_a, mask_b))
 
 
-def _published_ratio(numerator: tf.Tensor, denominator: tf.Tensor) -> tf.Tensor:
-    """numerator / (denominator + EPSILON), the published Dice and IoU formula, as float32.
+def _published_ratio(numerator: tf.Tensor, denominator: tf.Tensor, dtype=tf.float32) -> tf.Tensor:
+    """numerator / (denominator + EPSILON), the published Dice and IoU formula, cast to `dtype`.
 
     Computed in float64 like the published IoU (numpy counts are int64); the pixel counts are exact.
     """
     numerator, denominator = tf.cast(numerator, tf.float64), tf.cast(denominator, tf.float64)
-    return tf.cast(numerator / (denominator + EPSILON), tf.float32)
+    return tf.cast(numerator / (denominator + EPSILON), dtype)
 
 
-def dice(a, b, percentile: float = 10) -> tf.Tensor:
+def dice(a, b, percentile: float = 10, *, dtype=tf.float32) -> tf.Tensor:
     """Per-map Dice coefficient 2|A & B| / (|A| + |B|) of the top `percentile` % pixels of each map.
 
     Each map is binarised as published: `m > np.percentile(m, 100 - percentile)` (linear
@@ -203,24 +204,26 @@ def dice(a, b, percentile: float = 10) -> tf.Tensor:
         a: (N, H, W) or (N, H, W, 1) maps.
         b: maps of the same shape.
         percentile: share of pixels kept per map, in %, strictly between 0 and 100.
+        dtype: float dtype of the result (computed in float64). Defaults to float32.
 
     Returns:
-        A float32 tensor (N,) in [0, 1].
+        A tensor (N,) in [0, 1].
     """
     intersection, sizes, _ = _overlaps(a, b, percentile)
-    return _published_ratio(2.0 * intersection, sizes)
+    return _published_ratio(2.0 * intersection, sizes, dtype)
 
 
-def iou(a, b, percentile: float = 10) -> tf.Tensor:
+def iou(a, b, percentile: float = 10, *, dtype=tf.float32) -> tf.Tensor:
     """Per-map intersection over union |A & B| / |A | B| of the top `percentile` % pixels of each map.
 
     Binarised like `dice`; the denominator gets the published `EPSILON`, so two empty masks score 0.0.
+    `dtype` is the result's float dtype (computed in float64; default float32).
 
     Returns:
-        A float32 tensor (N,) in [0, 1].
+        A tensor (N,) in [0, 1].
     """
     intersection, _, union = _overlaps(a, b, percentile)
-    return _published_ratio(intersection, union)
+    return _published_ratio(intersection, union, dtype)
 
 
 def alignment_score(spearmans, ceiling: float = HUMAN_CEILING) -> float:
