@@ -5,6 +5,7 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 HERE = Path(__file__).parent
+ZOO_ENTRIES_PACKAGE = "harmonization.models.entries"
 
 setup(
     name="harmonization-hub",
@@ -17,11 +18,18 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.10",
-    packages=find_packages(include=["harmonization", "harmonization.*", "tfds_clickme", "tfds_clickme.*", "models", "models.*"]),
+    # No generic top-level name (`models`, `tests`): only `harmonization` and `tfds_clickme` are installed.
+    # The zoo's entries live in the repository's top-level `models/` folder and install as the package data
+    # of `harmonization.models.entries` (harmonization.zoo also finds them there in a source checkout).
+    packages=[
+        *find_packages(include=["harmonization", "harmonization.*", "tfds_clickme", "tfds_clickme.*"]),
+        ZOO_ENTRIES_PACKAGE,
+    ],
+    package_dir={ZOO_ENTRIES_PACKAGE: "models"},
     include_package_data=True,
     package_data={
         "tfds_clickme": ["**/*.tsv", "**/*.md", "**/*.bib", "**/*.txt", "**/dummy_data/**/*"],
-        "models": ["*.json", "**/*.json"],
+        ZOO_ENTRIES_PACKAGE: ["*.json"],
         "harmonization": ["*.md", "*.txt", "**/*.json", "**/*.txt"],
     },
     install_requires=[

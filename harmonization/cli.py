@@ -43,16 +43,31 @@ def _cmd_download(args: argparse.Namespace) -> int:
     return 0
 
 
+def _arch_of_published_file(source: str) -> str:
+    """The zoo model a published file is, from its name (`vit-b16_harmonized.h5`, ...), or a clear error."""
+    from harmonization import zoo
+
+    arch = zoo.model_for_file(source)
+    if arch is None:
+        published = sorted(zoo.model_info(n)["source"]["url"].rsplit("/", 1)[-1] for n in zoo.list_models())
+        raise ValueError(
+            f"Cannot tell which zoo model {source!r} is from its name (the published files are "
+            f"{', '.join(published)}); pass --arch NAME (a zoo name or an architecture class)."
+        )
+    return arch
+
+
 def _cmd_convert(args: argparse.Namespace) -> int:
     from harmonization.convert import convert_to_preset, read_keras2_h5
 
     config = json.loads(args.config) if args.config else None
     if config is not None and not isinstance(config, dict):
         raise ValueError(f"--config must be a JSON object of constructor arguments, got {args.config!r}.")
+    arch = args.arch or _arch_of_published_file(args.source)
     source = read_keras2_h5(args.source)
-    path = convert_to_preset(args.source, args.arch, args.out, config=config, source_url=args.source_url)
+    path = convert_to_preset(args.source, arch, args.out, config=config, source_url=args.source_url)
     print(f"Converted {args.source} ({source.layout} layout, {source.weight_count} weights, "
-          f"{source.parameter_count:,} parameters) into {args.arch}.")
+          f"{source.parameter_count:,} parameters) into {arch}.")
     print(path)
     return 0
 
@@ -189,7 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("convert", help="convert a published Keras-2 .h5 file into a native Keras 3 preset")
     p.add_argument("source", metavar="SOURCE.h5", help="weights file or full-model save (Keras 2 HDF5)")
-    p.add_argument("--arch", required=True, help="zoo name (e.g. vit_b16_harmonized) or architecture class (ViT)")
+    p.add_argument("--arch", default=None,
+                   help="zoo name (e.g. vit_b16_harmonized) or architecture class (ViT); default: the zoo model "
+                        "the published file name says (vit-b16_harmonized.h5, levit_small_harmonized.h5, ...)")
     p.add_argument("--out", required=True, metavar="DIR", help="preset directory to write")
     p.add_argument("--config", default=None, metavar="JSON",
                    help='constructor arguments overriding the zoo config, e.g. \'{"image_size": 64}\'')

@@ -240,14 +240,16 @@ def build_native(arch: str, config: Mapping[str, Any] | None = None):
     from harmonization import zoo
 
     config = dict(config or {})
-    if arch in zoo.list_models():
-        return zoo.build_architecture(arch, **config)
-    cls = getattr(architectures, arch, None)
-    if not (isinstance(cls, type) and issubclass(cls, architectures.ImageClassifier)) or arch == "ImageClassifier":
-        names = sorted(n for n in architectures.__all__ if n not in ("ImageClassifier", "ImageNetNormalization"))
+    if zoo.canonical_name(arch) is not None:
+        return zoo.build_architecture(zoo.canonical_name(arch), **config)
+    classes = sorted(n for n in architectures.__all__ if n not in ("ImageClassifier", "ImageNetNormalization"))
+    cls = getattr(architectures, arch, None) if arch in classes else None
+    if cls is None:
+        close = zoo.closest_names(arch, [*zoo.list_models(), *classes]) or zoo.closest_names(arch)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
         raise ValueError(
-            f"Unknown architecture {arch!r}: use a zoo name ({', '.join(zoo.list_models())}) or an architecture "
-            f"class ({', '.join(names)})."
+            f"Unknown architecture {arch!r}.{hint} Use a zoo name ({', '.join(zoo.list_models())}), a published "
+            f"file's name (e.g. vit-b16_harmonized) or an architecture class ({', '.join(classes)})."
         )
     return cls(**config)
 
@@ -300,7 +302,9 @@ def conversion_metadata(source: str | os.PathLike, arch: str, *, source_url: str
         metadata["source_layout"] = keras2.layout
         if keras2.keras_version:
             metadata["source_keras_version"] = keras2.keras_version
-    if arch in zoo.list_models():
+    if zoo.canonical_name(arch) is not None:
+        arch = zoo.canonical_name(arch)
+        metadata["architecture"] = arch
         entry = zoo.model_info(arch)
         metadata["name"] = arch
         metadata["source_url"] = source_url or entry["source"]["url"]
@@ -324,6 +328,7 @@ def convert_to_preset(source: str | os.PathLike, arch: str, out: str | os.PathLi
     """
     from harmonization import presets, zoo
 
+    arch = zoo.canonical_name(arch) or arch
     keras2 = read_keras2_h5(source)
     model = build_native(arch, config)
     load_keras2_weights(model, keras2)

@@ -1,4 +1,7 @@
-"""The model zoo registry: one JSON entry per published harmonized model, shipped in the `models` package.
+"""The model zoo registry: one JSON entry per published harmonized model.
+
+The entries live in the repository's top-level `models/` folder and are installed as the package data of
+`harmonization.models.entries` (never as a top-level `models` package, which would collide with users' own).
 
 An entry keeps the architecture (a class of `harmonization.architectures` and its constructor arguments)
 apart from where the weights live (Hub repo and pinned revision, original URL and file format) and how
@@ -17,19 +20,27 @@ import difflib
 import functools
 import importlib
 import json
+import os
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 __all__ = [
     "UnknownModelError",
     "build_architecture",
+    "canonical_name",
+    "closest_names",
     "imagenet_class_names",
     "list_models",
+    "model_for_file",
     "model_info",
     "paper_metrics",
 ]
 
-ZOO_PACKAGE = "models"
+#: Where an installed package keeps the entries (setup.py maps the repository's `models/` folder here).
+ZOO_PACKAGE = "harmonization.models.entries"
+#: Where a source checkout keeps them, when `harmonization` is imported from the checkout itself.
+_CHECKOUT_ENTRIES = Path(__file__).resolve().parent.parent / "models"
 REQUIRED_KEYS = (
     "name", "description", "architecture", "parameter_count", "hub", "source", "preprocessing", "output", "license",
     "metrics",
@@ -68,6 +79,9 @@ def _validate(entry: Any, filename: str) -> dict[str, Any]:
         )
     if "repo_id" not in entry["hub"] or "url" not in entry["source"]:
         raise ValueError(f"Zoo entry {filename}: 'hub' needs 'repo_id' and 'source' needs 'url'.")
+    aliases = entry.get("aliases", [])
+    if not isinstance(aliases, list) or not all(isinstance(a, str) and a.strip() for a in aliases):
+        raise ValueError(f"Zoo entry {filename}: 'aliases' must be a list of names, got {aliases!r}.")
     _validate_output(entry["output"], filename)
     _validate_metrics(entry["metrics"], filename)
     return entry
@@ -121,14 +135,78 @@ def _validate_metrics(metrics: Any, filename: str) -> None:
             )
 
 
+def _entries_folder():
+    """The folder of JSON entries: the installed package data, else the source checkout's `models/`."""
+    try:
+        return resources.files(ZOO_PACKAGE)
+    except ModuleNotFoundError:
+        # Imported from a clone without an editable install (e.g. `python -m pytest` in the clone).
+        if _CHECKOUT_ENTRIES.is_dir():
+            return _CHECKOUT_ENTRIES
+        raise RuntimeError(
+            f"The zoo's entries are missing: neither the package {ZOO_PACKAGE} nor {str(_CHECKOUT_ENTRIES)!r} "
+            "exists. Reinstall harmonization-hub (`python -m pip install --force-reinstall --no-deps .` in a clone)."
+        ) from None
+
+
 @functools.lru_cache(maxsize=None)
 def _registry() -> dict[str, dict[str, Any]]:
     entries = {}
-    for item in resources.files(ZOO_PACKAGE).iterdir():
+    for item in _entries_folder().iterdir():
         if item.name.endswith(".json"):
             entry = _validate(json.loads(item.read_text(encoding="utf-8")), item.name)
             entries[entry["name"]] = entry
     return entries
+
+
+@functools.lru_cache(maxsize=None)
+def _aliases() -> dict[str, str]:
+    """Other name -> zoo name: each entry's `aliases` and the stem of its published file's name.
+
+    The published package cached its files as `tiny_convnext_harmonized`, `vit-b16_harmonized`, ...
+    (serre-lab/Harmonization 0.0.9 `models/*.py`, `tf.keras.utils.get_file(name, url)`), and the files are
+    named `vit-b16_harmonized.h5`, `efficientnetB0_harmonized.h5`, ...: each of those names one zoo model.
+    """
+    registry = _registry()
+    aliases: dict[str, str] = {}
+    for name, entry in registry.items():
+        stem = entry["source"]["url"].rsplit("/", 1)[-1].removesuffix(".h5")
+        for alias in {*entry.get("aliases", []), stem} - {name}:
+            if alias in registry or aliases.get(alias, name) != name:
+                raise ValueError(f"Zoo alias {alias!r} of {name!r} is already the name or alias of another model.")
+            aliases[alias] = name
+    return aliases
+
+
+def canonical_name(name: str) -> str | None:
+    """The zoo name that `name` stands for (itself, or the model of a published name), or None.
+
+    Example:
+        >>> harmonization.zoo.canonical_name("tiny_convnext_harmonized")
+        'convnext_tiny_harmonized'
+    """
+    if not isinstance(name, str):
+        return None
+    return name if name in _registry() else _aliases().get(name)
+
+
+def model_for_file(path: str | os.PathLike) -> str | None:
+    """The zoo model whose published file `path` is, judged by its name (`vit-b16_harmonized.h5`, or the
+    extension-less name the published package cached it under, `~/.keras/models/vit-b16_harmonized`); or None.
+    """
+    stem = Path(path).name
+    stem = stem[: -len(".h5")] if stem.lower().endswith(".h5") else stem
+    exact = canonical_name(stem)
+    if exact is not None:
+        return exact
+    folded = {known.lower(): known for known in (*_registry(), *_aliases())}
+    return canonical_name(folded[stem.lower()]) if stem.lower() in folded else None
+
+
+def closest_names(name: str, candidates: list[str] | None = None) -> list[str]:
+    """The zoo names (and published names) closest to a misspelt `name`, best first (at most one)."""
+    pool = candidates if candidates is not None else [*list_models(), *_aliases()]
+    return difflib.get_close_matches(str(name), pool, n=1, cutoff=0.5)
 
 
 def list_models() -> list[str]:
@@ -143,7 +221,7 @@ def list_models() -> list[str]:
 
 def _unknown(name: str) -> UnknownModelError:
     names = list_models()
-    close = difflib.get_close_matches(str(name), names, n=1, cutoff=0.5)
+    close = closest_names(name)
     hint = f" Did you mean {close[0]!r}?" if close else ""
     return UnknownModelError(
         f"Unknown model {name!r}.{hint} The zoo has: {', '.join(names)}. "
@@ -154,13 +232,15 @@ def _unknown(name: str) -> UnknownModelError:
 def model_info(name: str) -> dict[str, Any]:
     """The zoo entry of `name` (a copy): architecture, weights location, preprocessing, licence, metrics.
 
+    `name` is a zoo name or one of the published package's names for it (`tiny_convnext_harmonized`, ...).
+
     Raises:
         UnknownModelError: `name` is not in the zoo; the message lists the zoo and the closest name.
     """
-    entry = _registry().get(name)
-    if entry is None:
+    canonical = canonical_name(name)
+    if canonical is None:
         raise _unknown(name)
-    return copy.deepcopy(entry)
+    return copy.deepcopy(_registry()[canonical])
 
 
 def paper_metrics(name: str) -> dict[str, Any]:

@@ -46,6 +46,9 @@ CASES = {
 }
 
 
+LEVIT_TINY = CASES["kecam_levit_weights"][1]
+
+
 def _expected(name):
     data = np.load(FIXTURES / f"{name}.npz")
     logits = data["pre_softmax_logits"] if "pre_softmax_logits" in data else data["logits"]
@@ -154,6 +157,13 @@ def test_non_keras2_files_are_refused_clearly(tmp_path):
 def test_unknown_architecture_is_named():
     with pytest.raises(ValueError, match="Unknown architecture 'Transformer'.*vit_b16_harmonized.*ViT"):
         convert.build_native("Transformer")
+    with pytest.raises(ValueError, match="Unknown architecture 'vit_b16_harmonised'. Did you mean 'vit_b16_harmonized'"):
+        convert.build_native("vit_b16_harmonised")
+    with pytest.raises(ValueError, match="Did you mean 'EfficientNet'"):
+        convert.build_native("EfficientNett")
+    # A published name is its zoo model.
+    assert convert.build_native("levit_small_harmonized", LEVIT_TINY).count_params() == MANIFEST[
+        "kecam_levit_weights"]["parameter_count"]
 
 
 def test_convert_to_preset_records_the_source_and_loads_safely(tmp_path):
@@ -204,3 +214,25 @@ def test_cli_convert(tmp_path, capsys):
                      str(tmp_path / "x"), "--config", json.dumps({"image_size": 32})]) == 1
     assert "harmonization convert: error: Cannot load" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+    assert cli.main(["convert", str(FIXTURES / f"{name}.h5"), "--arch", "resnet50v2_harmonised", "--out",
+                     str(tmp_path / "x")]) == 1
+    assert "Did you mean 'resnet50v2_harmonized'?" in capsys.readouterr().err
+
+
+def test_cli_convert_infers_the_zoo_model_from_the_published_file_name(tmp_path, capsys):
+    published = tmp_path / "downloads" / "levit_small_harmonized.h5"
+    published.parent.mkdir()
+    shutil.copy(FIXTURES / "kecam_levit_weights.h5", published)
+    out = tmp_path / "levit"
+    assert cli.main(["convert", str(published), "--out", str(out), "--config", json.dumps(LEVIT_TINY)]) == 0
+    assert "into levit128_harmonized." in capsys.readouterr().out
+    metadata = read_metadata(out)
+    assert metadata["name"] == metadata["architecture"] == "levit128_harmonized"
+    images, logits, _ = _expected("kecam_levit_weights")
+    np.testing.assert_allclose(np.asarray(load_model(out)(images)), logits, atol=TOLERANCE)
+    # A file whose name says nothing needs --arch, and the error lists the published names.
+    unnamed = tmp_path / "weights.h5"
+    shutil.copy(FIXTURES / "kecam_levit_weights.h5", unnamed)
+    assert cli.main(["convert", str(unnamed), "--out", str(tmp_path / "y")]) == 1
+    error = capsys.readouterr().err
+    assert "Cannot tell which zoo model" in error and "vit-b16_harmonized.h5" in error and "--arch" in error

@@ -2,6 +2,7 @@
 
 import json
 from importlib import resources
+from pathlib import Path
 
 import pytest
 
@@ -50,11 +51,34 @@ def test_published_parameter_counts():
     assert counts["levit128_harmonized"] == 8_876_008
 
 
-def test_entries_are_package_data_named_after_the_model():
-    files = sorted(p.name for p in resources.files("models").iterdir() if p.name.endswith(".json"))
+def test_entries_are_the_repository_models_folder_named_after_the_model():
+    folder = zoo._entries_folder()  # package data when installed (tests/test_packaging.py), else the checkout's
+    files = sorted(p.name for p in folder.iterdir() if p.name.endswith(".json"))
     assert files == sorted(f"{name}.json" for name in PUBLISHED)
     for name in files:
-        json.loads(resources.files("models").joinpath(name).read_text())  # valid JSON
+        assert json.loads(folder.joinpath(name).read_text())["name"] == name.removesuffix(".json")
+
+
+def test_published_names_are_aliases_of_the_zoo_names():
+    # serre-lab/Harmonization 0.0.9 cached its files under these names (models/*.py, get_file's first argument).
+    published_cache_names = {
+        "resnet50v2_harmonized": "resnet50v2_harmonized", "efficientnetB0_harmonized": "efficientnet_b0_harmonized",
+        "vgg16_harmonized": "vgg16_harmonized", "vit-b16_harmonized": "vit_b16_harmonized",
+        "tiny_convnext_harmonized": "convnext_tiny_harmonized", "maxvit_tiny_harmonized": "maxvit_tiny_harmonized",
+        "levit_small_harmonized": "levit128_harmonized",
+    }
+    for alias, name in published_cache_names.items():
+        assert zoo.canonical_name(alias) == name
+        assert model_info(alias)["name"] == name
+        assert zoo.model_for_file(f"/home/me/.keras/models/{alias}") == name
+    for name in PUBLISHED:
+        filename = model_info(name)["source"]["url"].rsplit("/", 1)[-1]
+        assert zoo.model_for_file(Path("downloads") / filename) == name
+        assert zoo.model_for_file(filename.upper()) == name  # case does not matter for file names
+    assert zoo.list_models() == sorted(PUBLISHED)  # aliases are not listed as models
+    assert zoo.model_for_file("my_model.h5") is None and zoo.canonical_name("nope") is None
+    with pytest.raises(UnknownModelError, match="Did you mean 'levit_small_harmonized'"):
+        model_info("levit_smal_harmonized")
 
 
 def test_model_info_returns_a_copy():
