@@ -111,10 +111,19 @@ def _published_shards(folder: str, count: int) -> list[str]:
 
 
 def load_clickme_train(batch_size=64):
-    """The published ClickMe training shards (`train-0..317`) as `load_clickme` batches."""
+    """The published ClickMe training shards as `load_clickme` batches.
+
+    As published: shards `train-0..317` only (the bucket also has `train-318`) and the last incomplete batch
+    dropped. `harmonization.data.load_clickme("train", ...)` reads every shard and every image.
+    """
     return load_clickme(_published_shards("train", NB_TRAIN_SHARDS), batch_size)
 
 
 def load_clickme_val(batch_size=64):
-    """The published ClickMe validation shards (`val-0..16`) as `load_clickme` batches."""
+    """The published ClickMe validation shards as `load_clickme` batches.
+
+    As published: shards `val-0..16` only (the bucket also has `val-17`) and the last incomplete batch dropped,
+    so fewer images are scored than the split holds. `harmonization.data.load_clickme("validation", ...)` and
+    `harmonization evaluate` score every image.
+    """
     return load_clickme(_published_shards("val", NB_VAL_SHARDS), batch_size)
