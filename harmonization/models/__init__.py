@@ -5,6 +5,7 @@
 `harmonization.models.loaders`); the zoo's JSON entries are installed here as `harmonization.models.entries`.
 """
 
+from harmonization.models import loaders
 from harmonization.models.loaders import (
     load_EfficientNetB0,
     load_LeViT_small,
@@ -16,13 +17,4 @@ from harmonization.models.loaders import (
 )
 from harmonization.models.preprocess import preprocess_input
 
-__all__ = [
-    "load_EfficientNetB0",
-    "load_LeViT_small",
-    "load_ResNet50",
-    "load_VGG16",
-    "load_ViT_B16",
-    "load_tiny_ConvNeXT",
-    "load_tiny_MaxViT",
-    "preprocess_input",
-]
+__all__ = [*loaders.__all__, "preprocess_input"]
