@@ -24,8 +24,6 @@ def check_no_published_package() -> None:
         published = metadata.distribution(PUBLISHED_DISTRIBUTION)
     except metadata.PackageNotFoundError:
         return
-    if published.metadata["Name"].lower() != PUBLISHED_DISTRIBUTION.lower():
-        return  # a distribution whose name only normalises to ours
     where = getattr(published, "_path", None)
     raise ConflictingPackageError(
         f"The published research package {PUBLISHED_DISTRIBUTION} {published.version} "

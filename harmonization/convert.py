@@ -240,8 +240,9 @@ def build_native(arch: str, config: Mapping[str, Any] | None = None):
     from harmonization import zoo
 
     config = dict(config or {})
-    if zoo.canonical_name(arch) is not None:
-        return zoo.build_architecture(zoo.canonical_name(arch), **config)
+    zoo_name = zoo.canonical_name(arch)
+    if zoo_name is not None:
+        return zoo.build_architecture(zoo_name, **config)
     classes = sorted(n for n in architectures.__all__ if n not in ("ImageClassifier", "ImageNetNormalization"))
     cls = getattr(architectures, arch, None) if arch in classes else None
     if cls is None:
@@ -302,9 +303,9 @@ def conversion_metadata(source: str | os.PathLike, arch: str, *, source_url: str
         metadata["source_layout"] = keras2.layout
         if keras2.keras_version:
             metadata["source_keras_version"] = keras2.keras_version
-    if zoo.canonical_name(arch) is not None:
-        arch = zoo.canonical_name(arch)
-        metadata["architecture"] = arch
+    zoo_name = zoo.canonical_name(arch)
+    if zoo_name is not None:
+        arch = metadata["architecture"] = zoo_name
         entry = zoo.model_info(arch)
         metadata["name"] = arch
         metadata["source_url"] = source_url or entry["source"]["url"]

@@ -311,8 +311,7 @@ def convert_original(entry: Mapping[str, Any], *, reason: str = "", cause: BaseE
     if constants.is_offline_mode():
         raise HubUnavailableError(
             f"Zoo model {entry['name']!r}: {why}its original weights ({mirrors.model_file_url(source['url'])}) are "
-            f"not converted in "
-            f"{str(cache_dir())!r} and HF_HUB_OFFLINE is set. To get the weights, run "
+            f"not converted in {str(cache_dir())!r} and HF_HUB_OFFLINE is set. To get the weights, run "
             f"`harmonization download {entry['name']}` once with network access and HF_HUB_OFFLINE unset, or copy "
             "a preset directory to this machine and pass its path to load_model."
         ) from cause

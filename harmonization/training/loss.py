@@ -16,6 +16,7 @@ import tensorflow as tf
 from harmonization import losses, second_order
 from harmonization.harmonized_model import weight_decay
 from harmonization.saliency import class_logit_gradient, one_hot_labels
+from harmonization.training.pyramid import channels_as_maps
 
 __all__ = ["Cross_entropy", "harmonizer_loss", "pyramidal_mse_with_tokens", "standardize_cut"]
 
@@ -39,10 +40,8 @@ def standardize_cut(heatmaps, axes=(1, 2), epsilon=1e-5):
     heatmaps = tf.convert_to_tensor(heatmaps)
     if heatmaps.shape.rank == 4 and heatmaps.shape[-1] != 1:
         # One map per channel, standardised on its own, as reduce_mean over axes (1, 2) does.
-        channels_first = tf.transpose(heatmaps, [0, 3, 1, 2])
-        shape = tf.shape(channels_first)
-        cut = losses.standardize_cut(tf.reshape(channels_first, [-1, shape[2], shape[3]]), epsilon)
-        return tf.transpose(tf.reshape(cut, shape), [0, 2, 3, 1])
+        maps, back = channels_as_maps(heatmaps)
+        return back(losses.standardize_cut(maps, epsilon))
     return losses.standardize_cut(heatmaps, epsilon)
 
 

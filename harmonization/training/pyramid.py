@@ -9,6 +9,19 @@ from harmonization import losses
 __all__ = ["pyramidal_representation"]
 
 
+def channels_as_maps(images):
+    """(N, H, W, C) -> ((N * C, H, W) maps, `back`): the native map functions see one map per channel, and
+    `back` turns their (N * C, h, w[, 1]) results into (N, h, w, C)."""
+    shape = tf.shape(images)
+    maps = tf.reshape(tf.transpose(images, [0, 3, 1, 2]), [-1, shape[1], shape[2]])
+
+    def back(result):
+        result = tf.reshape(result, [shape[0], shape[3], tf.shape(result)[1], tf.shape(result)[2]])
+        return tf.transpose(result, [0, 2, 3, 1])
+
+    return maps, back
+
+
 def pyramidal_representation(image, num_levels):
     """`num_levels + 1` levels of a (N, H, W, C) batch, each channel blurred with the 5x5 binomial kernel and
     halved (SAME padding) from the previous level; the input first. Computed by
@@ -19,12 +32,5 @@ def pyramidal_representation(image, num_levels):
         raise ValueError(f"`image` must have shape (N, H, W, C); got {tuple(image.shape)}.")
     if image.shape[-1] == 1:
         return losses.gaussian_pyramid(image, num_levels)
-    # (N, H, W, C) -> (N * C, H, W): one map per channel, then back.
-    shape = tf.shape(image)
-    maps = tf.reshape(tf.transpose(image, [0, 3, 1, 2]), [-1, shape[1], shape[2]])
-    levels = []
-    for level in losses.gaussian_pyramid(maps, num_levels):
-        height, width = tf.shape(level)[1], tf.shape(level)[2]
-        level = tf.reshape(level, [shape[0], shape[3], height, width])
-        levels.append(tf.transpose(level, [0, 2, 3, 1]))
-    return levels
+    maps, back = channels_as_maps(image)
+    return [back(level) for level in losses.gaussian_pyramid(maps, num_levels)]
