@@ -16,15 +16,18 @@ that download at a mirror (`harmonization.mirrors`).
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
 import re
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
-from harmonization import mirrors, presets
+from harmonization import mirrors, network, originals, presets
+from harmonization.originals import cache_dir
 from harmonization.presets import PresetError
 
 __all__ = [
@@ -86,15 +89,21 @@ def _evict(snapshot: Path, filename: str) -> None:
 def download_preset(repo_id: str, revision: str | None = None, *, force_download: bool = False) -> Path:
     """Download the preset in Hub repo `repo_id` at `revision` (default "main") and return its verified directory.
 
+    Every request has a timeout (`harmonization.network`): a Hub that accepts the connection and never answers
+    ends in `HubUnavailableError`, not in a wait without end.
+
     Raises:
-        HubUnavailableError: offline (`HF_HUB_OFFLINE=1`) or the Hub is unreachable, and nothing is cached.
+        HubUnavailableError: offline (`HF_HUB_OFFLINE=1`), or the Hub is unreachable or stalled, and nothing is
+            cached.
         huggingface_hub.errors.RepositoryNotFoundError / RevisionNotFoundError: no such repo or revision.
         PresetError: the download is incomplete or a file is corrupted (the bad file is evicted from the cache).
     """
+    import httpx2
     import huggingface_hub
     from huggingface_hub import constants
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
+    network.bound_huggingface_hub()
     revision = revision or "main"
     where = f"hf://{repo_id}@{revision}"
     try:
@@ -117,11 +126,16 @@ def download_preset(repo_id: str, revision: str | None = None, *, force_download
                 "HF_HUB_OFFLINE unset, or copy a preset directory to this machine and pass its path to load_model."
             ) from error
         raise HubUnavailableError(
-            f"Could not download {where} from {constants.ENDPOINT} and it is not in the Hugging Face cache "
-            f"({constants.HF_HUB_CACHE}): {error}\nCheck the network (and HF_ENDPOINT), then try again."
+            f"Could not reach the Hugging Face Hub at {constants.ENDPOINT} (HF_ENDPOINT) for {where}, and it is "
+            f"not in the Hugging Face cache ({constants.HF_HUB_CACHE}): {_cause(error)}.\n{network.offline_advice()}"
         ) from error
     except HfHubHTTPError:
         raise  # repo/revision not found, gated, server errors: the client's own message is the clearest
+    except httpx2.TransportError as error:  # a file download that timed out or dropped after the client's retries
+        raise HubUnavailableError(
+            f"The download of {where} from {constants.ENDPOINT} (HF_ENDPOINT) failed: "
+            f"{type(error).__name__}: {error}.\n{network.offline_advice()}"
+        ) from error
     except OSError as error:
         # E.g. "Consistency check failed": the body was shorter than announced. huggingface_hub kept it as
         # `.incomplete` (resumed next time), never as a cached file.
@@ -148,6 +162,14 @@ def download_preset(repo_id: str, revision: str | None = None, *, force_download
             "Run again to download it afresh; if this persists the file on the Hub is damaged."
         ) from error
     return snapshot
+
+
+def _cause(error: BaseException) -> str:
+    """The first line of the deepest cause of `error` (the network error behind the client's wrapper)."""
+    while error.__cause__ is not None or error.__context__ is not None:
+        error = error.__cause__ or error.__context__
+    text = str(error).splitlines()[0] if str(error) else ""
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def _looks_like_path(text: str) -> bool:
@@ -191,24 +213,25 @@ def resolve_preset(name_or_uri: str, *, revision: str | None = None) -> Path:
             raise  # a pinned Hub revision cannot be served by the original file
         return convert_original(entry, reason=f"the Hub repo {hub['repo_id']!r} does not exist (yet)", cause=error)
     except HubUnavailableError as error:
-        cached = _cached_conversion(entry) if revision is None else None
-        if cached is not None:
-            return cached
-        raise HubUnavailableError(
-            f"{error}\nZoo model {name_or_uri!r} has no converted copy of its original file "
-            f"({entry['source']['url']}) in {str(cache_dir())!r} either."
-        ) from error
+        if revision is not None:
+            raise  # a pinned Hub revision cannot be served by the original file
+        # Offline or unreachable: a conversion of the published original (cached, or downloaded from its
+        # own server, which may well be reachable when the Hub is not) serves instead.
+        try:
+            return convert_original(entry, reason="the Hugging Face Hub cannot be reached", cause=error)
+        except HubUnavailableError as fallback_error:
+            from huggingface_hub import constants
+
+            if constants.is_offline_mode():
+                raise  # its message says how to get the weights of this zoo name
+            hub_reason, original_reason = (str(e).split("\n", 1)[0] for e in (error, fallback_error))
+            raise HubUnavailableError(
+                f"Zoo model {name_or_uri!r} could not be fetched.\n- From the Hugging Face Hub: {hub_reason}\n"
+                f"- From its published original: {original_reason}\n{network.offline_advice()}"
+            ) from fallback_error
 
 
 # --- the published original `.h5`, converted once -----------------------------------------------------------
-
-
-def cache_dir() -> Path:
-    """Where converted originals are cached: `HARMONIZATION_CACHE`, else `$XDG_CACHE_HOME/harmonization`."""
-    explicit = os.environ.get("HARMONIZATION_CACHE")
-    if explicit:
-        return Path(explicit).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "harmonization"
 
 
 def _conversion_dir(entry: Mapping[str, Any]) -> Path:
@@ -234,55 +257,43 @@ def _cached_conversion(entry: Mapping[str, Any]) -> Path | None:
 
 
 def download_file(url: str, destination: str | os.PathLike, *, expected_sha256: str | None = None,
-                  expected_size: int | None = None, timeout: float = 60.0) -> Path:
+                  expected_size: int | None = None, timeout: float | None = None) -> Path:
     """Download `url` to `destination` with a progress bar; only a complete, verified file is ever moved there.
 
     The bytes go to a temporary `.incomplete` file first. A body shorter than its `Content-Length`, or a size
-    or sha256 different from the expected ones, raises `PresetError` and leaves nothing behind.
+    or sha256 different from the expected ones, raises `PresetError` and leaves nothing behind. Connecting and
+    each read wait at most `timeout` seconds (default `harmonization.network.timeout()`); a connection that
+    fails or stalls is tried again, `network.attempts()` times in all, then raises `HubUnavailableError`.
     """
-    import http.client
     import urllib.error
-    import urllib.request
-
-    from huggingface_hub.utils import tqdm as hf_tqdm
 
     destination = Path(destination)
     destination.parent.mkdir(parents=True, exist_ok=True)
     partial = destination.with_name(destination.name + ".incomplete")
-    digest, received = hashlib.sha256(), 0
-    request = urllib.request.Request(url, headers={"User-Agent": f"harmonization-hub/{_library_version()}"})
+    timeout = network.timeout() if timeout is None else timeout
+
+    def transient(error: BaseException) -> bool:
+        if isinstance(error, urllib.error.HTTPError):
+            return error.code == 429 or error.code >= 500
+        return isinstance(error, OSError)  # refused, reset, timed out (URLError is an OSError)
+
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response, open(partial, "wb") as handle:
-            announced = response.headers.get("Content-Length")
-            announced = int(announced) if announced is not None else None
-            with hf_tqdm(total=announced, unit="B", unit_scale=True, unit_divisor=1024,
-                         desc=f"Downloading {destination.name}") as progress:
-                while True:
-                    try:
-                        chunk = response.read(1 << 20)
-                    except http.client.IncompleteRead as error:
-                        chunk = error.partial
-                        handle.write(chunk)
-                        digest.update(chunk)
-                        received += len(chunk)
-                        break
-                    if not chunk:
-                        break
-                    handle.write(chunk)
-                    digest.update(chunk)
-                    received += len(chunk)
-                    progress.update(len(chunk))
-    except (urllib.error.URLError, OSError) as error:
+        announced, received, sha256 = network.retry(lambda: _fetch(url, partial, destination.name, timeout),
+                                                    transient=transient)
+    except OSError as error:
         partial.unlink(missing_ok=True)
         if isinstance(error, urllib.error.HTTPError):
             raise HubUnavailableError(f"Could not download {url}: HTTP {error.code} {error.reason}.") from error
-        raise HubUnavailableError(f"Could not download {url}: {error}. Check the network and try again.") from error
+        reason = getattr(error, "reason", error)
+        raise HubUnavailableError(
+            f"Could not download {url} (tried {network.attempts()} times, waiting up to {timeout:g} s for each "
+            f"answer): {reason}.\n{network.offline_advice()}"
+        ) from error
     problems = []
     if announced is not None and received != announced:
         problems.append(f"received {received} of the {announced} bytes announced (the connection dropped)")
     if expected_size is not None and received != expected_size:
         problems.append(f"expected {expected_size} bytes, received {received}")
-    sha256 = digest.hexdigest()
     if expected_sha256 is not None and sha256 != expected_sha256:
         problems.append(f"expected sha256 {expected_sha256}, got {sha256}")
     if problems:
@@ -291,6 +302,38 @@ def download_file(url: str, destination: str | os.PathLike, *, expected_sha256: 
                           "Run again to download it afresh.")
     os.replace(partial, destination)
     return destination
+
+
+def _fetch(url: str, partial: Path, label: str, timeout: float) -> tuple[int | None, int, str]:
+    """One attempt: stream `url` into `partial`; return (announced length, bytes received, sha256)."""
+    import http.client
+    import urllib.request
+
+    from huggingface_hub.utils import tqdm as hf_tqdm
+
+    digest, received = hashlib.sha256(), 0
+    request = urllib.request.Request(url, headers={"User-Agent": f"harmonization-hub/{_library_version()}"})
+    with urllib.request.urlopen(request, timeout=timeout) as response, open(partial, "wb") as handle:
+        announced = response.headers.get("Content-Length")
+        announced = int(announced) if announced is not None else None
+        with hf_tqdm(total=announced, unit="B", unit_scale=True, unit_divisor=1024,
+                     desc=f"Downloading {label}") as progress:
+            while True:
+                try:
+                    chunk = response.read(1 << 20)
+                except http.client.IncompleteRead as error:  # the connection dropped: reported by the caller
+                    chunk = error.partial
+                    handle.write(chunk)
+                    digest.update(chunk)
+                    received += len(chunk)
+                    break
+                if not chunk:
+                    break
+                handle.write(chunk)
+                digest.update(chunk)
+                received += len(chunk)
+                progress.update(len(chunk))
+    return announced, received, digest.hexdigest()
 
 
 def convert_original(entry: Mapping[str, Any], *, reason: str = "", cause: BaseException | None = None) -> Path:
@@ -319,15 +362,79 @@ def convert_original(entry: Mapping[str, Any], *, reason: str = "", cause: BaseE
 
     target = _conversion_dir(entry)
     target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{entry['name']}.", dir=target.parent) as work:
-        original = Path(work) / source["url"].rsplit("/", 1)[-1]
-        # From HARMONIZATION_MODELS_URL when set; the cache stays keyed by the published URL (same file).
-        url = mirrors.model_file_url(source["url"])
-        try:
-            download_file(url, original, expected_sha256=source.get("sha256"), expected_size=source.get("size"))
-        except HubUnavailableError as error:
-            raise HubUnavailableError(
-                f"Zoo model {entry['name']!r}: {why}and its original weights could not be downloaded: {error}"
-            ) from error
-        convert_to_preset(original, entry["name"], target, source_url=source["url"])
+    with _conversion_lock(entry, target):
+        cached = _cached_conversion(entry)  # converted by another process while we waited
+        if cached is not None:
+            return cached
+        _remove_stale_work(entry, target)
+        with tempfile.TemporaryDirectory(prefix=f".{entry['name']}.", dir=target.parent) as work:
+            original = Path(work) / source["url"].rsplit("/", 1)[-1]
+            # From HARMONIZATION_MODELS_URL when set; the cache stays keyed by the published URL (same file).
+            url = mirrors.model_file_url(source["url"])
+            expected, how = originals.expected_sha256(source)
+            try:
+                download_file(url, original, expected_sha256=expected, expected_size=source.get("size"))
+            except HubUnavailableError as error:
+                raise HubUnavailableError(
+                    f"Zoo model {entry['name']!r}: {why}and its original weights could not be downloaded: {error}"
+                ) from error
+            except PresetError as error:
+                if how != "first-use" or "expected sha256" not in str(error):
+                    raise
+                raise PresetError(
+                    f"The original of zoo model {entry['name']!r} ({url}) was published without a sha256, and the "
+                    f"file downloaded now differs from the one first downloaded here (expected sha256 {expected}, "
+                    f"recorded in {str(originals.trust_store())!r}); it was deleted, nothing was converted. If the "
+                    "file was replaced on purpose, delete its record from that file to trust the new one."
+                ) from error
+            if how == "none":
+                originals.record_first_download(source["url"], presets._sha256(original), original.stat().st_size)
+            convert_to_preset(original, entry["name"], target, source_url=source["url"])
     return target
+
+
+_LOCK_TIMEOUT = 3600.0  # seconds: the other process's download is itself bounded (`harmonization.network`)
+
+
+def _conversion_lock(entry: Mapping[str, Any], target: Path):
+    """A lock file per conversion: two processes converting one model do the work once; the other waits, reuses it.
+
+    The lock is an OS file lock (released when its process dies, even by SIGKILL), so it never outlives a crash.
+    """
+    import contextlib
+
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(target) + ".lock")
+
+    @contextlib.contextmanager
+    def held():
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            print(f"Waiting for another process converting zoo model {entry['name']!r} (lock {lock.lock_file}) ...",
+                  file=sys.stderr, flush=True)
+            try:
+                lock.acquire(timeout=_LOCK_TIMEOUT)
+            except Timeout:
+                raise TimeoutError(
+                    f"Zoo model {entry['name']!r}: another process has been converting it for over "
+                    f"{_LOCK_TIMEOUT:g} s (lock {lock.lock_file}). Stop that process, or wait and try again."
+                ) from None
+        try:
+            yield
+        finally:
+            lock.release()
+
+    return held()
+
+
+def _remove_stale_work(entry: Mapping[str, Any], target: Path) -> None:
+    """Delete what a killed conversion of `entry` left: its download folder and half-saved presets.
+
+    Called with the conversion lock held, so no live process is using them.
+    """
+    for prefix in (f".{entry['name']}.", f".{target.name}."):
+        for leftover in target.parent.glob(f"{glob.escape(prefix)}*"):
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)

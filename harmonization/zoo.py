@@ -25,6 +25,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from harmonization import originals
+
 __all__ = [
     "UnknownModelError",
     "build_architecture",
@@ -233,6 +235,8 @@ def model_info(name: str) -> dict[str, Any]:
     """The zoo entry of `name` (a copy): architecture, weights location, preprocessing, licence, metrics.
 
     `name` is a zoo name or one of the published package's names for it (`tiny_convnext_harmonized`, ...).
+    `source.verification` says how a download of the published original is checked on this machine (its
+    published sha256, else trust on first use: `harmonization.originals`).
 
     Raises:
         UnknownModelError: `name` is not in the zoo; the message lists the zoo and the closest name.
@@ -240,7 +244,9 @@ def model_info(name: str) -> dict[str, Any]:
     canonical = canonical_name(name)
     if canonical is None:
         raise _unknown(name)
-    return copy.deepcopy(_registry()[canonical])
+    entry = copy.deepcopy(_registry()[canonical])
+    entry["source"]["verification"] = originals.verification(entry["source"])
+    return entry
 
 
 def paper_metrics(name: str) -> dict[str, Any]:

@@ -23,7 +23,8 @@ does. huggingface_hub uploads LFS files through Xet when `hf_xet` is installed; 
 
 Plain files (the originals' public URLs) are served at any other path added with `add_static`.
 Errors carry the `X-Error-Code` header the client maps to its exceptions (RepoNotFound, RevisionNotFound,
-EntryNotFound). Faults can be injected to test what the client does not guard against itself.
+EntryNotFound). Faults can be injected (truncated or tampered bodies, a tree listing error, paths that
+stall forever) to test what the client does not guard against itself.
 Runs in a thread of the test process; not a pytest plugin, so any test module can import it.
 """
 
@@ -57,6 +58,10 @@ class FakeHub:
         self.tree_status: int | None = None  # answer the tree listing with this HTTP status
         self.truncate: set[str] = set()  # file paths whose GET body stops half-way (HEAD still gives full size)
         self.tampered: dict[str, bytes] = {}  # file path -> bytes served instead (consistently, HEAD and GET)
+        # URL paths starting with one of these are accepted and never answered (a stalled endpoint or proxy):
+        self.stall: set[str] = set()
+        self.delay: dict[str, float] = {}  # URL path -> seconds to wait before answering (a slow server)
+        self._released = threading.Event()  # set at shutdown, so that stalled handlers end
         # Upload side:
         self.token: str | None = None  # when set, write endpoints require "Authorization: Bearer <token>"
         self.lfs_objects: dict[str, bytes] = {}  # sha256 -> bytes uploaded through the LFS protocol
@@ -118,6 +123,7 @@ class FakeHub:
         return self
 
     def __exit__(self, *exc) -> None:
+        self._released.set()
         self._server.shutdown()
         self._server.server_close()
 
@@ -321,6 +327,11 @@ class _Handler(BaseHTTPRequestHandler):
         path = unquote(url.path)
         with fake._lock:
             fake.requests.append((self.command, self.path))
+        if any(path.startswith(prefix) for prefix in fake.stall):
+            fake._released.wait()  # the connection is open; no byte of an answer ever comes
+            return None
+        if path in fake.delay:
+            fake._released.wait(fake.delay[path])
         if match := _REVISION.match(path):
             return self._revision(match["repo"], match["rev"], head)
         if match := _TREE.match(path):

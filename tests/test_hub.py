@@ -284,7 +284,8 @@ def test_truncated_original_is_never_cached(original_on_the_bucket):
                                           f"{len(data)} bytes"):
         load_model("levit128_harmonized")
     converted = hub_module.cache_dir() / "converted"
-    assert not any(p for p in converted.rglob("*") if p.is_file())  # no partial download, no preset
+    # No partial download, no preset (only the conversion's lock file).
+    assert not any(p for p in converted.rglob("*") if p.is_file() and p.suffix != ".lock")
     fake.truncate.clear()
     np.testing.assert_allclose(np.asarray(load_model("levit128_harmonized")(images)), logits, atol=1e-4)
 
@@ -316,3 +317,173 @@ def test_a_damaged_cached_conversion_is_rebuilt(original_on_the_bucket):
     weights.write_bytes(bytes(damaged))
     np.testing.assert_allclose(np.asarray(load_model("levit128_harmonized")(images)), logits, atol=1e-4)
     assert [p for _, p in fake.requests].count(ORIGINAL_PATH) == 2  # downloaded and converted again
+
+
+# --- bounded waits: a stalled or unreachable endpoint ends in a clear error ------------------------------------
+
+
+@pytest.fixture
+def short_timeouts(monkeypatch):
+    """A 1 s network timeout and no wait between attempts, so that a stalled endpoint fails fast in tests."""
+    from harmonization import network
+
+    monkeypatch.setenv("HARMONIZATION_NETWORK_TIMEOUT", "1")
+    monkeypatch.setattr(network, "_RETRY_WAIT", 0.0)
+
+
+def test_a_stalled_hub_ends_in_a_clear_error(fake_hub, preset_dirs, short_timeouts):
+    import time
+
+    fake_hub.add_preset(REPO, preset_dirs[1][0])
+    fake_hub.stall.add("/api/models/")  # accepts the connection, never answers (measured: no return after 900 s)
+    start = time.monotonic()
+    with pytest.raises(HubUnavailableError) as caught:
+        load_model(f"hf://{REPO}")
+    assert time.monotonic() - start < 20
+    message = str(caught.value)
+    assert fake_hub.endpoint in message and "HF_ENDPOINT" in message and "HF_HUB_OFFLINE" in message
+    assert "HARMONIZATION_NETWORK_TIMEOUT" in message
+
+
+def test_a_user_client_factory_is_left_alone(fake_hub, preset_dirs):
+    import huggingface_hub
+    from huggingface_hub.utils import _http
+
+    from harmonization import network
+
+    def mine():
+        return _http.default_client_factory()
+
+    huggingface_hub.set_client_factory(mine)
+    try:
+        assert network.bound_huggingface_hub() is False
+        assert _http._GLOBAL_CLIENT_FACTORY is mine
+    finally:
+        huggingface_hub.set_client_factory(_http.default_client_factory)
+    assert network.bound_huggingface_hub() is True
+    fake_hub.add_preset(REPO, preset_dirs[1][0])
+    assert load_model(f"hf://{REPO}").count_params() == preset_dirs[0][0].count_params()
+
+
+def test_the_zoo_falls_back_to_the_original_when_the_hub_is_unreachable(original_on_the_bucket, short_timeouts):
+    fake, data, images, logits = original_on_the_bucket
+    fake.stall.add("/api/")  # the Hub stalls; the bucket answers
+    np.testing.assert_allclose(np.asarray(load_model("levit128_harmonized")(images)), logits, atol=1e-4)
+    assert [p for _, p in fake.requests].count(ORIGINAL_PATH) == 1
+
+
+def test_hub_and_original_both_unreachable_name_both(original_on_the_bucket, short_timeouts):
+    import time
+
+    fake, *_ = original_on_the_bucket
+    fake.stall.update({"/api/", ORIGINAL_PATH})
+    start = time.monotonic()
+    with pytest.raises(HubUnavailableError) as caught:
+        load_model("levit128_harmonized")
+    assert time.monotonic() - start < 20
+    message = str(caught.value)
+    assert "From the Hugging Face Hub" in message and "From its published original" in message
+    assert ORIGINAL_PATH in message and "tried 2 times" in message and "HARMONIZATION_MODELS_URL" in message
+    assert [p for _, p in fake.requests].count(ORIGINAL_PATH) == 2  # one retry, then the error
+
+
+def test_download_file_gives_up_on_a_refused_connection(tmp_path, short_timeouts):
+    import socket
+
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(HubUnavailableError, match=rf"Could not download http://127.0.0.1:{port}/x.h5 \(tried 2"):
+        hub_module.download_file(f"http://127.0.0.1:{port}/x.h5", tmp_path / "x.h5")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_network_timeout_variable_is_checked(monkeypatch):
+    from harmonization import network
+
+    monkeypatch.setenv("HARMONIZATION_NETWORK_TIMEOUT", "soon")
+    with pytest.raises(ValueError, match="HARMONIZATION_NETWORK_TIMEOUT must be a positive number.*'soon'"):
+        network.timeout()
+    monkeypatch.setenv("HARMONIZATION_NETWORK_TIMEOUT", "2.5")
+    assert network.timeout() == 2.5
+
+
+# --- the cache of converted originals: stale work, concurrent conversions, trust on first use -----------------
+
+
+def test_a_killed_conversion_leaves_nothing_forever(original_on_the_bucket):
+    from harmonization import zoo
+
+    entry = zoo.model_info("levit128_harmonized")
+    converted = hub_module.cache_dir() / "converted"
+    target = hub_module._conversion_dir(entry)
+    download = converted / ".levit128_harmonized.k1ll3d"  # a download folder of a killed conversion
+    staging = converted / f".{target.name}.x7y8.partial"  # a preset save that was killed
+    other = converted / ".vgg16_harmonized.abcd"  # another model's: not ours to judge
+    for folder in (download, staging, other):
+        folder.mkdir(parents=True)
+        (folder / "levit_small_harmonized.h5.incomplete").write_bytes(b"\0" * 1000)
+    load_model("levit128_harmonized")
+    assert not download.exists() and not staging.exists() and other.exists()
+    assert sorted(p.name for p in converted.iterdir() if not p.name.endswith(".lock")) == [
+        ".vgg16_harmonized.abcd", target.name]
+
+
+_CONVERT_SCRIPT = """
+import sys, json
+from harmonization import hub, zoo
+url, config = sys.argv[1], json.loads(sys.argv[2])
+registry = {n: zoo.model_info(n) for n in zoo.list_models()}
+registry["levit128_harmonized"]["source"]["url"] = url
+registry["levit128_harmonized"]["architecture"]["config"] = config
+zoo._registry = lambda: registry
+print("PRESET", hub.resolve_preset("levit128_harmonized"), flush=True)
+"""
+
+
+def test_two_processes_converting_one_model_download_it_once(original_on_the_bucket, tmp_path):
+    import json
+
+    fake, *_ = original_on_the_bucket
+    fake.delay[ORIGINAL_PATH] = 8.0  # the first conversion is still under way when the second asks
+    env = {**os.environ, "HF_ENDPOINT": fake.endpoint, "HF_HUB_CACHE": str(tmp_path / "hf"),
+           "HF_HUB_DISABLE_TELEMETRY": "1", "HARMONIZATION_CACHE": str(hub_module.cache_dir()),
+           "HF_TOKEN_PATH": str(tmp_path / "none"), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    command = [sys.executable, "-c", _CONVERT_SCRIPT, fake.endpoint + ORIGINAL_PATH, json.dumps(LEVIT_TINY)]
+    workers = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for _ in range(2)]
+    results = [worker.communicate(timeout=240) for worker in workers]
+    for worker, (out, err) in zip(workers, results):
+        assert worker.returncode == 0, err[-2000:]
+    presets_made = {line for out, _ in results for line in out.splitlines() if line.startswith("PRESET")}
+    assert len(presets_made) == 1
+    assert [p for _, p in fake.requests].count(ORIGINAL_PATH) == 1
+    assert any("Waiting for another process converting zoo model 'levit128_harmonized'" in err for _, err in results)
+
+
+def test_an_original_without_a_published_digest_is_trusted_on_first_use(original_on_the_bucket):
+    import hashlib
+    import json
+    import shutil
+
+    from harmonization import zoo
+    from harmonization.originals import trust_store
+
+    fake, data, images, logits = original_on_the_bucket
+    assert "will be recorded" in zoo.model_info("levit128_harmonized")["source"]["verification"]
+    load_model("levit128_harmonized")
+    digest = hashlib.sha256(data).hexdigest()
+    record = json.loads(trust_store().read_text())[fake.endpoint + ORIGINAL_PATH]
+    assert record["sha256"] == digest and record["size"] == len(data)
+    info = zoo.model_info("levit128_harmonized")["source"]["verification"]
+    assert "trusted on first use" in info and digest in info
+    # The cache is cleared, and the file on the server was replaced: refused, nothing converted.
+    shutil.rmtree(hub_module.cache_dir() / "converted")
+    fake.static[ORIGINAL_PATH] = data[:-10] + b"0123456789"
+    with pytest.raises(PresetError, match=r"differs from the one first downloaded here \(expected sha256"):
+        load_model("levit128_harmonized")
+    assert hub_module._cached_conversion(zoo.model_info("levit128_harmonized")) is None
+    assert json.loads(trust_store().read_text())[fake.endpoint + ORIGINAL_PATH]["sha256"] == digest
+    # The original file again: accepted.
+    fake.static[ORIGINAL_PATH] = data
+    np.testing.assert_allclose(np.asarray(load_model("levit128_harmonized")(images)), logits, atol=1e-4)

@@ -1,0 +1,95 @@
+"""The published original files on this machine: where they are cached, and how a download of one is verified.
+
+An original whose sha256 was published (the zoo entry's `source.sha256`) is checked against it. The 0.0.9
+weights were published without digests, so for them we trust on first use: the sha256 of the first complete
+download is recorded in `trusted_originals.json` in the cache, and every later download of that URL must have
+the same digest — a file replaced on the server (or by a proxy) is refused instead of silently converted.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+__all__ = ["cache_dir", "expected_sha256", "record_first_download", "trust_store", "verification"]
+
+_TRUST_FILE = "trusted_originals.json"
+_LOCK_TIMEOUT = 60.0  # seconds; the store is only held for a read-modify-write
+
+
+def cache_dir() -> Path:
+    """Where converted originals are cached: `HARMONIZATION_CACHE`, else `$XDG_CACHE_HOME/harmonization`."""
+    explicit = os.environ.get("HARMONIZATION_CACHE")
+    if explicit:
+        return Path(explicit).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "harmonization"
+
+
+def trust_store() -> Path:
+    """The file recording the sha256 of each original first downloaded here without a published digest."""
+    return cache_dir() / _TRUST_FILE
+
+
+def _read_store() -> dict[str, Any]:
+    path = trust_store()
+    if not path.is_file():
+        return {}
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise OSError(
+            f"The record of trusted original files {str(path)!r} cannot be read ({error}). It protects against "
+            "replaced downloads; restore it, or delete it to trust the next downloads afresh."
+        ) from None
+    if not isinstance(records, dict):
+        raise OSError(f"The record of trusted original files {str(path)!r} must hold a JSON object.")
+    return records
+
+
+def expected_sha256(source: Mapping[str, Any]) -> tuple[str | None, str]:
+    """(the sha256 a download of `source["url"]` must have, or None; "published" | "first-use" | "none")."""
+    if source.get("sha256"):
+        return source["sha256"], "published"
+    record = _read_store().get(source["url"])
+    if isinstance(record, dict) and isinstance(record.get("sha256"), str):
+        return record["sha256"], "first-use"
+    return None, "none"
+
+
+def record_first_download(url: str, sha256: str, size: int) -> None:
+    """Remember the digest of the first download of `url` (kept if one is already recorded)."""
+    from filelock import FileLock
+
+    path = trust_store()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock", timeout=_LOCK_TIMEOUT):
+        records = _read_store()
+        if url in records:
+            return
+        records[url] = {
+            "sha256": sha256,
+            "size": int(size),
+            "recorded": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        }
+        staging = path.with_name(path.name + ".tmp")
+        staging.write_text(json.dumps(records, indent=2, sort_keys=True), encoding="utf-8")
+        os.replace(staging, path)
+
+
+def verification(source: Mapping[str, Any]) -> str:
+    """One sentence saying how a download of the original `source` is checked, for `model_info` and the CLI."""
+    try:
+        digest, how = expected_sha256(source)
+    except OSError as error:
+        return str(error)
+    if how == "published":
+        return f"checked against the published sha256 {digest}"
+    if how == "first-use":
+        recorded = _read_store()[source["url"]].get("recorded", "an earlier run")
+        return (f"no published sha256; trusted on first use: every download must match the sha256 {digest} "
+                f"recorded at the first download ({recorded}) in {str(trust_store())!r}")
+    return ("no published sha256; trusted on first use: the first download's sha256 will be recorded in "
+            f"{str(trust_store())!r} and every later download must match it")
