@@ -43,6 +43,16 @@ def _cmd_download(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sign(args: argparse.Namespace) -> int:
+    from harmonization.presets import sign_preset
+
+    record = sign_preset(args.preset)
+    for name, facts in sorted(record["files"].items()):
+        print(f"{name}: {facts['size']} bytes, sha256 {facts['sha256']}")
+    print(f"Signed {args.preset}: a later change to these files is detected before the preset is loaded.")
+    return 0
+
+
 def _arch_of_published_file(source: str) -> str:
     """The zoo model a published file is, from its name (`vit-b16_harmonized.h5`, ...), or a clear error."""
     from harmonization import zoo
@@ -201,6 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", help="zoo name or hf://org/repo[@revision]")
     p.add_argument("--revision", default=None)
     p.set_defaults(func=_cmd_download)
+
+    p = sub.add_parser("sign", help="record the size and sha256 of a trusted local preset's files in its metadata")
+    p.add_argument("preset", metavar="PRESET_DIR")
+    p.set_defaults(func=_cmd_sign)
 
     p = sub.add_parser("convert", help="convert a published Keras-2 .h5 file into a native Keras 3 preset")
     p.add_argument("source", metavar="SOURCE.h5", help="weights file or full-model save (Keras 2 HDF5)")

@@ -41,6 +41,7 @@ __all__ = [
     "load_preset",
     "read_metadata",
     "save_preset",
+    "sign_preset",
     "verify_preset",
 ]
 
@@ -300,24 +301,23 @@ def verify_preset(directory: str | os.PathLike) -> dict[str, Any]:
             f"Preset {str(directory)!r} has format_version={version!r}; this library reads format versions up to "
             f"{PRESET_FORMAT_VERSION}. Upgrade harmonization-hub."
         )
-    for name, expected in (record.get("files") or {}).items():
+    for name, expected in _files_record(directory, record).items():
         path = directory / name
         if not path.is_file():
             raise PresetError(f"Preset {str(directory)!r} is incomplete: {name} (listed in {METADATA_FILE}) is missing.")
         size = path.stat().st_size
-        if "size" in expected and size != expected["size"]:
+        if size != expected["size"]:
             raise PresetError(
                 f"Preset file {str(path)!r} is truncated or corrupted: expected {expected['size']} bytes, "
                 f"found {size}.",
                 bad_file=path,
             )
-        if "sha256" in expected:
-            digest = _sha256(path)
-            if digest != expected["sha256"]:
-                raise PresetError(
-                    f"Preset file {str(path)!r} is corrupted: expected sha256 {expected['sha256']}, got {digest}.",
-                    bad_file=path,
-                )
+        digest = _sha256(path)
+        if digest != expected["sha256"]:
+            raise PresetError(
+                f"Preset file {str(path)!r} is corrupted: expected sha256 {expected['sha256']}, got {digest}.",
+                bad_file=path,
+            )
     import h5py
 
     try:
@@ -329,6 +329,67 @@ def verify_preset(directory: str | os.PathLike) -> dict[str, Any]:
             bad_file=directory / WEIGHTS_FILE,
         ) from None
     return record
+
+
+def _is_sha256(value: Any) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
+def _files_record(directory: Path, record: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The `files` record of `metadata.json`, checked: every checked file has a size and a sha256, inside the folder.
+
+    Without it nothing can be verified, so a preset lacking it is refused (a hand-edited or pre-0.1 preset):
+    the message gives the command that signs a trusted local preset.
+    """
+    where = f"{str(directory / METADATA_FILE)!r}"
+    files = record.get("files")
+    if files is not None and not isinstance(files, dict):
+        raise PresetError(f"{where}: `files` must be an object {{file name: {{size, sha256}}}}, got "
+                          f"{type(files).__name__}.", bad_file=directory / METADATA_FILE)
+    unsigned = [name for name in CHECKED_FILES if files is None or name not in files]
+    if unsigned:
+        raise PresetError(
+            f"Preset {str(directory)!r} cannot be verified: {METADATA_FILE} does not record the size and sha256 of "
+            f"{unsigned} (the `files` record every preset saved by harmonization-hub has). It may have been edited "
+            "by hand or written by another tool. If you trust this local preset, sign it with "
+            f"`harmonization sign {directory}` (harmonization.presets.sign_preset); a downloaded preset must be "
+            "published again with `harmonization publish` or `save_preset`."
+        )
+    for name, expected in files.items():
+        if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name or "\\" in name:
+            # Never read (nor print the digest of) a file outside the preset folder.
+            raise PresetError(f"{where} lists {name!r}, which is not a file name inside the preset folder; "
+                              "refusing to read it.", bad_file=directory / METADATA_FILE)
+        if not (isinstance(expected, dict) and isinstance(expected.get("size"), int)
+                and not isinstance(expected.get("size"), bool) and expected["size"] >= 0
+                and _is_sha256(expected.get("sha256"))):
+            raise PresetError(
+                f"{where}: the record of {name!r} must be {{\"size\": bytes, \"sha256\": 64 hex digits}}; got "
+                f"{expected!r:.200}.", bad_file=directory / METADATA_FILE,
+            )
+    return files
+
+
+def sign_preset(directory: str | os.PathLike) -> dict[str, Any]:
+    """Record the size and sha256 of a trusted local preset's files in its `metadata.json`; return the metadata.
+
+    For presets whose `metadata.json` lacks the `files` record (written by hand or by another tool), which
+    `verify_preset` refuses. Only sign a preset whose files you trust: signing is what makes a later change
+    detectable, it does not check the weights themselves.
+    """
+    directory = Path(directory)
+    missing = [name for name in REQUIRED_FILES if not (directory / name).is_file()]
+    if not directory.is_dir() or missing:
+        raise PresetError(f"sign_preset: {str(directory)!r} is not a preset directory (missing {missing or 'it'}; "
+                          f"a preset holds {list(REQUIRED_FILES)}).")
+    record = read_metadata(directory)
+    record.setdefault("format_version", PRESET_FORMAT_VERSION)
+    record["files"] = {name: {"size": (directory / name).stat().st_size, "sha256": _sha256(directory / name)}
+                       for name in CHECKED_FILES}
+    staging = directory / (METADATA_FILE + ".partial")
+    staging.write_text(json.dumps(record, indent=2, sort_keys=True), encoding="utf-8")
+    os.replace(staging, directory / METADATA_FILE)
+    return verify_preset(directory)
 
 
 def _read_config(directory: Path) -> dict[str, Any]:

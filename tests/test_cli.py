@@ -116,3 +116,19 @@ def test_explain_writes_a_png(preset_and_images, tmp_path, capsys):
     assert cli.main(["explain", paths[0], "--model", str(preset), "--out", str(out)]) == 0
     with Image.open(out) as image:
         assert image.format == "PNG" and image.size[0] > image.size[1]
+
+
+def test_sign_makes_a_hand_edited_preset_loadable(preset_and_images, capsys):
+    from harmonization.presets import load_model
+
+    _, preset, _ = preset_and_images
+    record = json.loads((preset / "metadata.json").read_text())
+    del record["files"]
+    (preset / "metadata.json").write_text(json.dumps(record))
+    assert cli.main(["predict", "--model", str(preset), preset_and_images[2][0]]) == 1
+    assert f"harmonization sign {preset}" in capsys.readouterr().err
+    assert cli.main(["sign", str(preset)]) == 0
+    assert "model.weights.h5:" in capsys.readouterr().out
+    assert load_model(preset).count_params() == preset_and_images[0].count_params()
+    assert cli.main(["sign", str(preset / "nothing")]) == 1
+    assert "is not a preset directory" in capsys.readouterr().err

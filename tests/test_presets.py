@@ -102,15 +102,60 @@ def test_flipped_byte_is_detected_by_sha256(tmp_path):
         verify_preset(path)
 
 
-def test_unrecorded_corrupt_weights_fail_the_hdf5_check(tmp_path):
-    # A preset whose metadata lists no hashes (hand-made) still gets its weights opened before use.
-    path = save_preset(_small_model(), tmp_path / "p")
+def _edit_metadata(path, edit):
     record = json.loads((path / "metadata.json").read_text())
-    del record["files"]
+    edit(record)
     (path / "metadata.json").write_text(json.dumps(record))
-    (path / "model.weights.h5").write_bytes(b"not an hdf5 file")
-    with pytest.raises(PresetError, match="not a readable HDF5"):
+
+
+def test_a_preset_without_its_files_record_is_refused_until_signed(tmp_path, batch):
+    # Weights replaced and the record dropped: nothing could be checked, so nothing is loaded.
+    model = _small_model()
+    path = save_preset(model, tmp_path / "p")
+    model.set_weights([np.full_like(w, 1e6) for w in model.get_weights()])
+    model.save_weights(str(path / "model.weights.h5"))
+    _edit_metadata(path, lambda record: record.pop("files"))
+    with pytest.raises(PresetError, match=r"cannot be verified.*harmonization sign .*p"):
         load_model(path)
+    # Only one of the two files recorded: refused as well.
+    presets.sign_preset(path)
+    _edit_metadata(path, lambda record: record["files"].pop("config.json"))
+    with pytest.raises(PresetError, match=r"cannot be verified: .*\['config.json'\]"):
+        verify_preset(path)
+    # The owner trusts it: signed, it loads (with the weights it holds), and a later change is detected.
+    record = presets.sign_preset(path)
+    assert set(record["files"]) == {"config.json", "model.weights.h5"}
+    assert np.allclose(load_model(path).get_weights()[0], 1e6)
+    (path / "model.weights.h5").write_bytes(b"not an hdf5 file")
+    with pytest.raises(PresetError, match="truncated or corrupted"):
+        load_model(path)
+
+
+@pytest.mark.parametrize("entry", ["abc", None, {"size": 3}, {"size": "3", "sha256": "0" * 64},
+                                   {"size": 3, "sha256": "xyz"}, {"size": True, "sha256": "0" * 64}])
+def test_a_files_entry_that_is_not_a_record_is_refused(tmp_path, entry):
+    path = save_preset(_small_model(), tmp_path / "p")
+    _edit_metadata(path, lambda record: record["files"].__setitem__("model.weights.h5", entry))
+    with pytest.raises(PresetError, match=r"record of 'model.weights.h5' must be"):
+        load_model(path)
+    _edit_metadata(path, lambda record: record.__setitem__("files", ["config.json"]))
+    with pytest.raises(PresetError, match=r"`files` must be an object"):
+        load_model(path)
+
+
+@pytest.mark.parametrize("name", ["../../../../etc/hostname", "/etc/hostname", "sub/config.json", "..", ""])
+def test_files_outside_the_preset_folder_are_never_read(tmp_path, name, monkeypatch):
+    import builtins
+
+    path = save_preset(_small_model(), tmp_path / "p")
+    _edit_metadata(path, lambda record: record["files"].__setitem__(name, {"size": 1, "sha256": "0" * 64}))
+    opened = []
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open", lambda file, *a, **k: opened.append(str(file)) or real_open(file, *a, **k))
+    with pytest.raises(PresetError, match="not a file name inside the preset folder") as caught:
+        verify_preset(path)
+    assert not any("hostname" in f or f.endswith("sub/config.json") for f in opened)
+    assert "expected sha256" not in str(caught.value)
 
 
 def test_corrupt_metadata_json_is_a_clear_error(tmp_path):
@@ -143,9 +188,7 @@ def test_unregistered_class_is_a_clear_error(tmp_path):
     config = json.loads((path / "config.json").read_text())
     text = json.dumps(config).replace("PresetTestAffine", "NoSuchLayer")
     (path / "config.json").write_text(text)
-    record = json.loads((path / "metadata.json").read_text())
-    del record["files"]["config.json"]  # hand-edited config: only the weights stay hashed
-    (path / "metadata.json").write_text(json.dumps(record))
+    presets.sign_preset(path)  # a hand-edited config, signed by its owner
     with pytest.raises(PresetError, match="register_keras_serializable"):
         load_model(path)
 
