@@ -12,36 +12,55 @@ _check_no_published_package()
 
 _os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
-from harmonization import (  # noqa: E402
-    architectures,
-    convert,
-    data,
-    layers,
-    losses,
-    metrics,
-    mirrors,
-    model_card,
-    saliency,
-    saliency_input,
-    second_order,
-    synthetic,
-)
+# Names are imported on first use (PEP 562), so that `import harmonization` and the command's `--help`, `list`
+# and `info` do not pay for importing TensorFlow (~3 s). Everything below is what the package exposes.
+_SUBMODULES = frozenset((
+    "architectures", "convert", "data", "layers", "losses", "metrics", "mirrors", "model_card", "saliency",
+    "saliency_input", "second_order", "synthetic",
+    # The published 0.0.9 API, as its `harmonization/__init__.py` exposed it (thin layers over the native code).
+    "common", "evaluation", "models", "training",
+))
+_NAMES = {
+    "HarmonizedModel": "harmonization.harmonized_model",
+    "gaussian_pyramid": "harmonization.losses",
+    "harmonization_loss": "harmonization.losses",
+    "pyramidal_mse": "harmonization.losses",
+    "standardize_cut": "harmonization.losses",
+    "evaluate_alignment": "harmonization.evaluation",
+    "HUMAN_CEILING": "harmonization.metrics",
+    "alignment_score": "harmonization.metrics",
+    "dice": "harmonization.metrics",
+    "iou": "harmonization.metrics",
+    "spearman": "harmonization.metrics",
+    "PresetError": "harmonization.presets",
+    "load_model": "harmonization.presets",
+    "save_preset": "harmonization.presets",
+    "input_gradients": "harmonization.saliency",
+    "saliency_map": "harmonization.saliency",
+    "SaliencyInput": "harmonization.saliency_input",
+    "SoftmaxOutputError": "harmonization.saliency_input",
+    "exact_moments": "harmonization.second_order",
+    "list_models": "harmonization.zoo",
+    "model_info": "harmonization.zoo",
+}
+__all__ = sorted((*_SUBMODULES, *_NAMES))
 
-# The published 0.0.9 API, as its `harmonization/__init__.py` exposed it (thin layers over the native code).
-from harmonization import common, evaluation, models, training  # noqa: E402
-from harmonization.harmonized_model import HarmonizedModel  # noqa: E402
-from harmonization.losses import (  # noqa: E402
-    gaussian_pyramid,
-    harmonization_loss,
-    pyramidal_mse,
-    standardize_cut,
-)
-from harmonization.evaluation import evaluate_alignment  # noqa: E402
-from harmonization.metrics import HUMAN_CEILING, alignment_score, dice, iou, spearman  # noqa: E402
-from harmonization.presets import PresetError, load_model, save_preset  # noqa: E402
-from harmonization.saliency import input_gradients, saliency_map  # noqa: E402
-from harmonization.saliency_input import SaliencyInput, SoftmaxOutputError  # noqa: E402
-from harmonization.second_order import exact_moments  # noqa: E402
-from harmonization.zoo import list_models, model_info  # noqa: E402
+
+def __getattr__(name: str):
+    import importlib
+
+    if name in _SUBMODULES:
+        value = importlib.import_module(f"harmonization.{name}")
+    elif name in _NAMES:
+        value = getattr(importlib.import_module(_NAMES[name]), name)
+    else:
+        raise AttributeError(f"module 'harmonization' has no attribute {name!r}")
+    globals()[name] = value  # later uses are plain attribute reads
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
 
 __version__ = "0.1.0"

@@ -11,7 +11,10 @@ import json
 import sys
 from typing import Sequence
 
-from harmonization.cli_common import input_size
+from harmonization.cli_common import import_tensorflow_quietly, input_size
+
+# Commands that answer from the zoo's JSON entries: TensorFlow is not imported at all.
+_WITHOUT_TENSORFLOW = frozenset(("list", "info"))
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -70,7 +73,11 @@ def _arch_of_published_file(source: str) -> str:
 def _cmd_convert(args: argparse.Namespace) -> int:
     from harmonization.convert import convert_to_preset, read_keras2_h5
 
-    config = json.loads(args.config) if args.config else None
+    try:
+        config = json.loads(args.config) if args.config else None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"--config is not valid JSON ({error}): {args.config!r}. Example: "
+                         '--config \'{"image_size": 64}\'.') from None
     if config is not None and not isinstance(config, dict):
         raise ValueError(f"--config must be a JSON object of constructor arguments, got {args.config!r}.")
     arch = args.arch or _arch_of_published_file(args.source)
@@ -157,6 +164,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    out = _figure_path(args.out, args.image)
     model = load_model(args.model, revision=args.revision)
     image = _load_images([args.image], input_size(model))
     logits = np.asarray(model.predict(image, verbose=0))[0]
@@ -172,10 +180,32 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     for axis in axes:
         axis.axis("off")
     figure.tight_layout()
-    figure.savefig(args.out, dpi=100)
+    figure.savefig(out, dpi=100)
     plt.close(figure)
-    print(args.out)
+    print(out)
     return 0
+
+
+_FIGURE_FORMATS = (".png", ".jpg", ".jpeg", ".pdf", ".svg")
+
+
+def _figure_path(out: str, image: str):
+    """Where `explain` writes: `out` itself; `out/<image>_saliency.png` for a folder; `out.png` without a suffix.
+
+    Decided (and checked) before the model is loaded, so that a bad `--out` costs nothing.
+    """
+    from pathlib import Path
+
+    path = Path(out)
+    if path.is_dir() or out.endswith(("/", "\\")):
+        path = path / f"{Path(image).stem}_saliency.png"
+    elif path.suffix == "":
+        path = path.with_name(path.name + ".png")
+    elif path.suffix.lower() not in _FIGURE_FORMATS:
+        raise ValueError(f"--out {out!r}: unsupported figure format {path.suffix!r}; use one of "
+                         f"{', '.join(_FIGURE_FORMATS)} (or a folder).")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -198,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Harmonized vision models: list the zoo, download, convert, publish, predict, explain, evaluate.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    from harmonization import evaluate_command as ev  # its defaults and argument types (standard library only)
 
     p = sub.add_parser("list", help="list the models of the zoo")
     p.add_argument("--json", action="store_true", help="print the names as a JSON list")
@@ -243,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--model", default="vit_b16_harmonized", help="zoo name, hf:// URI or preset directory")
     p.add_argument("--revision", default=None)
-    p.add_argument("--top", type=int, default=5)
+    p.add_argument("--top", type=ev.positive_int, default=5, metavar="K", help="classes shown per image (default: 5)")
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("explain", help="save an image beside its saliency map")
@@ -252,8 +283,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="vit_b16_harmonized", help="zoo name, hf:// URI or preset directory")
     p.add_argument("--revision", default=None)
     p.set_defaults(func=_cmd_explain)
-
-    from harmonization import evaluate_command as ev
 
     p = sub.add_parser("evaluate", help="score a model's human alignment on ClickMe, beside the paper's numbers")
     p.add_argument("model", metavar="MODEL", help="zoo name, hf://org/repo[@revision] or preset directory")
@@ -281,10 +310,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     if argv and argv[0] == "quickstart":
-        # Everything after `quickstart` belongs to the quickstart, including --help.
+        # Everything after `quickstart` belongs to the quickstart, including --help (quiet start-up: its run).
         return _cmd_quickstart(argparse.Namespace(command="quickstart"), argv[1:])
     args = parser.parse_args(argv)
     try:
+        if args.command not in _WITHOUT_TENSORFLOW:
+            import_tensorflow_quietly()
         return args.func(args)
     except (KeyError, ValueError, OSError) as error:
         print(f"harmonization {args.command}: error: {error}", file=sys.stderr)

@@ -2,6 +2,59 @@
 
 from __future__ import annotations
 
+import os
+import re
+import sys
+import tempfile
+
+# What TensorFlow 2.21 writes to stderr when it starts on a machine without a GPU, before and after its logging
+# is initialised (measured here; TF_CPP_MIN_LOG_LEVEL cannot hide the part written before initialisation,
+# which is printed once per TensorFlow library loaded, i.e. twice).
+_STARTUP_NOISE = re.compile(
+    r"All log messages before absl::InitializeLog\(\) is called"
+    r"|oneDNN custom operations are on"
+    r"|cudart_stub\.cc.*Could not find cuda drivers"
+    r"|cpu_feature_guard\.cc"
+    r"|^To enable the following instructions: .*rebuild TensorFlow"
+    r"|failed call to cuInit"
+    r"|Unable to register cu(DNN|FFT|BLAS) factory"
+    r"|computation placer already registered"
+    r"|TF-TRT Warning: Could not find TensorRT"
+)
+
+
+def startup_noise_removed(text: str) -> str:
+    """`text` without TensorFlow's start-up lines; every other line (real warnings and errors) is kept."""
+    return "".join(line for line in text.splitlines(keepends=True) if not _STARTUP_NOISE.search(line))
+
+
+def import_tensorflow_quietly() -> None:
+    """Import TensorFlow and Keras (and initialise the devices) without their start-up noise on stderr.
+
+    Only what `startup_noise_removed` recognises is dropped; anything else written meanwhile is replayed. A user
+    who set `TF_CPP_MIN_LOG_LEVEL` chose what to see, so nothing is filtered then.
+    """
+    if "tensorflow" in sys.modules or "TF_CPP_MIN_LOG_LEVEL" in os.environ:
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            import keras  # noqa: F401 - imported here so that its start-up output is filtered too
+            import tensorflow as tf
+
+            tf.config.list_physical_devices()  # the device initialisation that logs "failed call to cuInit"
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            kept = startup_noise_removed(capture.read().decode("utf-8", errors="replace"))
+            if kept:
+                sys.stderr.write(kept)
+                sys.stderr.flush()
+
 
 def input_size(model) -> int:
     """The side of the square images `model` takes, or a ValueError that shows its input shape."""

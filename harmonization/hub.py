@@ -183,8 +183,16 @@ def resolve_preset(name_or_uri: str, *, revision: str | None = None) -> Path:
     not exist, or when the Hub cannot be reached and no `revision` was asked for, the published original `.h5`
     converted into a cached preset serves instead (`convert_original`).
     """
+    if not isinstance(name_or_uri, str) or not name_or_uri.strip():
+        raise ValueError(
+            f"Expected a zoo name (harmonization.list_models()), 'hf://org/repo[@revision]' or a preset directory; "
+            f"got {name_or_uri!r}."
+        )
     local = Path(name_or_uri).expanduser()
     if presets.is_preset_dir(local):
+        if revision is not None:
+            raise ValueError(f"`revision` ({revision!r}) applies to Hub models, not to the local preset "
+                             f"{str(local)!r}; leave it out.")
         presets.verify_preset(local)
         return local
     if name_or_uri.startswith(HF_SCHEME):

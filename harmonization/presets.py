@@ -541,6 +541,11 @@ def load_model(
         >>> logits = model.predict(images_0_255)
     """
     variant = {"num_classes": num_classes, "include_top": include_top, "preprocess": preprocess}
+    if isinstance(name_or_path_or_uri, str) and not name_or_path_or_uri.strip():
+        raise ValueError(
+            "load_model: `name_or_path_or_uri` is empty; expected a zoo name (harmonization.list_models()), "
+            "'hf://org/repo[@revision]' or a preset directory."
+        )
     if isinstance(name_or_path_or_uri, os.PathLike) or (
         isinstance(name_or_path_or_uri, str) and Path(name_or_path_or_uri).expanduser().is_dir()
     ):

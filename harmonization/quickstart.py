@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -47,7 +47,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("steps", "batch_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be a positive integer; got {getattr(args, name)}")
+    if not 0 <= args.seed < 2**31:
+        parser.error(f"--seed must be an integer in [0, 2**31); got {args.seed}")
     return args
+
+
+def _check_writable(out: Path) -> None:
+    """Fail before any work when the output folder cannot be created or written (e.g. read-only)."""
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
+        pass
 
 
 def quickstart_model(num_classes: int, image_size: int, seed: int):
@@ -105,7 +114,8 @@ def train(model, dataset, steps: int, harmonized: bool, verbose: int):
             metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
         )
         data = dataset.map(lambda b: (b["image"], tf.one_hot(b["label"], num_classes)))
-    history = trainer.fit(data.repeat(), epochs=epochs, steps_per_epoch=per_epoch, verbose=verbose)
+    # shuffle=False: the dataset is shuffled already (Keras would warn that it ignores shuffle=True).
+    history = trainer.fit(data.repeat(), epochs=epochs, steps_per_epoch=per_epoch, verbose=verbose, shuffle=False)
     return history.history
 
 
@@ -206,7 +216,9 @@ def draw_figures(baseline, harmonized, examples: dict, results: dict, class_name
 
 def run(args: argparse.Namespace) -> dict:
     """The whole quickstart; returns the results that it also writes to `results.json`."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from harmonization.cli_common import import_tensorflow_quietly
+
+    import_tensorflow_quietly()
     import harmonization
 
     out = Path(args.out)
@@ -292,7 +304,14 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv=None) -> int:
-    run(parse_args(argv))
+    args = parse_args(argv)
+    try:
+        _check_writable(Path(args.out))
+    except OSError as error:
+        print(f"harmonization quickstart: error: --out {args.out!r} cannot be written: "
+              f"{error.strerror or error}. Choose a writable folder.", file=sys.stderr)
+        return 1
+    run(args)
     return 0
 
 

@@ -208,7 +208,10 @@ def model_for_file(path: str | os.PathLike) -> str | None:
 def closest_names(name: str, candidates: list[str] | None = None) -> list[str]:
     """The zoo names (and published names) closest to a misspelt `name`, best first (at most one)."""
     pool = candidates if candidates is not None else [*list_models(), *_aliases()]
-    return difflib.get_close_matches(str(name), pool, n=1, cutoff=0.5)
+    # Compared case-insensitively ("VGG16_Harmonized" is a case away from a name, not a misspelling).
+    by_lower = {candidate.lower(): candidate for candidate in reversed(pool)}
+    matches = difflib.get_close_matches(str(name).lower(), list(by_lower), n=1, cutoff=0.5)
+    return [by_lower[match] for match in matches]
 
 
 def list_models() -> list[str]:

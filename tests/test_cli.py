@@ -132,3 +132,96 @@ def test_sign_makes_a_hand_edited_preset_loadable(preset_and_images, capsys):
     assert load_model(preset).count_params() == preset_and_images[0].count_params()
     assert cli.main(["sign", str(preset / "nothing")]) == 1
     assert "is not a preset directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("out, expected", [("fig", "fig.png"), ("figs/", "figs/image0_saliency.png"),
+                                           ("made", "made/image0_saliency.png"), ("fig.pdf", "fig.pdf")])
+def test_explain_prints_the_file_it_wrote(preset_and_images, tmp_path, capsys, out, expected):
+    _, preset, paths = preset_and_images
+    (tmp_path / "made").mkdir()
+    target = str(tmp_path / out) + ("/" if out.endswith("/") else "")
+    assert cli.main(["explain", paths[0], "--model", str(preset), "--out", target]) == 0
+    printed = capsys.readouterr().out.strip()
+    assert printed == str(tmp_path / expected) and (tmp_path / expected).is_file()
+
+
+def test_explain_refuses_an_unknown_figure_format(preset_and_images, tmp_path, capsys):
+    _, preset, paths = preset_and_images
+    assert cli.main(["explain", paths[0], "--model", str(preset), "--out", str(tmp_path / "x.docx")]) == 1
+    assert "--out" in capsys.readouterr().err and not (tmp_path / "x.docx").exists()
+
+
+@pytest.mark.parametrize("top", ["0", "-2", "two"])
+def test_predict_top_must_be_a_positive_integer(preset_and_images, capsys, top):
+    _, preset, paths = preset_and_images
+    with pytest.raises(SystemExit) as caught:
+        cli.main(["predict", paths[0], "--model", str(preset), "--top", top])
+    assert caught.value.code == 2
+    assert "--top" in capsys.readouterr().err
+
+
+def test_convert_names_the_option_of_a_bad_config(tmp_path, capsys):
+    source = tmp_path / "vgg16_harmonized.h5"
+    source.write_bytes(b"x")
+    assert cli.main(["convert", str(source), "--out", str(tmp_path / "p"), "--config", "{image_size: 64}"]) == 1
+    assert "--config is not valid JSON" in capsys.readouterr().err
+
+
+def test_download_of_a_local_preset_refuses_a_revision(preset_and_images, capsys):
+    _, preset, _ = preset_and_images
+    assert cli.main(["download", str(preset), "--revision", "v2"]) == 1
+    assert "`revision` ('v2') applies to Hub models" in capsys.readouterr().err
+    assert cli.main(["download", str(preset)]) == 0
+
+
+def test_an_empty_model_name_is_a_clear_error(capsys):
+    from harmonization.presets import load_model
+
+    with pytest.raises(ValueError, match="`name_or_path_or_uri` is empty"):
+        load_model("")
+    assert cli.main(["download", ""]) == 1
+    assert "got ''" in capsys.readouterr().err
+
+
+def test_a_case_changed_zoo_name_gets_a_suggestion(capsys):
+    assert cli.main(["info", "VGG16_Harmonized"]) == 1
+    assert "Did you mean 'vgg16_harmonized'?" in capsys.readouterr().err
+
+
+def test_help_list_and_info_answer_without_tensorflow(tmp_path):
+    import subprocess
+
+    script = ("import sys, harmonization.cli as c\n"
+              "for argv in (['list'], ['info', 'vgg16_harmonized']):\n    assert c.main(argv) == 0\n"
+              "try:\n    c.main(['--help'])\nexcept SystemExit:\n    pass\n"
+              "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras'))\n"
+              "print('HEAVY', loaded)\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "HEAVY []" in result.stdout
+
+
+def test_commands_do_not_print_tensorflow_start_up_noise(preset_and_images, tmp_path):
+    import os
+    import subprocess
+
+    _, preset, paths = preset_and_images
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    result = subprocess.run([sys.executable, "-m", "harmonization", "predict", paths[0], "--model", str(preset)],
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr
+    for noise in ("absl::InitializeLog", "oneDNN", "cuInit", "cpu_feature_guard", "cudart_stub"):
+        assert noise not in result.stderr
+    assert paths[0] in result.stdout
+
+
+def test_start_up_noise_filter_keeps_real_messages():
+    from harmonization.cli_common import startup_noise_removed
+
+    text = ("WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n"
+            "I0000 00:00:1.7 27841 port.cc:153] oneDNN custom operations are on. You may see ...\n"
+            "E0000 00:00:1.6 27841 cuda_platform.cc:52] failed call to cuInit: INTERNAL: CUDA error\n"
+            "W0000 00:00:1.8 27841 bfc_allocator.cc:291] Allocator ran out of memory\n"
+            "/x.py:3: UserWarning: a real warning\n")
+    assert startup_noise_removed(text) == ("W0000 00:00:1.8 27841 bfc_allocator.cc:291] Allocator ran out of memory\n"
+                                           "/x.py:3: UserWarning: a real warning\n")

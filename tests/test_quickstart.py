@@ -71,3 +71,24 @@ def test_bad_options_are_refused(capsys):
     with pytest.raises(SystemExit):
         quickstart.parse_args(["--steps", "0"])
     assert "--steps must be a positive integer" in capsys.readouterr().err
+    for seed in ("-1", str(2**31)):
+        with pytest.raises(SystemExit) as caught:
+            quickstart.parse_args(["--seed", seed])
+        assert caught.value.code == 2
+        assert f"--seed must be an integer in [0, 2**31); got {seed}" in capsys.readouterr().err
+
+
+def test_an_unwritable_out_folder_is_a_clear_error_before_any_work(tmp_path, capsys, monkeypatch):
+    import os
+
+    if os.geteuid() == 0:  # root writes anywhere: make the folder's parent a file instead
+        blocker = tmp_path / "file"
+        blocker.write_text("")
+        out = blocker / "out"
+    else:
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        out = locked / "out"
+    monkeypatch.setattr(quickstart, "run", lambda args: pytest.fail("the run started"))
+    assert quickstart.main(["--out", str(out)]) == 1
+    assert f"--out '{out}' cannot be written" in capsys.readouterr().err
