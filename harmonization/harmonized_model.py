@@ -16,6 +16,7 @@ import keras
 import tensorflow as tf
 
 from harmonization import second_order
+from harmonization._validation import as_tokens, check_class_labels, check_number
 from harmonization.losses import harmonization_loss
 from harmonization.saliency import class_logit_gradient, one_hot_labels
 from harmonization.saliency_input import SaliencyInput, resolve_saliency_input
@@ -143,8 +144,12 @@ class HarmonizedModel(keras.Model):
     class-token variables. Defaults are the published ones (arXiv 2211.04533).
 
     Batches are dicts `{"image", "heatmap", "label"[, "token"]}` or tuples
-    `(image, heatmap, label[, token])`; labels are integer ids or one-hot; `token` (1 = the example has
-    a human map, 0 = none, so only cross-entropy applies) defaults to 1.
+    `(image, heatmap, label[, token])`; labels are class ids in [0, num_classes) (integers, or floats
+    that are whole numbers) or one-hot/soft rows (N, num_classes); `token` (1 = the example has a human
+    map, 0 = none, so only cross-entropy applies; in [0, 1], one per example) defaults to 1. Other
+    labels and tokens are refused before the step changes anything: a ValueError eagerly, an
+    InvalidArgumentError inside `fit`/`evaluate`'s tf.function. XLA drops these value checks (shapes
+    are still checked), so `compile` does not turn it on unless asked (`jit_compile=True`).
 
     Args:
         model: keras.Model. A classifier that maps images to logits (no softmax).
@@ -152,7 +157,7 @@ class HarmonizedModel(keras.Model):
         lambda_weights: float. Weight of the L2 penalty. Defaults to 1e-5.
         label_smoothing: float. Cross-entropy label smoothing. Defaults to 0.1.
         pyramid_levels: int. Gaussian-pyramid levels compared. Defaults to 5.
-        epsilon: float. Added to the std when standardising maps. Defaults to 1e-5.
+        epsilon: float > 0. Added to the std when standardising maps. Defaults to 1e-5.
         weight_decay_exclude: sequence of str. Variables whose path contains one of these substrings
             (or that belong to a normalisation or embedding layer) get no weight decay.
         exact_second_order: bool. Make Keras normalisation layers differentiate exactly twice during
@@ -197,13 +202,19 @@ class HarmonizedModel(keras.Model):
     ):
         if not callable(model):
             raise ValueError(f"`model` must be a Keras model mapping images to logits; got {type(model).__name__}.")
-        for name, value in (("lambda_harmonization", lambda_harmonization), ("lambda_weights", lambda_weights)):
-            if not value >= 0:
-                raise ValueError(f"`{name}` must be >= 0; got {value!r}.")
+        # Weights of penalties: a negative or NaN one would reward what it should penalise, silently.
+        lambda_harmonization = check_number(lambda_harmonization, "lambda_harmonization", minimum=0, strict=False)
+        lambda_weights = check_number(lambda_weights, "lambda_weights", minimum=0, strict=False)
         if not 0 <= label_smoothing < 1:
             raise ValueError(f"`label_smoothing` must be in [0, 1); got {label_smoothing!r}.")
-        if not (isinstance(pyramid_levels, int) and pyramid_levels >= 1):
+        if isinstance(pyramid_levels, bool) or not (isinstance(pyramid_levels, int) and pyramid_levels >= 1):
             raise ValueError(f"`pyramid_levels` must be an integer >= 1; got {pyramid_levels!r}.")
+        # ClickMe's examples without a human map have an all-zero map: with epsilon 0 its
+        # standardisation is 0/0, and one step turns every weight into NaN.
+        epsilon = check_number(
+            epsilon, "epsilon", minimum=0, strict=True,
+            why=" (added to each map's std; with 0 a blank map, e.g. a token-0 example's, gives NaN)",
+        )
         kwargs.setdefault("name", f"harmonized_{getattr(model, 'name', 'model')}")
         super().__init__(**kwargs)
         # === Config ===
@@ -219,6 +230,7 @@ class HarmonizedModel(keras.Model):
         self.preprocessing = preprocessing
         self.logits_output = output  # `output` is a Keras Layer property
         self.allow_softmax = bool(allow_softmax)
+        self._logits_width = None  # the number of classes, once known (see `_num_classes`)
         # === Trackers ===
         self.cross_entropy_tracker = keras.metrics.Mean(name="cross_entropy")
         self.harmonization_tracker = keras.metrics.Mean(name="harmonization")
@@ -257,8 +269,13 @@ class HarmonizedModel(keras.Model):
         """Like `keras.Model.compile`, with "auto" defaults.
 
         "auto" means: Adam(1e-3); categorical cross-entropy from logits with this model's label
-        smoothing (labels are one-hot encoded by the step); top-1 accuracy.
+        smoothing (labels are one-hot encoded by the step); top-1 accuracy. `jit_compile` defaults to
+        False, not Keras's "auto" (XLA on a GPU): XLA drops the assertions that refuse bad labels and
+        tokens in the step, and on CPU it is slower (bench/train_step.py). Pass `jit_compile=True`
+        to trade those checks for XLA.
         """
+        if kwargs.get("jit_compile", "auto") == "auto":
+            kwargs["jit_compile"] = False
         if optimizer == "auto":
             optimizer = keras.optimizers.Adam(1e-3)
         if loss == "auto":
@@ -350,22 +367,54 @@ class HarmonizedModel(keras.Model):
         """sum(0.5 * ||w||^2) over `decayed_weights()` (0 when there are none)."""
         return weight_decay(self.model, self.weight_decay_exclude)
 
+    def _num_classes(self, images: tf.Tensor) -> int | None:
+        """The logits' width, known before the forward pass, so that bad labels fail before it runs.
+
+        Read once: from a functional model's single output, else from a trace of `call` in a scratch
+        graph (nothing runs). None when the model is not built or cannot be traced alone; the labels'
+        upper bound is then checked after the forward pass (still before the weights change, but after
+        normalisation statistics may have moved).
+        """
+        if self._logits_width is not None or not self.model.built:
+            return self._logits_width
+        outputs = getattr(self.model, "outputs", None)
+        if outputs and len(outputs) == 1 and len(outputs[0].shape) == 2:  # a functional model: no trace needed
+            logits = outputs[0]
+        else:
+            forward = tf.function(lambda x: self.call(x, training=False), autograph=False)
+            try:
+                logits = forward.get_concrete_function(tf.TensorSpec(images.shape, images.dtype)).structured_outputs
+            except Exception:  # noqa: BLE001 (only an earlier check is lost; the forward pass raises its own error)
+                return None
+        if getattr(logits, "shape", None) is not None and len(logits.shape) == 2 and logits.shape[-1] is not None:
+            self._logits_width = int(logits.shape[-1])
+        return self._logits_width
+
     def _forward(self, data, training: bool):
-        """Logits, one-hot labels, raw input gradients, heatmaps and tokens of one batch."""
+        """Logits, one-hot labels, raw input gradients, heatmaps and tokens of one batch.
+
+        Labels and tokens are checked first; in a graph the model's input waits for those checks, so a
+        bad batch changes nothing (not even BatchNormalization's moving statistics).
+        """
         images, heatmaps, labels, tokens = _unpack_batch(data)
         images = tf.convert_to_tensor(images)
         if not images.dtype.is_floating:
             images = tf.cast(images, tf.float32)
         heatmaps = _check_heatmap_matches(images, tf.convert_to_tensor(heatmaps))
+        num_classes = self._num_classes(images)
+        labels = check_class_labels(labels, num_classes, "label")
+        tokens = as_tokens(tokens, tf.shape(images)[0], tf.float32, name="token", check_values=True)
+        if not tf.executing_eagerly():
+            with tf.control_dependencies([labels, tokens]):
+                images = tf.identity(images)
         exact = second_order.exact_moments() if self.exact_second_order else contextlib.nullcontext()
         with exact:
             logits, grads = class_logit_gradient(
                 self.model, images, labels, training=training, **self._saliency_options()
             )
+        if num_classes is None:
+            labels = check_class_labels(labels, logits.shape[-1], "label")
         onehot = one_hot_labels(labels, logits.shape[-1], logits.dtype)
-        if tokens is None:
-            tokens = tf.ones(tf.shape(images)[:1], tf.float32)
-        tokens = tf.reshape(tf.cast(tokens, tf.float32), [-1])
         return images, logits, onehot, grads, heatmaps, tokens
 
     def _loss_terms(self, images, logits, onehot, grads, heatmaps, tokens, training: bool):
@@ -396,7 +445,9 @@ class HarmonizedModel(keras.Model):
             scaled = self.optimizer.scale_loss(total)
         variables = self.trainable_variables
         gradients = tape.gradient(scaled, variables)
-        self.optimizer.apply_gradients(zip(gradients, variables))
+        # The optimizer's own state (its step count) waits for the checks of labels and tokens too.
+        with tf.control_dependencies([onehot, tokens]):
+            self.optimizer.apply_gradients(zip(gradients, variables))
         self._update_trackers(total, cross_entropy, harmonization, tf.shape(images)[0])
         logs = self.compute_metrics(images, onehot, logits)
         logs.pop("spearman", None)

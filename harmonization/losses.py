@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from harmonization._validation import as_maps, as_tokens, check_finite, check_same_shape
+from harmonization._validation import as_maps, as_tokens, check_finite, check_number, check_same_shape
 
 #: Added to both peaks before the rescaling, as in the published code.
 PEAK_EPSILON = 1e-6
@@ -27,16 +27,29 @@ def _safe_sqrt(x: tf.Tensor) -> tf.Tensor:
     return tf.where(positive, tf.sqrt(tf.where(positive, x, tf.ones_like(x))), tf.zeros_like(x))
 
 
+def _check_epsilon(epsilon):
+    """`epsilon` unchanged after checking it is finite and >= 0 (a tensor only when its value is known).
+
+    A negative epsilon can make std + epsilon vanish or flip its sign, an infinite one zeroes every
+    map, silently. 0 is allowed here (an exact z-score; a blank map then gives NaN).
+    """
+    value = tf.get_static_value(epsilon) if isinstance(epsilon, (tf.Tensor, tf.Variable)) else epsilon
+    if value is not None:
+        check_number(value, "epsilon", minimum=0, strict=False, why=" (added to each map's std)")
+    return epsilon
+
+
 def standardize_cut(maps, epsilon: float = 1e-5) -> tf.Tensor:
     """Per map: subtract the mean, divide by (std + epsilon) over H, W, then ReLU.
 
     Args:
         maps: (N, H, W) or (N, H, W, 1) float tensor.
-        epsilon: added to the standard deviation.
+        epsilon: added to the standard deviation; finite, >= 0.
 
     Returns:
         A tensor of the input's shape.
     """
+    epsilon = _check_epsilon(epsilon)
     original = tf.convert_to_tensor(maps)
     maps = as_maps(original, "maps")
     mean = tf.reduce_mean(maps, axis=(1, 2), keepdims=True)
@@ -113,11 +126,12 @@ def harmonization_loss(saliency, human_maps, tokens=None, levels: int = 5, epsil
         human_maps: same shape, e.g. ClickMe maps.
         tokens: (N,) weights, 1 where a human map exists; None means all ones.
         levels: pyramid levels compared.
-        epsilon: added to the std in `standardize_cut`.
+        epsilon: added to the std in `standardize_cut`; finite, >= 0.
 
     Returns:
         A scalar in the saliency's float dtype (at least float32).
     """
+    epsilon = _check_epsilon(epsilon)
     saliency = as_maps(saliency, "saliency")
     if saliency.dtype in (tf.float16, tf.bfloat16):
         saliency = tf.cast(saliency, tf.float32)

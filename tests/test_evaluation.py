@@ -246,3 +246,59 @@ def test_bad_arguments_raise():
     assert evaluation.evaluate_alignment(numpy_explainer, endless, max_batches=3, verbose=0)[
         "num_images"
     ] == 6
+
+
+# ----------------------------------------------------------------------------- labels and tokens (issue 10, §2)
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (999, r"`label` of batch 1 must hold class ids in \[0, 3\).*out-of-range value\(s\) \[999\].*"
+              r"index \[1\].*The model has 3 logits"),
+        (-1, r"`label` of batch 1 must hold class ids in \[0, num_classes\).*\[-1\]"),
+    ],
+)
+def test_a_keras_model_refuses_labels_outside_its_classes_instead_of_scoring_zero(bad, match):
+    # tf.one_hot makes an all-zero row of such an id: a blank saliency map, a Spearman of 0, silently.
+    images, heatmaps, labels, _ = make_data(4)
+    labels[3] = bad
+    batches = [(images[:2], heatmaps[:2], labels[:2]), (images[2:], heatmaps[2:], labels[2:])]
+    with pytest.raises(ValueError, match=match):
+        evaluation.evaluate_alignment(tiny_model(), batches, verbose=0)
+
+
+def test_labels_are_checked_for_explainers_too():
+    images, heatmaps, labels, _ = make_data(2)
+
+    def run(labels):
+        return evaluation.evaluate_alignment(numpy_explainer, [(images, heatmaps, labels)], verbose=0)
+
+    with pytest.raises(ValueError, match=r"`label` of batch 0 .*\[-1\].*index \[0\]"):
+        run(np.array([-1, 2]))
+    with pytest.raises(ValueError, match=r"`label` of batch 0 .*not whole numbers \(float labels are not rounded\)"):
+        run(np.array([1.5, 2.0]))
+    with pytest.raises(ValueError, match=r"`label` of batch 0 .*one-hot/soft rows must be finite, >= 0 and not all"):
+        run(np.array([[0.0, 1.0, 0.0], [0.0, 0.0, 0.0]]))
+
+
+def test_whole_number_float_labels_score_as_integer_ids():
+    model = tiny_model()
+    images, heatmaps, labels, _ = make_data(4)
+    ids = evaluation.evaluate_alignment(model, [(images, heatmaps, labels)], verbose=0)
+    floats = evaluation.evaluate_alignment(model, [(images, heatmaps, labels.astype(np.float32))], verbose=0)
+    np.testing.assert_array_equal(floats["spearman"], ids["spearman"])
+    assert floats["accuracy"] == ids["accuracy"]
+
+
+@pytest.mark.parametrize("bad", [-1.0, 2.0, np.nan])
+def test_tokens_outside_zero_one_are_refused(bad):
+    # A token of -1 or NaN used to drop the example silently (token > 0 is scored), 2 to score it.
+    images, heatmaps, labels, _ = make_data(3)
+    tokens = np.array([1.0, bad, 0.0])
+    with pytest.raises(ValueError, match=r"`token` of batch 0 must be finite and in \[0, 1\].*index \[1\]"):
+        evaluation.evaluate_alignment(numpy_explainer, [(images, heatmaps, labels, tokens)], verbose=0)
+
+
+def test_two_tokens_per_example_name_both_shapes():
+    images, heatmaps, labels, _ = make_data(3)
+    with pytest.raises(ValueError, match=r"`token` of batch 0 must have shape \(N,\) or \(N, 1\).*got \(3, 2\)"):
+        evaluation.evaluate_alignment(numpy_explainer, [(images, heatmaps, labels, np.ones((3, 2)))], verbose=0)

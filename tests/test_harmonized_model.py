@@ -177,6 +177,14 @@ def test_wrapped_and_wrapper_models_save_and_reload(tmp_path):
     rewrapped.fit(dataset(), epochs=1, verbose=0)  # training resumes
 
 
+def test_compile_keeps_xla_off_unless_asked(monkeypatch):
+    # XLA would drop the step's label/token assertions; Keras's "auto" turns it on for GPUs.
+    for asked, expected in (({}, False), ({"jit_compile": "auto"}, False), ({"jit_compile": True}, True)):
+        hmodel = HarmonizedModel(small_cnn())
+        hmodel.compile(optimizer="sgd", **asked)
+        assert hmodel.jit_compile is expected
+
+
 def test_jit_compile_gives_the_same_step_as_graph_mode():
     weights = small_cnn().get_weights()
     data = arrays(8)

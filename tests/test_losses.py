@@ -171,3 +171,20 @@ def test_bad_levels_and_tokens():
         losses.pyramidal_mse(np.zeros((1, 8, 8)), np.zeros((1, 8, 8)), levels=0)
     with pytest.raises(ValueError, match="`tokens`"):
         losses.pyramidal_mse(np.zeros((2, 8, 8)), np.zeros((2, 8, 8)), tokens=np.ones((2, 3)))
+
+
+@pytest.mark.parametrize("epsilon", [-1e-5, float("inf"), float("nan"), "1e-5"])
+def test_bad_epsilon_is_refused_with_its_value(epsilon):
+    # A negative epsilon can cancel the std (a blank map's 0 / 0) or flip its sign; an infinite one zeroes every map.
+    maps = RNG.uniform(size=(2, 8, 8))
+    with pytest.raises(ValueError, match=rf"`epsilon` must be a finite number >= 0.*; got {epsilon!r}"):
+        losses.standardize_cut(maps, epsilon)
+    with pytest.raises(ValueError, match=r"`epsilon` must be a finite number >= 0"):
+        losses.harmonization_loss(maps, maps, epsilon=epsilon)
+    with pytest.raises(ValueError, match=r"`epsilon` must be a finite number >= 0"):
+        losses.standardize_cut(maps, tf.constant(epsilon, tf.float64) if not isinstance(epsilon, str) else epsilon)
+
+
+def test_epsilon_zero_is_an_exact_z_score():
+    maps = RNG.uniform(size=(2, 8, 8))
+    np.testing.assert_allclose(losses.standardize_cut(maps, 0.0).numpy(), np_standardize_cut(maps, 0.0), rtol=1e-10)

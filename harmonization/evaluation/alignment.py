@@ -16,7 +16,7 @@ import numpy as np
 import tensorflow as tf
 
 from harmonization import metrics
-from harmonization._validation import as_maps
+from harmonization._validation import as_maps, label_problem, token_problem
 from harmonization.saliency import class_logit_gradient
 from harmonization.saliency_input import AUTO, RAW_INPUT, resolve_saliency_input
 
@@ -81,19 +81,40 @@ def _unpack_batch(batch, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray
         raise ValueError(
             f"`label` of batch {index} must be class ids (N,) or one-hot labels (N, C); got {labels.shape}."
         )
+    # The upper bound needs the model's class count: `_check_label_range` once the logits are known.
+    problem = label_problem(labels, None, _label_layout(labels))
+    if problem is not None:
+        raise ValueError(f"`label` of batch {index} {problem}")
     if tokens is not None:
         if tokens.ndim == 2 and tokens.shape[1] == 1:
             tokens = tokens[:, 0]
         elif tokens.ndim == 0:
             tokens = np.full([n], tokens)
         if tokens.ndim != 1:
-            raise ValueError(f"`token` of batch {index} must have shape (N,); got {tokens.shape}.")
+            raise ValueError(
+                f"`token` of batch {index} must have shape (N,) or (N, 1), one per example; got {tokens.shape}."
+            )
+        problem = token_problem(tokens)
+        if problem is not None:
+            raise ValueError(f"`token` of batch {index} {problem}")
     sizes = {"image": n, "heatmap": heatmaps.shape[0], "label": labels.shape[0]}
     if tokens is not None:
         sizes["token"] = tokens.shape[0]
     if len(set(sizes.values())) != 1:
         raise ValueError(f"The parts of batch {index} have different batch sizes: {sizes}.")
     return images, heatmaps, labels, tokens
+
+
+def _label_layout(labels: np.ndarray) -> str:
+    """"soft" for one-hot/soft labels (N, C > 1), "ids" for class ids (N,) or (N, 1)."""
+    return "soft" if labels.ndim == 2 and labels.shape[1] > 1 else "ids"
+
+
+def _check_label_range(labels: np.ndarray, num_classes: int, index: int) -> None:
+    """Refuse class ids >= the model's number of logits: tf.one_hot would score them as an all-zero map."""
+    problem = label_problem(labels, num_classes, _label_layout(labels))
+    if problem is not None:
+        raise ValueError(f"`label` of batch {index} {problem} The model has {num_classes} logits.")
 
 
 def _class_ids(labels: np.ndarray) -> np.ndarray:
@@ -168,7 +189,9 @@ def evaluate_alignment(
 
     Only the examples with `token > 0` are scored (all of them if the batches have no token): ClickMe
     marks the images without a human map with token 0. Saliency maps whose size differs from the human
-    maps' are resized to it (bilinear) before scoring.
+    maps' are resized to it (bilinear) before scoring. Tokens must be in [0, 1], one per example; labels
+    must be class ids in [0, number of logits) (whole numbers; floats are not rounded) or one-hot/soft
+    rows, >= 0: anything else raises a ValueError naming the batch rather than scoring 0 silently.
 
     Args:
         model_or_explainer: a Keras model (or layer) returning logits, explained with
@@ -251,12 +274,14 @@ def evaluate_alignment(
             break
         num_batches += 1
         images, heatmaps, labels, tokens = _unpack_batch(batch, index)
+        all_labels = labels
         if tokens is not None:
             keep = tokens > 0
             images, heatmaps, labels = images[keep], heatmaps[keep], labels[keep]
         if images.shape[0] > 0:
             if is_keras:
                 logits, saliency = explain(tf.convert_to_tensor(images), tf.convert_to_tensor(labels))
+                _check_label_range(all_labels, logits.shape[-1], index)
                 predicted = np.argmax(logits.numpy(), axis=-1)
                 num_correct += int(np.sum(predicted == _class_ids(labels)))
             else:
