@@ -45,8 +45,13 @@ PUBLISHED_FEATURES = {
     "label": tf.io.FixedLenFeature([], tf.int64),
 }
 
+#: ClickMe labels are ImageNet-1k class indices: 0 <= label < CLICKME_NUM_CLASSES.
+CLICKME_NUM_CLASSES = 1000
+
 _AUTOTUNE = tf.data.AUTOTUNE
 _CLICKME_KEYS = ("image", "heatmap", "label")
+#: Bytes a TFRecord file adds to each record: the uint64 length and two uint32 CRCs.
+_TFRECORD_FRAMING_BYTES = 16
 
 
 # --------------------------------------------------------------------------------------------
@@ -504,25 +509,84 @@ def from_tfrecords(
                 f"{paths.element_spec}."
             )
         records = paths
+        # No file names: errors name the record's position in `paths`.
+        records = records.enumerate().map(
+            lambda index, record: (record, tf.constant("the `paths` dataset"), index)
+        )
     else:
         files = _expand_paths(paths)
-        filenames = tf.data.Dataset.from_tensor_slices(files)
+        sizes = [tf.io.gfile.stat(file).length for file in files]
+        filenames = tf.data.Dataset.from_tensor_slices((files, tf.constant(sizes, tf.int64)))
         if training:
             filenames = filenames.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
         records = filenames.interleave(
-            tf.data.TFRecordDataset,
+            _shard_records,
             cycle_length=min(len(files), 16),
             num_parallel_calls=_AUTOTUNE,
             deterministic=seed is not None or not training,
         )
-    examples = records.map(
-        lambda record: tf.io.parse_single_example(record, PUBLISHED_FEATURES), num_parallel_calls=_AUTOTUNE
-    )
+    examples = records.map(_parse_published_record, num_parallel_calls=_AUTOTUNE)
     preprocessor = _Preprocessor(
         image_size, training, with_heatmaps=True, crop_scale=crop_scale, crop_ratio=crop_ratio, blur=blur
     )
     drop = training if drop_remainder is None else bool(drop_remainder)
     return _pipeline(examples, preprocessor, batch_size, seed, shuffle_buffer, drop)
+
+
+def _shard_records(filename: tf.Tensor, size: tf.Tensor) -> tf.data.Dataset:
+    """(record, filename, index) per record of one shard; an error naming the shard if it is broken.
+
+    tf.data.TFRecordDataset reports a bad length or CRC, or a truncated file, as a DataLossError
+    with a byte offset but no file name, and cannot be wrapped to add one. So the reader stops
+    quietly at such a record (`ignore_errors`, this shard only), and an end marker checks that the
+    records read cover the whole file (`size`, taken when the pipeline is made): if not, an
+    InvalidArgumentError names the shard, the record and the byte where reading stopped.
+    """
+    records = tf.data.TFRecordDataset(filename).ignore_errors().enumerate()
+    end_marker = tf.data.Dataset.from_tensors((tf.constant(-1, tf.int64), tf.constant(b"")))
+
+    def step(state, item):
+        offset, count = state  # Bytes and records read so far.
+        index, record = item  # index is -1 for the end marker.
+
+        def stopped_early():
+            message = tf.strings.join([
+                "ClickMe shard ", filename, " is corrupted or truncated: record ", tf.strings.as_string(count),
+                " (at byte ", tf.strings.as_string(offset), " of ", tf.strings.as_string(size), ") has a bad "
+                "length or CRC, or the file ends inside it; tf.data.TFRecordDataset cannot read past it. "
+                "Download the shard again (the clickme/skip_bad_records TFDS build skips such records).",
+            ])
+            with tf.control_dependencies([tf.debugging.Assert(False, [message])]):
+                return tf.identity(offset)
+
+        complete = tf.logical_or(index >= 0, tf.equal(offset, size))
+        offset = tf.cond(complete, lambda: offset, stopped_early)
+        # Each record takes its length plus 16 bytes of framing (length, two CRCs).
+        offset += tf.cast(tf.strings.length(record), tf.int64) + _TFRECORD_FRAMING_BYTES
+        return (offset, count + 1), (record, index)
+
+    zero = tf.constant(0, tf.int64)
+    checked = records.concatenate(end_marker).scan((zero, zero), step)
+    return checked.filter(lambda record, index: index >= 0).map(lambda record, index: (record, filename, index))
+
+
+def _parse_published_record(record: tf.Tensor, source: tf.Tensor, index: tf.Tensor) -> dict:
+    """The features of one published record; an error naming `label`, the shard and the record if
+    its label is not an ImageNet-1k class (one-hot encoding would silently give an all-zero row)."""
+    example = tf.io.parse_single_example(record, PUBLISHED_FEATURES)
+    label = example["label"]
+
+    def out_of_range():
+        message = tf.strings.join([
+            "ClickMe `label` ", tf.strings.as_string(label), " of record ", tf.strings.as_string(index), " in ",
+            source, f" is outside [0, {CLICKME_NUM_CLASSES}): ClickMe labels are ImageNet-1k class indices.",
+        ])
+        with tf.control_dependencies([tf.debugging.Assert(False, [message])]):
+            return tf.identity(label)
+
+    in_range = tf.logical_and(label >= 0, label < CLICKME_NUM_CLASSES)
+    example["label"] = tf.cond(in_range, lambda: label, out_of_range)
+    return example
 
 
 def load_imagenet(

@@ -265,13 +265,14 @@ def _cached_conversion(entry: Mapping[str, Any]) -> Path | None:
 
 
 def download_file(url: str, destination: str | os.PathLike, *, expected_sha256: str | None = None,
-                  expected_size: int | None = None, timeout: float | None = None) -> Path:
+                  expected_size: int | None = None, timeout: float | None = None, progress: bool = True) -> Path:
     """Download `url` to `destination` with a progress bar; only a complete, verified file is ever moved there.
 
     The bytes go to a temporary `.incomplete` file first. A body shorter than its `Content-Length`, or a size
     or sha256 different from the expected ones, raises `PresetError` and leaves nothing behind. Connecting and
     each read wait at most `timeout` seconds (default `harmonization.network.timeout()`); a connection that
     fails or stalls is tried again, `network.attempts()` times in all, then raises `HubUnavailableError`.
+    `progress=False` hides the progress bar (for callers that show their own).
     """
     import urllib.error
 
@@ -286,8 +287,9 @@ def download_file(url: str, destination: str | os.PathLike, *, expected_sha256: 
         return isinstance(error, OSError)  # refused, reset, timed out (URLError is an OSError)
 
     try:
-        announced, received, sha256 = network.retry(lambda: _fetch(url, partial, destination.name, timeout),
-                                                    transient=transient)
+        announced, received, sha256 = network.retry(
+            lambda: _fetch(url, partial, destination.name, timeout, progress), transient=transient
+        )
     except OSError as error:
         partial.unlink(missing_ok=True)
         if isinstance(error, urllib.error.HTTPError):
@@ -312,7 +314,7 @@ def download_file(url: str, destination: str | os.PathLike, *, expected_sha256: 
     return destination
 
 
-def _fetch(url: str, partial: Path, label: str, timeout: float) -> tuple[int | None, int, str]:
+def _fetch(url: str, partial: Path, label: str, timeout: float, progress: bool) -> tuple[int | None, int, str]:
     """One attempt: stream `url` into `partial`; return (announced length, bytes received, sha256)."""
     import http.client
     import urllib.request
@@ -325,7 +327,7 @@ def _fetch(url: str, partial: Path, label: str, timeout: float) -> tuple[int | N
         announced = response.headers.get("Content-Length")
         announced = int(announced) if announced is not None else None
         with hf_tqdm(total=announced, unit="B", unit_scale=True, unit_divisor=1024,
-                     desc=f"Downloading {label}") as progress:
+                     desc=f"Downloading {label}", disable=not progress) as bar:
             while True:
                 try:
                     chunk = response.read(1 << 20)
@@ -340,7 +342,7 @@ def _fetch(url: str, partial: Path, label: str, timeout: float) -> tuple[int | N
                 handle.write(chunk)
                 digest.update(chunk)
                 received += len(chunk)
-                progress.update(len(chunk))
+                bar.update(len(chunk))
     return announced, received, digest.hexdigest()
 
 

@@ -7,6 +7,8 @@ Everything runs offline on tiny generated shards in the published format.
 from __future__ import annotations
 
 import io
+import re
+import struct
 import tarfile
 
 import numpy as np
@@ -384,6 +386,67 @@ def test_from_tfrecords_without_matching_files(tmp_path):
         data.from_tfrecords(str(tmp_path / "train-*.tfrecords"), 2)
     with pytest.raises(ValueError, match="empty"):
         data.from_tfrecords([], 2)
+
+
+def _record_start(path, index: int) -> int:
+    """Byte offset of record `index` of a TFRecord file (uint64 length + 4 bytes CRC, data, 4 bytes CRC)."""
+    raw, offset = path.read_bytes(), 0
+    for _ in range(index):
+        offset += 16 + struct.unpack("<Q", raw[offset : offset + 8])[0]
+    return offset
+
+
+def _flip_data_byte(path):
+    raw = bytearray(path.read_bytes())
+    raw[_record_start(path, 2) + 12 + 50] ^= 0x40  # Inside the data of record 2: its CRC fails.
+    path.write_bytes(bytes(raw))
+
+
+def _cut_inside_record_2(path):
+    path.write_bytes(path.read_bytes()[: _record_start(path, 2) + 30])
+
+
+def _partial_header_at_end(path):
+    path.write_bytes(path.read_bytes()[: _record_start(path, 3)] + b"\x07\x00")  # tf.data ends there silently.
+
+
+@pytest.mark.parametrize("damage", [_flip_data_byte, _cut_inside_record_2, _partial_header_at_end])
+@pytest.mark.parametrize("training", [False, True])
+def test_from_tfrecords_errors_name_the_broken_shard(tmp_path, damage, training):
+    write_shards(tmp_path, {"train-0": 3, "train-1": 4, "train-2": 2}, quality=50)
+    broken = tmp_path / "train-1.tfrecords"
+    damage(broken)
+    record = 3 if damage is _partial_header_at_end else 2
+    where = rf"record {record} \(at byte {_record_start(broken, record)} of {broken.stat().st_size}\)"
+    match = rf"ClickMe shard {re.escape(str(broken))} is corrupted or truncated: {where}"
+    dataset = data.from_tfrecords(str(tmp_path / "train-*.tfrecords"), 2, 16, training=training, seed=0)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=match):
+        for _ in dataset:
+            pass
+
+
+def test_from_tfrecords_reads_every_record_of_sound_shards(shard_dir):
+    # The end-of-shard check passes on sound shards, in both orders.
+    for training in (False, True):
+        dataset = data.from_tfrecords(str(shard_dir / "*.tfrecords"), 4, 16, training=training, drop_remainder=False)
+        assert sum(int(batch["label"].shape[0]) for batch in dataset) == sum(SHARDS.values())
+
+
+@pytest.mark.parametrize("label", [-1, 1000])
+def test_from_tfrecords_rejects_labels_outside_the_imagenet_classes(tmp_path, label):
+    records = list(published_shards.synthetic_records(3, seed=0, size=32))
+    example = tf.train.Example.FromString(records[1])
+    example.features.feature["label"].int64_list.value[:] = [label]
+    records[1] = example.SerializeToString()
+    path = tmp_path / "val-0.tfrecords"
+    published_shards.write_shard(path, records)
+    match = rf"ClickMe `label` {label} of record 1 in {re.escape(str(path))} is outside \[0, 1000\)"
+    with pytest.raises(tf.errors.InvalidArgumentError, match=match):
+        list(data.from_tfrecords(path, 3, 16))
+    # Records given as a dataset have no file name: the error names their position.
+    records_dataset = tf.data.TFRecordDataset(str(path))
+    with pytest.raises(tf.errors.InvalidArgumentError, match=rf"`label` {label} of record 1 in the `paths` dataset"):
+        list(data.from_tfrecords(records_dataset, 3, 16))
 
 
 def test_load_clickme_rejects_a_dataset_without_maps(tmp_path):
