@@ -420,6 +420,7 @@ def load_clickme(
     shuffle_buffer: int = 2048,
     drop_remainder: bool | None = None,
     download: bool = True,
+    manual_dir: str | os.PathLike | None = None,
     crop_scale: Sequence[float] = DEFAULT_CROP_SCALE,
     crop_ratio: Sequence[float] = DEFAULT_CROP_RATIO,
     blur: bool = True,
@@ -444,6 +445,9 @@ def load_clickme(
         shuffle_buffer: int. Examples in the shuffle buffer (encoded, ~40 KB each). Defaults to 2048.
         drop_remainder: bool. Drop the last incomplete batch. Defaults to `training`.
         download: bool. Download and prepare the dataset if `data_dir` lacks it. Defaults to True.
+        manual_dir: str, path or None. Build from the published shards in this folder instead of
+            downloading them (`train-*.tfrecords`, `val-*.tfrecords`); a missing or empty folder is an
+            error. Defaults to None.
         crop_scale: (min, max) fraction of the image area kept by the random crop.
             Defaults to (0.08, 1.0).
         crop_ratio: (min, max) aspect ratio of the random crop. Defaults to (3/4, 4/3).
@@ -460,7 +464,7 @@ def load_clickme(
     ```
     """
     _check_common_args(batch_size, image_size, shuffle_buffer, crop_scale, crop_ratio)
-    builder = _tfds_builder(name, data_dir, download, split)
+    builder = _tfds_builder(name, data_dir, download, split, manual_dir=manual_dir)
     features = builder.info.features
     missing = [key for key in _CLICKME_KEYS if key not in features]
     if missing:
@@ -753,6 +757,7 @@ def _tfds_builder(name: str, data_dir, download: bool, split: str, manual_dir=No
         download_config = tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir) if manual_dir else None)
         builder.download_and_prepare(download_config=download_config)
     _check_split(split, tuple(builder.info.splits.keys()), name)
+    _check_split_selects_examples(split, builder.info.splits, name)
     return builder
 
 
@@ -767,6 +772,29 @@ def _check_split(split: str, available: Sequence[str], name: str) -> None:
         if base not in available:
             hint = " (ClickMe's published 'val' shards are the split 'validation')" if base == "val" else ""
             raise ValueError(f"Unknown split {base!r} for dataset {name!r}; available: {sorted(available)}{hint}.")
+
+
+def _check_split_selects_examples(split: str, split_infos, name: str) -> None:
+    """Raise a ValueError saying where a slice starts and ends when it selects nothing (e.g. train[50%:10%]).
+
+    TFDS itself reports such a slice only when it is read, as a negative number of elements.
+    """
+    import tensorflow_datasets as tfds
+
+    try:
+        parts = tfds.core.ReadInstruction.from_spec(split).to_absolute(split_infos)
+    except (ValueError, AssertionError) as error:
+        raise ValueError(f"`split` {split!r} of dataset {name!r}: {str(error).splitlines()[0]}") from None
+    for part in parts:
+        size = split_infos[part.splitname].num_examples
+        start = 0 if part.from_ is None else part.from_
+        end = size if part.to is None else part.to
+        if end <= start:
+            raise ValueError(
+                f"`split` {split!r} of dataset {name!r} selects no examples: its {part.splitname!r} slice starts "
+                f"at example {start} and ends at {end} (of {size}); the end must come after the start, e.g. "
+                f"{part.splitname}[{min(start, end)}:{max(start, end)}]."
+            )
 
 
 def _tfds_examples(builder, split: str, training: bool, seed: int | None, encoded: Sequence[str]):

@@ -40,8 +40,7 @@ def not_found_server(root: Path):
 
 @pytest.mark.parametrize("state", ["missing", "empty"])
 def test_harmonization_data_passes_a_named_manual_directory_through(tmp_path, monkeypatch, state):
-    # `load_clickme` has no `manual_dir` argument; `_tfds_builder` is what `load_imagenet` and the
-    # ClickMe loaders share, and it hands `manual_dir` to TFDS.
+    # `load_clickme(manual_dir=...)` hands the folder to TFDS: a missing or empty one is an error, not a download.
     manual = tmp_path / "manual"
     if state == "empty":
         manual.mkdir()
@@ -51,5 +50,5 @@ def test_harmonization_data_passes_a_named_manual_directory_through(tmp_path, mo
         monkeypatch.setenv("HARMONIZATION_CLICKME_URL", base_url)  # A download would get 404s, fast.
         expected = "does not exist" if state == "missing" else "is empty"
         with pytest.raises(FileNotFoundError, match=rf"{manual} \(`manual_dir`\) {expected}(?s:.*)train-\*\.tfrecords"):
-            data._tfds_builder("clickme", tmp_path / "data", True, "validation", manual_dir=manual)
+            data.load_clickme("validation", 8, data_dir=tmp_path / "data", manual_dir=manual)
     assert requested == []

@@ -346,6 +346,14 @@ def test_wrong_split_names_the_available_ones(clickme_dir):
     assert next(iter(data.load_clickme("train[:4]", 4, 32, data_dir=clickme_dir)))["image"].shape[0] == 4
 
 
+def test_a_slice_that_selects_nothing_says_where_it_starts_and_ends(clickme_dir):
+    with pytest.raises(ValueError, match=r"selects no examples: its 'train' slice starts at example \d+ and ends at "
+                                         r"\d+ \(of \d+\)"):
+        data.load_clickme("train[50%:10%]", 2, data_dir=clickme_dir)
+    with pytest.raises(ValueError, match=r"`split` 'train\[:100000\]' of dataset 'clickme'.*incompatible"):
+        data.load_clickme("train[:100000]", 2, data_dir=clickme_dir)
+
+
 def test_wrong_split_is_caught_before_any_download(tmp_path):
     with pytest.raises(ValueError, match="Unknown split 'trian'"):
         data.load_clickme("trian", 2, data_dir=tmp_path)
