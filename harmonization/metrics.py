@@ -5,10 +5,19 @@ as the per-image Spearman rank correlation between the saliency map and the huma
 human inter-rater ceiling (`alignment_score`). Dice and IoU of the top `percentile` % pixels of each map
 are reported alongside.
 
-All three per-image metrics are batched TensorFlow: one sort per map, no Python loop over images, so
+All three per-image metrics are batched TensorFlow (one sort per map, many maps per op), so
 they run on a GPU, inside `tf.function` and under XLA (`jit_compile=True`): every shape is static.
 Maps are (N, H, W) or (N, H, W, 1); the result is a float32 tensor of shape (N,). In a graph, NaN or
 Inf in the maps fail with an InvalidArgumentError instead of the eager ValueError.
+
+Large batches are scored `CHUNK_PIXELS` pixels (whole maps) at a time, so that memory stays a small
+multiple of the maps themselves: eagerly with a Python loop, in a graph whose shapes are known with a
+sequential `tf.while_loop` of static-shape steps (which XLA compiles too). Eagerly, valid NumPy maps
+are read in place rather than converted to tensors (TensorFlow copies a large array once or twice).
+
+Executed eagerly on a machine with no GPU or TPU, `spearman` ranks with NumPy instead, a map or a few
+at a time: TensorFlow's full CPU sort is several times slower than NumPy's. Both paths compute the same
+integer ranks and the same exact sums, so they return identical results.
 """
 
 from __future__ import annotations
@@ -30,6 +39,65 @@ HUMAN_CEILING = 0.65753
 EPSILON = 1e-9
 
 
+#: The most pixels (whole maps, at least one) that one step of a metric works on: a batch of maps larger
+#: than this is scored in chunks, so that the metric's working memory stays ~0.5 GiB whatever the batch
+#: (a sort of 1M pixels and its bookkeeping), next to a copy of the maps. 2**20 is 20 maps of 224x224.
+CHUNK_PIXELS = 1 << 20
+
+#: The NumPy Spearman path works on at most this many pixels at a time (one 224x224 map): its sorts and
+#: gathers then stay in the CPU caches, which is faster than bigger chunks.
+_NUMPY_BLOCK_PIXELS = 1 << 16
+
+
+def _chunk_maps(pixels_per_map: int, chunk_pixels: int) -> int:
+    """How many maps of `pixels_per_map` pixels fit in `chunk_pixels` (at least one)."""
+    return max(1, int(chunk_pixels) // max(1, int(pixels_per_map)))
+
+
+def _by_chunks(fn, a: tf.Tensor, b: tf.Tensor, out_dtypes) -> list[tf.Tensor]:
+    """Apply `fn` to two (N, P) batches `CHUNK_PIXELS` at a time and concatenate its per-row results.
+
+    `fn(a_rows, b_rows)` returns a tuple of (rows,) tensors of `out_dtypes`, each row depending only on
+    that row of `a` and `b`. `a` and `b` are tensors, or (eagerly) NumPy arrays from `_map_pair`, whose
+    chunks become the tensors `_as_map_pair` would have made.
+
+    Eagerly: a Python loop over slices. In a graph whose N and P are known: a `tf.while_loop` over the
+    full chunks, one at a time (`parallel_iterations=1`; every slice has a static shape, so XLA compiles
+    it too), then one call for the remainder. With N or P unknown until run time: one call for the whole
+    batch, unchunked.
+    """
+    if tf.executing_eagerly():
+        n, p = a.shape
+        step = _chunk_maps(p, CHUNK_PIXELS)
+        parts = [
+            fn(_as_tensor(a[i : i + step]), _as_tensor(b[i : i + step])) for i in range(0, max(n, 1), step)
+        ]
+        return [tf.concat(list(column), axis=0) if len(parts) > 1 else column[0] for column in zip(*parts)]
+
+    n, p = a.shape[0], a.shape[1]
+    if n is None or p is None:
+        return list(fn(a, b))
+    step = _chunk_maps(p, CHUNK_PIXELS)
+    full = n // step
+    if full <= 1:
+        return list(fn(a, b))
+
+    def body(i, *arrays):
+        begin = [i * step, 0]
+        results = fn(tf.slice(a, begin, [step, p]), tf.slice(b, begin, [step, p]))
+        return (i + 1, *[array.write(i, result) for array, result in zip(arrays, results)])
+
+    arrays = [tf.TensorArray(d, size=full, element_shape=[step]) for d in out_dtypes]
+    _, *arrays = tf.while_loop(
+        lambda i, *_: i < full, body, (tf.constant(0), *arrays), parallel_iterations=1
+    )
+    columns = [tf.reshape(array.stack(), [full * step]) for array in arrays]
+    if full * step < n:
+        tail = fn(a[full * step :], b[full * step :])
+        columns = [tf.concat([column, last], axis=0) for column, last in zip(columns, tail)]
+    return columns
+
+
 def _as_map_pair(a, b) -> tuple[tf.Tensor, tf.Tensor]:
     """Validate two map batches and return them flattened to (N, H*W)."""
     a, b = tf.convert_to_tensor(a), tf.convert_to_tensor(b)
@@ -43,6 +111,48 @@ def _as_map_pair(a, b) -> tuple[tf.Tensor, tf.Tensor]:
     b = check_finite(b, "b")
     n = tf.shape(a)[0]
     return tf.reshape(a, [n, -1]), tf.reshape(b, [n, -1])
+
+
+def _as_tensor(maps) -> tf.Tensor:
+    """A chunk of `_map_pair`'s maps as a tensor, with `_as_map_pair`'s dtype (integers become float64)."""
+    if isinstance(maps, np.ndarray) and maps.dtype.kind != "f":
+        maps = maps.astype(np.float64)
+    return tf.convert_to_tensor(maps)
+
+
+def _numpy_map_pair(a, b) -> tuple[np.ndarray, np.ndarray] | None:
+    """Two NumPy map batches as (N, P) views, if `_as_map_pair` would accept them; else None.
+
+    Converting a large NumPy array to a tensor costs one or two copies of it; this takes none. On None
+    (not NumPy, or anything `_as_map_pair` may reject), the caller validates with `_as_map_pair`, which
+    raises its usual errors.
+    """
+    maps = []
+    for x in (a, b):
+        if not isinstance(x, np.ndarray) or x.dtype.kind not in "fiub" or x.dtype.itemsize > 8:
+            return None
+        if x.ndim == 4 and x.shape[-1] == 1:
+            x = x[..., 0]
+        if x.ndim != 3 or x.shape[1] * x.shape[2] == 0:
+            return None
+        # min and max are NaN if any value is, and +-Inf if any value is: no (N, H, W) mask needed.
+        if x.dtype.kind == "f" and x.size and not (np.isfinite(x.min()) and np.isfinite(x.max())):
+            return None
+        maps.append(x)
+    a, b = maps
+    if a.shape != b.shape:
+        return None
+    n, height, width = a.shape
+    return a.reshape(n, height * width), b.reshape(n, height * width)
+
+
+def _map_pair(a, b):
+    """`_as_map_pair`, except that executing eagerly, valid NumPy maps stay NumPy (no copy)."""
+    if tf.executing_eagerly():
+        pair = _numpy_map_pair(a, b)
+        if pair is not None:
+            return pair
+    return _as_map_pair(a, b)
 
 
 def average_ranks(values) -> tf.Tensor:
@@ -81,26 +191,12 @@ def average_ranks(values) -> tf.Tensor:
     return tf.reshape(doubled, [n, p])
 
 
-def spearman(a, b, *, dtype=tf.float32) -> tf.Tensor:
-    """Per-map Spearman rank correlation between two batches of maps, ties ranked by their average.
-
-    Equal to `scipy.stats.spearmanr(a[i].ravel(), b[i].ravel())` for each i, except for a constant map:
-    it ranks nothing, so it gets 0.0 (no agreement) where scipy returns NaN, and one blank map cannot
-    turn a dataset's mean into NaN. The correlation is computed in float64, exact for 224x224 maps.
-
-    Args:
-        a: (N, H, W) or (N, H, W, 1) maps, e.g. model saliency.
-        b: maps of the same shape, e.g. human feature importance.
-        dtype: float dtype of the result. Defaults to float32; float64 returns the computation as is.
-
-    Returns:
-        A tensor (N,) in [-1, 1].
-    """
-    a, b = _as_map_pair(a, b)
-    n = tf.shape(a)[0]
+def _spearman_rows(a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
+    """The TensorFlow path: per-row Spearman of two (n, P) batches, float64, unclipped."""
     if a.dtype != b.dtype:
         # Widening is exact and keeps the order (and the ties) of each map.
         a, b = tf.cast(a, tf.float64), tf.cast(b, tf.float64)
+    n = tf.shape(a)[0]
     # One sort for both batches.
     doubled = average_ranks(tf.concat([a, b], axis=0))
     p = tf.cast(tf.shape(a)[1], tf.int64)
@@ -111,7 +207,99 @@ def spearman(a, b, *, dtype=tf.float32) -> tf.Tensor:
     covariance = tf.reduce_sum(ca * cb, axis=1)
     scale = tf.sqrt(tf.reduce_sum(ca * ca, axis=1) * tf.reduce_sum(cb * cb, axis=1))
     safe_scale = tf.where(scale > 0, scale, tf.ones_like(scale))
-    rho = tf.where(scale > 0, covariance / safe_scale, tf.zeros_like(scale))
+    return tf.where(scale > 0, covariance / safe_scale, tf.zeros_like(scale))
+
+
+def _centred_sorted_ranks(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """NumPy: sort each row of `x` (c, P); return the sort order and the rows' centred doubled ranks.
+
+    `centred[i, j]` is twice the average rank of `x[i, order[i, j]]` minus (P + 1), the integer that
+    `_spearman_rows` computes for that pixel. Tied values are adjacent once sorted, whatever the sort
+    (so it need not be stable), and share the average of their positions.
+    """
+    c, p = x.shape
+    order = np.argsort(x, axis=1)
+    ordered = np.take_along_axis(x, order, axis=1)
+    starts = np.empty((c, p), bool)
+    starts[:, 0] = True  # every row starts a run, so runs never cross rows
+    np.not_equal(ordered[:, 1:], ordered[:, :-1], out=starts[:, 1:])
+    first = np.flatnonzero(starts)  # flat position of each run's first element
+    end = np.empty_like(first)  # ... and one past its last
+    end[:-1], end[-1] = first[1:], c * p
+    # A run at row positions s .. e-1 has ranks s+1 .. e: twice their mean is s + e + 1, centred s + e - p.
+    # With flat positions (row r adds r * p to both), that is first + end - p - 2 r p.
+    rank_dtype = np.int32 if 2 * c * p < 2**31 else np.int64
+    centred = np.repeat((first + end - p).astype(rank_dtype), end - first).reshape(c, p)
+    centred -= (2 * p * np.arange(c, dtype=rank_dtype))[:, None]
+    return order, centred
+
+
+def _rankable(x: np.ndarray) -> np.ndarray:
+    """`x` in a dtype NumPy sorts fast, with the same order and ties as the TensorFlow path's.
+
+    Integers and booleans become float64, as in `_as_map_pair`; float16 (or bfloat16) becomes float32.
+    """
+    if x.dtype in (np.float32, np.float64):
+        return x
+    return x.astype(np.float64 if x.dtype.kind in "iub" else np.float32)
+
+
+def _spearman_numpy(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The NumPy path: `_spearman_rows` for two (N, P) arrays, a few maps at a time (cache-sized)."""
+    n, p = a.shape
+    rho = np.zeros(n, np.float64)
+    step = _chunk_maps(p, min(CHUNK_PIXELS, _NUMPY_BLOCK_PIXELS))
+    for start in range(0, n, step):
+        rows = slice(start, start + step)
+        order_a, ranks_a = _centred_sorted_ranks(_rankable(a[rows]))
+        order_b, ranks_b = _centred_sorted_ranks(_rankable(b[rows]))
+        # a's ranks back in pixel order, then read at b's sorted pixels: pairs them with b's ranks.
+        pixel_ranks_a = np.empty_like(ranks_a)
+        np.put_along_axis(pixel_ranks_a, order_a, ranks_a, axis=1)
+        paired_a = np.take_along_axis(pixel_ranks_a, order_b, axis=1).astype(np.float64)
+        ranks_a, ranks_b = ranks_a.astype(np.float64), ranks_b.astype(np.float64)
+        # Exact integer sums in float64, as in `_spearman_rows`: the same numbers, so the same result.
+        covariance = np.einsum("ij,ij->i", paired_a, ranks_b)
+        scale = np.sqrt(np.einsum("ij,ij->i", ranks_a, ranks_a) * np.einsum("ij,ij->i", ranks_b, ranks_b))
+        np.divide(covariance, scale, out=rho[rows], where=scale > 0)
+    return rho
+
+
+def _numpy_path_applies(maps) -> bool:
+    """Whether `spearman` ranks with NumPy: executing eagerly, on concrete maps, with no GPU or TPU."""
+    return (
+        tf.executing_eagerly()
+        and not tf.is_symbolic_tensor(maps)
+        and not tf.config.list_logical_devices("GPU")
+        and not tf.config.list_logical_devices("TPU")
+    )
+
+
+def spearman(a, b, *, dtype=tf.float32) -> tf.Tensor:
+    """Per-map Spearman rank correlation between two batches of maps, ties ranked by their average.
+
+    Equal to `scipy.stats.spearmanr(a[i].ravel(), b[i].ravel())` for each i, except for a constant map:
+    it ranks nothing, so it gets 0.0 (no agreement) where scipy returns NaN, and one blank map cannot
+    turn a dataset's mean into NaN. The correlation is computed in float64, exact for 224x224 maps.
+
+    Maps are scored `CHUNK_PIXELS` pixels at a time. Executed eagerly on a machine without a GPU or TPU,
+    the ranks are computed with NumPy (faster there than TensorFlow's sort); in a `tf.function`, or
+    with an accelerator, with TensorFlow. Both give identical results.
+
+    Args:
+        a: (N, H, W) or (N, H, W, 1) maps, e.g. model saliency.
+        b: maps of the same shape, e.g. human feature importance.
+        dtype: float dtype of the result. Defaults to float32; float64 returns the computation as is.
+
+    Returns:
+        A tensor (N,) in [-1, 1].
+    """
+    a, b = _map_pair(a, b)
+    if _numpy_path_applies(a):
+        # np.asarray shares a tensor's memory (`.numpy()` would copy it).
+        rho = tf.constant(_spearman_numpy(np.asarray(a), np.asarray(b)))
+    else:
+        (rho,) = _by_chunks(lambda x, y: (_spearman_rows(x, y),), a, b, [tf.float64])
     return tf.cast(tf.clip_by_value(rho, -1.0, 1.0), dtype)
 
 
@@ -169,10 +357,8 @@ def _top_percentile_masks(maps: tf.Tensor, percentile: float) -> tf.Tensor:
     return maps > threshold[:, None]
 
 
-def _overlaps(a, b, percentile) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-    """Return |A & B|, |A| + |B| and |A | B| (float32, (N,)) of the top-`percentile` % masks."""
-    percentile = _check_percentile(percentile)
-    a, b = _as_map_pair(a, b)
+def _overlap_counts(a: tf.Tensor, b: tf.Tensor, percentile: float) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """Return |A & B|, |A| + |B| and |A | B| (float32, (n,)) of the top-`percentile` % masks of (n, P)."""
     mask_a = _top_percentile_masks(a, percentile)
     mask_b = _top_percentile_masks(b, percentile)
 
@@ -181,6 +367,14 @@ def _overlaps(a, b, percentile) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
 
     intersection = count(tf.logical_and(mask_a, mask_b))
     return intersection, count(mask_a) + count(mask_b), count(tf.logical_or(mask_a, mask_b))
+
+
+def _overlaps(a, b, percentile) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """`_overlap_counts` of two validated map batches, `CHUNK_PIXELS` at a time."""
+    percentile = _check_percentile(percentile)
+    a, b = _map_pair(a, b)
+    counts = _by_chunks(lambda x, y: _overlap_counts(x, y, percentile), a, b, [tf.float32] * 3)
+    return tuple(counts)
 
 
 def _published_ratio(numerator: tf.Tensor, denominator: tf.Tensor, dtype=tf.float32) -> tf.Tensor:

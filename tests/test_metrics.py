@@ -1,5 +1,10 @@
 """Human-alignment metrics against SciPy (Spearman) and NumPy (percentile masks) references."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -118,6 +123,129 @@ def test_metrics_compile_with_xla_on_full_size_maps():
     np.testing.assert_allclose(dice_xla(a, b).numpy(), numpy_overlaps(a, b, 30)[0], atol=1e-6)
 
 
+# ----------------------------------------------------------------------------- the two Spearman paths, chunks
+def _spearman_tf_path(a, b, **kwargs):
+    """`spearman` forced onto its TensorFlow path while executing eagerly (the path a GPU takes)."""
+    original = metrics._numpy_path_applies
+    metrics._numpy_path_applies = lambda _: False
+    try:
+        return metrics.spearman(a, b, **kwargs)
+    finally:
+        metrics._numpy_path_applies = original
+
+
+def tied_map_pairs(kind, n, size, dtype):
+    """Pairs of maps with many ties: integer-valued maps, or human-like maps with large zero regions."""
+    if kind == "integers":
+        a = RNG.integers(0, 6, (n, size, size)).astype(dtype)
+        b = RNG.integers(-3, 3, (n, size, size)).astype(dtype)
+    else:
+        b = human_like_maps(n, size).astype(dtype)
+        a = (saliency_like_maps(n, size) + 2 * b).astype(dtype)
+        a[:, : size // 3] = 0.0  # a tie group in the saliency map too
+        a[:, : size // 6] = -0.0  # signed zeros tie with zeros, as in scipy
+    a[1] = 0.0  # a constant map
+    a[3] = b[3]  # a perfect match
+    return a, b
+
+
+@pytest.mark.parametrize("kind", ["integers", "human_like"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_numpy_and_tensorflow_paths_agree_with_scipy_and_each_other_across_chunks(
+    kind, dtype, monkeypatch
+):
+    a, b = tied_map_pairs(kind, 7, 40, dtype)
+    monkeypatch.setattr(metrics, "CHUNK_PIXELS", 3 * 40 * 40)  # chunks of 3, 3 and 1 maps
+    sorted_rows = []
+    rank = metrics._centred_sorted_ranks
+    monkeypatch.setattr(metrics, "_centred_sorted_ranks", lambda x: sorted_rows.append(len(x)) or rank(x))
+    eager = metrics.spearman(a, b, dtype=tf.float64).numpy()
+    if not tf.config.list_logical_devices("GPU"):
+        assert sorted_rows == [3, 3, 3, 3, 1, 1]  # the NumPy path, in chunks (a and b each)
+    tf_eager = _spearman_tf_path(a, b, dtype=tf.float64).numpy()
+    graph_fn = tf.function(lambda x, y: metrics.spearman(x, y, dtype=tf.float64))
+    in_graph = graph_fn(a, b).numpy()
+    op_types = {op.type for op in graph_fn.get_concrete_function(a, b).graph.get_operations()}
+    assert op_types & {"While", "StatelessWhile"}  # the graph path is chunked too
+
+    expected = scipy_spearman(a[[0, 2, 3, 4, 5, 6]], b[[0, 2, 3, 4, 5, 6]])
+    assert eager[1] == 0.0 and eager[3] == 1.0
+    np.testing.assert_allclose(np.delete(eager, 1), expected, rtol=0, atol=1e-12)
+    np.testing.assert_array_equal(tf_eager, eager)  # identical, not just close
+    np.testing.assert_array_equal(in_graph, eager)
+    # The default float32 result is the same numbers, rounded.
+    np.testing.assert_array_equal(metrics.spearman(a, b).numpy(), eager.astype(np.float32))
+    np.testing.assert_array_equal(_spearman_tf_path(a, b).numpy(), eager.astype(np.float32))
+
+
+def test_paths_agree_on_224_maps_across_a_chunk_boundary(monkeypatch):
+    human = human_like_maps(5, 224)
+    saliency = saliency_like_maps(5, 224)
+    saliency[:, :60] = 0.0
+    saliency[2] += 5 * human[2]
+    monkeypatch.setattr(metrics, "CHUNK_PIXELS", 2 * 224 * 224)
+    expected = scipy_spearman(saliency, human)
+    eager = metrics.spearman(saliency, human, dtype=tf.float64).numpy()
+    np.testing.assert_allclose(eager, expected, rtol=0, atol=1e-12)
+    np.testing.assert_array_equal(_spearman_tf_path(saliency, human, dtype=tf.float64).numpy(), eager)
+    graph_fn = tf.function(lambda x, y: metrics.spearman(x, y, dtype=tf.float64))
+    np.testing.assert_array_equal(graph_fn(saliency, human).numpy(), eager)
+
+
+@pytest.mark.filterwarnings("ignore::scipy.stats.ConstantInputWarning")  # scipy's NaN: checked elsewhere
+def test_paths_agree_on_mixed_low_precision_integer_and_tensor_inputs(monkeypatch):
+    monkeypatch.setattr(metrics, "CHUNK_PIXELS", 2 * 10 * 10)
+    a32, b = tied_map_pairs("human_like", 5, 10, np.float32)
+    ints = RNG.integers(0, 4, (5, 10, 10, 1))
+    cases = [
+        (a32, b.astype(np.float64)),  # mixed dtypes
+        (a32.astype(np.float16), b.astype(np.float16)),
+        (ints, b),  # integers, (N, H, W, 1)
+        (tf.constant(a32), b),  # a tensor and an array
+        (tf.cast(a32, tf.bfloat16), tf.cast(b, tf.bfloat16)),
+    ]
+    for x, y in cases:
+        x_np = x.numpy() if isinstance(x, tf.Tensor) else x
+        y_np = y.numpy() if isinstance(y, tf.Tensor) else y
+        expected = scipy_spearman(np.asarray(x_np, np.float64), np.asarray(y_np, np.float64))
+        eager = metrics.spearman(x, y, dtype=tf.float64).numpy()
+        finite = ~np.isnan(expected)
+        np.testing.assert_allclose(eager[finite], expected[finite], rtol=0, atol=1e-12)
+        np.testing.assert_array_equal(_spearman_tf_path(x, y, dtype=tf.float64).numpy(), eager)
+        np.testing.assert_array_equal(tf.function(metrics.spearman)(x, y).numpy(), eager.astype(np.float32))
+
+
+def test_spearman_of_no_maps_is_empty():
+    for fn in (metrics.spearman, _spearman_tf_path, tf.function(metrics.spearman)):
+        assert fn(np.zeros((0, 4, 4)), np.zeros((0, 4, 4))).shape == (0,)
+
+
+def test_numpy_maps_are_read_in_place():
+    a, b = saliency_like_maps(2, 8), human_like_maps(2, 8)[..., None]
+    flat_a, flat_b = metrics._numpy_map_pair(a, b)
+    assert flat_a.shape == flat_b.shape == (2, 64)
+    assert np.shares_memory(flat_a, a) and np.shares_memory(flat_b, b)
+    bad = a.copy()
+    bad[0, 0, 0] = np.inf
+    assert metrics._numpy_map_pair(bad, a) is None  # left to `_as_map_pair` and its error
+    with pytest.raises(ValueError, match="`a` contains NaN or Inf"):
+        metrics.spearman(bad, a)
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_chunked_metrics_in_tf_function_match_references(jit_compile, monkeypatch):
+    a, b = saliency_like_maps(5, 12), human_like_maps(5, 12)
+    a[1] = np.round(a[1] * 2) / 2
+    monkeypatch.setattr(metrics, "CHUNK_PIXELS", 2 * 12 * 12)  # chunks of 2, 2 and 1 maps
+    spearman_fn = tf.function(metrics.spearman, jit_compile=jit_compile)
+    dice_fn = tf.function(lambda x, y: metrics.dice(x, y, 25), jit_compile=jit_compile)
+    iou_fn = tf.function(lambda x, y: metrics.iou(x, y, 25), jit_compile=jit_compile)
+    expected_dice, expected_iou = numpy_overlaps(a, b, 25)
+    np.testing.assert_allclose(spearman_fn(a, b).numpy(), scipy_spearman(a, b), atol=1e-6)
+    np.testing.assert_allclose(dice_fn(a, b).numpy(), expected_dice, atol=1e-6)
+    np.testing.assert_allclose(iou_fn(a, b).numpy(), expected_iou, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------- Dice and IoU
 @pytest.mark.parametrize("percentile", [10, 2.5, 33.3, 50, 90, 99.5])
 def test_dice_and_iou_match_numpy_percentile_masks(percentile):
@@ -129,6 +257,17 @@ def test_dice_and_iou_match_numpy_percentile_masks(percentile):
     np.testing.assert_allclose(metrics.dice(a, b, percentile).numpy(), expected_dice, atol=1e-6)
     np.testing.assert_allclose(metrics.iou(a, b, percentile).numpy(), expected_iou, atol=1e-6)
     assert np.any(expected_iou > 0)
+
+
+def test_dice_and_iou_across_chunks_match_unchunked(monkeypatch):
+    a, b = saliency_like_maps(7, 20), human_like_maps(7, 20)
+    a[2] = np.round(a[2] * 2) / 2
+    ints = RNG.integers(0, 5, (7, 20, 20))
+    expected = [numpy_overlaps(a, b, 15), numpy_overlaps(ints, b, 15)]
+    monkeypatch.setattr(metrics, "CHUNK_PIXELS", 3 * 20 * 20)
+    for (expected_dice, expected_iou), x in zip(expected, (a, ints)):
+        np.testing.assert_allclose(metrics.dice(x, b, 15).numpy(), expected_dice, atol=1e-6)
+        np.testing.assert_allclose(metrics.iou(tf.constant(x), b, 15).numpy(), expected_iou, atol=1e-6)
 
 
 def test_percentile_threshold_follows_numpys_float32_interpolation():
@@ -230,3 +369,17 @@ def test_bad_ceiling_raises(ceiling):
 def test_bad_spearmans_raise(spearmans):
     with pytest.raises(ValueError, match="`spearmans`"):
         metrics.alignment_score(spearmans)
+
+
+# ----------------------------------------------------------------------------- benchmark script
+@pytest.mark.slow  # five fresh Python processes import TensorFlow
+def test_bench_metrics_quick_run():
+    script = Path(__file__).resolve().parents[1] / "bench" / "metrics.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--quick"],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "eager and tf.function results identical: True" in done.stdout
+    for line in ("(1) time of one spearman call", "SPEED eager:", "(2) peak memory", "MEMORY spearman"):
+        assert line in done.stdout
