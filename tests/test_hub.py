@@ -303,9 +303,11 @@ def test_original_with_a_wrong_checksum_is_refused(original_on_the_bucket, monke
 def test_offline_without_a_conversion_says_how_to_get_the_weights(original_on_the_bucket, monkeypatch):
     fake, *_ = original_on_the_bucket
     _go_offline(monkeypatch)
-    with pytest.raises(HubUnavailableError, match="HF_HUB_OFFLINE is set.*harmonization download"):
+    with pytest.raises(HubUnavailableError, match="HF_HUB_OFFLINE is set.*harmonization download") as caught:
         load_model("levit128_harmonized")
     assert fake.requests == []
+    # The advice names the zoo model, not a Hub repo that does not exist yet.
+    assert "`harmonization download levit128_harmonized`" in str(caught.value) and "hf://" not in str(caught.value)
 
 
 def test_a_damaged_cached_conversion_is_rebuilt(original_on_the_bucket):
