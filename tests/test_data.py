@@ -354,6 +354,21 @@ def test_a_slice_that_selects_nothing_says_where_it_starts_and_ends(clickme_dir)
         data.load_clickme("train[:100000]", 2, data_dir=clickme_dir)
 
 
+@pytest.mark.parametrize("state", ["missing", "empty"])
+def test_a_named_manual_directory_that_is_missing_or_empty_is_an_error_not_a_download(tmp_path, monkeypatch, state):
+    import socket
+
+    manual = tmp_path / "manual"
+    if state == "empty":
+        manual.mkdir()
+    with socket.socket() as probe:  # a port nobody listens on: a download attempt would fail differently
+        probe.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("HARMONIZATION_CLICKME_URL", f"http://127.0.0.1:{probe.getsockname()[1]}")
+    expected = "does not exist" if state == "missing" else "is empty"
+    with pytest.raises(FileNotFoundError, match=rf"{manual} \(`manual_dir`\) {expected}(?s:.*)train-\*\.tfrecords"):
+        data.load_clickme("validation", 8, data_dir=tmp_path / "data", manual_dir=manual)
+
+
 def test_wrong_split_is_caught_before_any_download(tmp_path):
     with pytest.raises(ValueError, match="Unknown split 'trian'"):
         data.load_clickme("trian", 2, data_dir=tmp_path)
