@@ -6,7 +6,6 @@ import dataclasses
 import hashlib
 import os
 import struct
-import time
 from typing import BinaryIO, Callable, Iterator
 
 import requests
@@ -16,7 +15,7 @@ from absl import logging
 from etils import epath
 from google.protobuf import message as protobuf_message
 
-from harmonization import mirrors
+from harmonization import mirrors, network
 from tfds_clickme.clickme import published_shards
 
 #: A shard's path under the ClickMe base URL (the bucket's, or HARMONIZATION_CLICKME_URL's); `{folder}` is
@@ -38,13 +37,8 @@ SPLIT_FOLDERS = {"train": "train", "validation": "val"}
 _MAX_LISTED_SKIPS = 100
 
 #: Before downloading, the edge shards of each split are probed with HTTP HEAD requests (whether
-#: the numbering starts at 0 or 1 and ends at 317 or 318, and whether the server answers at all).
-#: Seconds to wait to connect, and then for an answer, per request.
-PROBE_TIMEOUT_S = 10.0
-#: Requests per probed shard before giving up on a server that does not answer (or answers 5xx).
-PROBE_ATTEMPTS = 3
-#: Seconds between two attempts.
-PROBE_RETRY_DELAY_S = 1.0
+#: the numbering starts at 0 or 1 and ends at 317 or 318, and whether the server answers at all),
+#: with the timeout and the attempts of every other request (`harmonization.network`).
 #: HTTP statuses that mean "this shard is not on the server" (a bucket without list permission
 #: answers 403 for a missing object).
 _ABSENT_STATUSES = (403, 404, 410)
@@ -421,8 +415,12 @@ def _probe_edges(
     return kept
 
 
+class _ServerError(Exception):
+    """Internal: the server answered, but with a status that says "try again later" (429, 5xx)."""
+
+
 def _probe(url: str, instructions: str) -> int:
-    """The HTTP status of `url` (HEAD), with `PROBE_TIMEOUT_S` per request and `PROBE_ATTEMPTS` tries.
+    """The HTTP status of `url` (HEAD), with `harmonization.network`'s timeout and attempts.
 
     Non-HTTP URLs (gs://, file://, read by TFDS through tf.io.gfile) answer 200 or 404 by existence.
     Raises `ClickMeDownloadError` naming the URL, the manual directory and the mirror variable
@@ -433,28 +431,26 @@ def _probe(url: str, instructions: str) -> int:
             return 200 if tf.io.gfile.exists(url) else 404
         except tf.errors.OpError:  # A file system TensorFlow cannot ask: let the download try.
             return 200
-    attempts = max(1, int(PROBE_ATTEMPTS))
-    timeout = (PROBE_TIMEOUT_S, PROBE_TIMEOUT_S)
-    failure = ""
-    for attempt in range(attempts):
-        if attempt:
-            time.sleep(PROBE_RETRY_DELAY_S)
-        try:
-            with requests.head(url, allow_redirects=True, timeout=timeout) as response:
+    timeout = network.timeout()
+
+    def status_of_url() -> int:
+        with requests.head(url, allow_redirects=True, timeout=timeout) as response:
+            status = response.status_code
+        if status in (405, 501):  # No HEAD: read the headers of a GET, not its body.
+            with requests.get(url, stream=True, timeout=timeout) as response:
                 status = response.status_code
-            if status in (405, 501):  # No HEAD: read the headers of a GET, not its body.
-                with requests.get(url, stream=True, timeout=timeout) as response:
-                    status = response.status_code
-        except requests.RequestException as error:  # Refused, no DNS, TLS, timeouts.
-            failure = f"{type(error).__name__}: {error}"
-            continue
         if status == 429 or status >= 500:
-            failure = f"HTTP {status}"
-            continue
+            raise _ServerError(f"HTTP {status}")
         return status
+
+    failures = (requests.RequestException, _ServerError)  # Refused, no DNS, TLS, timeouts; busy server.
+    try:
+        return network.retry(status_of_url, transient=lambda error: isinstance(error, failures))
+    except failures as error:
+        failure = str(error) if isinstance(error, _ServerError) else f"{type(error).__name__}: {error}"
     raise ClickMeDownloadError(
-        f"Cannot reach the ClickMe shard server: HEAD {url} failed {attempts} time(s), with a "
-        f"{PROBE_TIMEOUT_S:g} s timeout ({failure}). Nothing was downloaded.\n"
+        f"Cannot reach the ClickMe shard server: HEAD {url} failed {network.attempts()} time(s), with a "
+        f"{timeout:g} s timeout ({failure}). Nothing was downloaded.\n"
         "To build ClickMe without this server: fetch the shards where you can (train-*.tfrecords and "
         "val-*.tfrecords, see below), put them in one directory and pass it as `manual_dir` "
         "(tfds.download.DownloadConfig(manual_dir=...)); or set "

@@ -717,9 +717,10 @@ def assert_offline_message(message: str) -> None:
 
 
 def test_server_that_never_answers_fails_after_the_probe_timeout(tmp_path, monkeypatch):
-    monkeypatch.setattr(builder_lib, "PROBE_TIMEOUT_S", 1.0)
-    monkeypatch.setattr(builder_lib, "PROBE_ATTEMPTS", 2)
-    monkeypatch.setattr(builder_lib, "PROBE_RETRY_DELAY_S", 0.0)
+    from harmonization import network
+
+    monkeypatch.setenv("HARMONIZATION_NETWORK_TIMEOUT", "1")
+    monkeypatch.setattr(network, "_RETRY_WAIT", 0.0)
     outcome: dict = {}
 
     def build(base_url):
