@@ -16,6 +16,7 @@ that download at a mirror (`harmonization.mirrors`).
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import os
@@ -24,7 +25,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 from harmonization import mirrors, network, originals, presets
 from harmonization.originals import cache_dir
@@ -397,46 +398,41 @@ def convert_original(entry: Mapping[str, Any], *, reason: str = "", cause: BaseE
                     f"recorded in {str(originals.trust_store())!r}); it was deleted, nothing was converted. If the "
                     "file was replaced on purpose, delete its record from that file to trust the new one."
                 ) from error
-            if how == "none":
-                originals.record_first_download(source["url"], presets._sha256(original), original.stat().st_size)
             convert_to_preset(original, entry["name"], target, source_url=source["url"])
+        if how == "none":  # trusted on first use: the digest the conversion recorded (no second read)
+            converted = presets.read_metadata(target)
+            originals.record_first_download(source["url"], converted["source_sha256"], converted["source_size"])
     return target
 
 
 _LOCK_TIMEOUT = 3600.0  # seconds: the other process's download is itself bounded (`harmonization.network`)
 
 
-def _conversion_lock(entry: Mapping[str, Any], target: Path):
+@contextlib.contextmanager
+def _conversion_lock(entry: Mapping[str, Any], target: Path) -> Iterator[None]:
     """A lock file per conversion: two processes converting one model do the work once; the other waits, reuses it.
 
     The lock is an OS file lock (released when its process dies, even by SIGKILL), so it never outlives a crash.
     """
-    import contextlib
-
     from filelock import FileLock, Timeout
 
     lock = FileLock(str(target) + ".lock")
-
-    @contextlib.contextmanager
-    def held():
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        print(f"Waiting for another process converting zoo model {entry['name']!r} (lock {lock.lock_file}) ...",
+              file=sys.stderr, flush=True)
         try:
-            lock.acquire(timeout=0)
+            lock.acquire(timeout=_LOCK_TIMEOUT)
         except Timeout:
-            print(f"Waiting for another process converting zoo model {entry['name']!r} (lock {lock.lock_file}) ...",
-                  file=sys.stderr, flush=True)
-            try:
-                lock.acquire(timeout=_LOCK_TIMEOUT)
-            except Timeout:
-                raise TimeoutError(
-                    f"Zoo model {entry['name']!r}: another process has been converting it for over "
-                    f"{_LOCK_TIMEOUT:g} s (lock {lock.lock_file}). Stop that process, or wait and try again."
-                ) from None
-        try:
-            yield
-        finally:
-            lock.release()
-
-    return held()
+            raise TimeoutError(
+                f"Zoo model {entry['name']!r}: another process has been converting it for over "
+                f"{_LOCK_TIMEOUT:g} s (lock {lock.lock_file}). Stop that process, or wait and try again."
+            ) from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _remove_stale_work(entry: Mapping[str, Any], target: Path) -> None:

@@ -49,7 +49,7 @@ AUTO = tf.data.AUTOTUNE
 FEATURE_DESCRIPTION = data.PUBLISHED_FEATURES
 #: Published image and map sizes, and the number of ImageNet classes of the one-hot labels.
 IMAGE_SIZE = 224
-NUM_CLASSES = 1_000
+NUM_CLASSES = data.CLICKME_NUM_CLASSES
 
 
 def __getattr__(name: str):

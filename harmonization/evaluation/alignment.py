@@ -16,7 +16,7 @@ import numpy as np
 import tensorflow as tf
 
 from harmonization import metrics
-from harmonization._validation import as_maps, label_problem, token_problem
+from harmonization._validation import as_maps, label_layout, label_problem, token_problem
 from harmonization.saliency import class_logit_gradient
 from harmonization.saliency_input import AUTO, RAW_INPUT, resolve_saliency_input
 
@@ -82,7 +82,7 @@ def _unpack_batch(batch, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray
             f"`label` of batch {index} must be class ids (N,) or one-hot labels (N, C); got {labels.shape}."
         )
     # The upper bound needs the model's class count: `_check_label_range` once the logits are known.
-    problem = label_problem(labels, None, _label_layout(labels))
+    problem = label_problem(labels, None, label_layout(labels.shape, None))
     if problem is not None:
         raise ValueError(f"`label` of batch {index} {problem}")
     if tokens is not None:
@@ -105,14 +105,9 @@ def _unpack_batch(batch, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return images, heatmaps, labels, tokens
 
 
-def _label_layout(labels: np.ndarray) -> str:
-    """"soft" for one-hot/soft labels (N, C > 1), "ids" for class ids (N,) or (N, 1)."""
-    return "soft" if labels.ndim == 2 and labels.shape[1] > 1 else "ids"
-
-
 def _check_label_range(labels: np.ndarray, num_classes: int, index: int) -> None:
     """Refuse class ids >= the model's number of logits: tf.one_hot would score them as an all-zero map."""
-    problem = label_problem(labels, num_classes, _label_layout(labels))
+    problem = label_problem(labels, num_classes, label_layout(labels.shape, None))
     if problem is not None:
         raise ValueError(f"`label` of batch {index} {problem} The model has {num_classes} logits.")
 
