@@ -39,9 +39,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_download(args: argparse.Namespace) -> int:
-    from harmonization import hub
+    from harmonization import loader
 
-    path = hub.resolve_preset(args.name, revision=args.revision)
+    path = loader.resolve_preset(args.name, revision=args.revision)
     print(path)
     return 0
 
@@ -71,7 +71,8 @@ def _arch_of_published_file(source: str) -> str:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from harmonization.convert import convert_to_preset, read_keras2_h5
+    from harmonization.convert import read_keras2_h5
+    from harmonization.publish import convert_to_preset
 
     try:
         config = json.loads(args.config) if args.config else None
@@ -127,7 +128,8 @@ def _load_images(paths: Sequence[str], size: int):
 def _cmd_predict(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from harmonization.presets import class_names, load_model
+    from harmonization.loader import load_model
+    from harmonization.presets import class_names
 
     model = load_model(args.model, revision=args.revision)
     images = _load_images(args.images, input_size(model))
@@ -157,8 +159,10 @@ def _imagenet_labels(num_classes: int, names: Sequence[str] | None = None) -> li
 def _cmd_explain(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from harmonization.presets import class_names, load_model
-    from harmonization.saliency import saliency_map
+    from harmonization.loader import load_model
+    from harmonization.presets import class_names
+    from harmonization.evaluate_command import DEFAULT_SALIENCY_METHOD
+    from harmonization.saliency_methods import get_saliency_method
     import matplotlib
 
     matplotlib.use("Agg")
@@ -170,13 +174,14 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     logits = np.asarray(model.predict(image, verbose=0))[0]
     label = int(np.argmax(logits))
     name = _imagenet_labels(logits.shape[-1], class_names(model))[label]
-    # W.r.t. the preprocessed input, as published (harmonization.saliency_input).
-    saliency = np.asarray(saliency_map(model, image, [label]))[0]
+    # W.r.t. the preprocessed input, as published (harmonization.saliency_input), by the chosen method.
+    saliency = np.asarray(get_saliency_method(args.method)(model, image, [label]))[0]
     figure, axes = plt.subplots(1, 2, figsize=(8, 4))
     axes[0].imshow(image[0].astype("uint8"))
     axes[0].set_title("image")
     axes[1].imshow(saliency, cmap="jet")
-    axes[1].set_title(f"saliency of {name} (class {label})")
+    shown = "saliency" if args.method == DEFAULT_SALIENCY_METHOD else args.method
+    axes[1].set_title(f"{shown} of {name} (class {label})")
     for axis in axes:
         axis.axis("off")
     figure.tight_layout()
@@ -282,6 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="FILE.png")
     p.add_argument("--model", default="vit_b16_harmonized", help="zoo name, hf:// URI or preset directory")
     p.add_argument("--revision", default=None)
+    p.add_argument("--method", choices=ev.SALIENCY_METHODS, default=ev.DEFAULT_SALIENCY_METHOD, metavar="NAME",
+                   help=ev.METHOD_HELP)
     p.set_defaults(func=_cmd_explain)
 
     p = sub.add_parser("evaluate", help="score a model's human alignment on ClickMe, beside the paper's numbers")
@@ -296,6 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"where results.json and saliency_grid.png go (default: ./{ev.DEFAULT_OUT_ROOT}/MODEL)")
     p.add_argument("--download", action="store_true",
                    help="download and build the dataset if DIR lacks it (ClickMe: every published shard)")
+    p.add_argument("--method", choices=ev.SALIENCY_METHODS, default=ev.DEFAULT_SALIENCY_METHOD, metavar="NAME",
+                   help=ev.METHOD_HELP)
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser(

@@ -29,6 +29,9 @@ from typing import Iterable, Sequence
 import numpy as np
 import tensorflow as tf
 
+from harmonization._validation import check_int
+from harmonization.batch import DEFAULT_TOKEN, HEATMAP, IMAGE, LABEL, REQUIRED_KEYS, TOKEN
+
 #: The published heatmap processing: maps are resized to this resolution, then blurred.
 PUBLISHED_HEATMAP_RESOLUTION = 64
 PUBLISHED_BLUR_SIZE = 10
@@ -49,7 +52,6 @@ PUBLISHED_FEATURES = {
 CLICKME_NUM_CLASSES = 1000
 
 _AUTOTUNE = tf.data.AUTOTUNE
-_CLICKME_KEYS = ("image", "heatmap", "label")
 #: Bytes a TFRecord file adds to each record: the uint64 length and two uint32 CRCs.
 _TFRECORD_FRAMING_BYTES = 16
 
@@ -319,7 +321,7 @@ class _Preprocessor:
             crop_seed = tf.stack([seed, tf.constant(0, tf.int64)])
             flip_seed = tf.stack([seed, tf.constant(1, tf.int64)])
             image, window, shape = _decode_image_window(
-                example["image"], lambda shape: _sample_crop(shape, crop_seed, self.crop_scale, self.crop_ratio),
+                example[IMAGE], lambda shape: _sample_crop(shape, crop_seed, self.crop_scale, self.crop_ratio),
                 self.jpeg,
             )
             flip = tf.random.stateless_uniform([], flip_seed) < 0.5
@@ -329,12 +331,12 @@ class _Preprocessor:
             image = tf.ensure_shape(tf.cast(image + 0.5, tf.uint8), [*size, 3])  # Rounded; in [0, 255].
         elif self.eval_crop_fraction is not None:
             image, window, shape = _decode_image_window(
-                example["image"], lambda shape: _centre_crop(shape, self.eval_crop_fraction), self.jpeg
+                example[IMAGE], lambda shape: _centre_crop(shape, self.eval_crop_fraction), self.jpeg
             )
             flip = tf.constant(False)
             image = tf.ensure_shape(tf.image.resize(image, size, method="bilinear"), [*size, 3])
         else:  # The published evaluation input: the whole image resized.
-            image = _decode_pixels(example["image"], 3)
+            image = _decode_pixels(example[IMAGE], 3)
             shape = tf.shape(image)[:2]
             window = tf.stack([0, 0, shape[0], shape[1]])
             flip = tf.constant(False)
@@ -342,14 +344,14 @@ class _Preprocessor:
                 image = tf.ensure_shape(image, [*self.source_shape, 3])
             else:
                 image = tf.ensure_shape(tf.image.resize(image, size, method="bilinear"), [*size, 3])
-        out = {"image": image, "label": tf.cast(example["label"], tf.int32)}
+        out = {IMAGE: image, LABEL: tf.cast(example[LABEL], tf.int32)}
         if self.with_heatmaps:
-            heatmap = _decode_pixels(example["heatmap"], 1)
+            heatmap = _decode_pixels(example[HEATMAP], 1)
             resolution = (self.heatmap_resolution, self.heatmap_resolution)
             heatmap = tf.image.resize(tf.cast(heatmap, tf.float32), resolution, method="bilinear")
             window = tf.cast(window, tf.float32)
             shape = tf.cast(shape, tf.float32)
-            out["heatmap"] = tf.ensure_shape(heatmap[..., 0], resolution)
+            out[HEATMAP] = tf.ensure_shape(heatmap[..., 0], resolution)
             out["crop"] = tf.stack(
                 [window[0] / shape[0], window[2] / shape[0], window[1] / shape[1], window[3] / shape[1]]
             )
@@ -358,20 +360,20 @@ class _Preprocessor:
 
     def batch(self, batch: dict) -> dict:
         """Finish a batch: float32 images, the heatmaps' blur, crop, flip and resize, the tokens."""
-        image = batch["image"]
+        image = batch[IMAGE]
         if self.resize_per_batch:
             image = tf.image.resize(image, (self.image_size, self.image_size), method="bilinear")
         image = tf.cast(image, tf.float32)
         batch_size = tf.shape(image)[0]
         if self.with_heatmaps:
             heatmap = _transform_heatmaps(
-                batch["heatmap"], batch["crop"], batch["flip"], self.image_size, self.blur
+                batch[HEATMAP], batch["crop"], batch["flip"], self.image_size, self.blur
             )
             token = tf.ones([batch_size], tf.float32)
         else:
             heatmap = tf.zeros([batch_size, self.image_size, self.image_size, 1], tf.float32)
             token = tf.zeros([batch_size], tf.float32)
-        return {"image": image, "heatmap": heatmap, "label": batch["label"], "token": token}
+        return {IMAGE: image, HEATMAP: heatmap, LABEL: batch[LABEL], TOKEN: token}
 
 
 def _pipeline(
@@ -466,16 +468,16 @@ def load_clickme(
     _check_common_args(batch_size, image_size, shuffle_buffer, crop_scale, crop_ratio)
     builder = _tfds_builder(name, data_dir, download, split, manual_dir=manual_dir)
     features = builder.info.features
-    missing = [key for key in _CLICKME_KEYS if key not in features]
+    missing = [key for key in REQUIRED_KEYS if key not in features]  # ClickMe's features are the batch's parts
     if missing:
         raise ValueError(
             f"Dataset {name!r} lacks the ClickMe features {missing} (it has {sorted(features)}); "
             "`load_clickme` needs `image`, `heatmap` and `label`."
         )
-    examples = _tfds_examples(builder, split, training, seed, ("image", "heatmap"))
+    examples = _tfds_examples(builder, split, training, seed, (IMAGE, HEATMAP))
     preprocessor = _Preprocessor(
         image_size, training, with_heatmaps=True, crop_scale=crop_scale, crop_ratio=crop_ratio,
-        blur=blur, source_shape=features["image"].shape, jpeg=_is_jpeg_feature(features["image"]),
+        blur=blur, source_shape=features[IMAGE].shape, jpeg=_is_jpeg_feature(features[IMAGE]),
     )
     drop = training if drop_remainder is None else bool(drop_remainder)
     return _pipeline(examples, preprocessor, batch_size, seed, shuffle_buffer, drop)
@@ -578,7 +580,7 @@ def _parse_published_record(record: tf.Tensor, source: tf.Tensor, index: tf.Tens
     """The features of one published record; an error naming `label`, the shard and the record if
     its label is not an ImageNet-1k class (one-hot encoding would silently give an all-zero row)."""
     example = tf.io.parse_single_example(record, PUBLISHED_FEATURES)
-    label = example["label"]
+    label = example[LABEL]
 
     def out_of_range():
         message = tf.strings.join([
@@ -589,7 +591,7 @@ def _parse_published_record(record: tf.Tensor, source: tf.Tensor, index: tf.Tens
             return tf.identity(label)
 
     in_range = tf.logical_and(label >= 0, label < CLICKME_NUM_CLASSES)
-    example["label"] = tf.cond(in_range, lambda: label, out_of_range)
+    example[LABEL] = tf.cond(in_range, lambda: label, out_of_range)
     return example
 
 
@@ -625,10 +627,10 @@ def load_imagenet(
     if not 0 < center_crop_fraction <= 1:
         raise ValueError(f"`center_crop_fraction` must be in (0, 1]; got {center_crop_fraction!r}.")
     builder = _tfds_builder("imagenet2012", data_dir, download, split, manual_dir=manual_dir)
-    examples = _tfds_examples(builder, split, training, seed, ("image",))
+    examples = _tfds_examples(builder, split, training, seed, (IMAGE,))
     preprocessor = _Preprocessor(
         image_size, training, with_heatmaps=False, crop_scale=crop_scale, crop_ratio=crop_ratio,
-        eval_crop_fraction=center_crop_fraction, jpeg=_is_jpeg_feature(builder.info.features["image"]),
+        eval_crop_fraction=center_crop_fraction, jpeg=_is_jpeg_feature(builder.info.features[IMAGE]),
     )
     drop = training if drop_remainder is None else bool(drop_remainder)
     return _pipeline(examples, preprocessor, batch_size, seed, shuffle_buffer, drop)
@@ -671,13 +673,13 @@ def mix_datasets(
         if not isinstance(dataset, tf.data.Dataset):
             raise TypeError(f"`{name}` must be a tf.data.Dataset; got {type(dataset).__name__}.")
         spec = dataset.element_spec
-        required = ("image", "heatmap", "label") if has_maps else ("image", "label")
+        required = REQUIRED_KEYS if has_maps else (IMAGE, LABEL)
         if not isinstance(spec, dict) or any(key not in spec for key in required):
             raise ValueError(f"`{name}` must yield dicts with the keys {list(required)}; got element spec {spec}.")
-        rank = spec["image"].shape.rank
+        rank = spec[IMAGE].shape.rank
         if rank == 4:
             if batch_size is None and has_maps:
-                batch_size = spec["image"].shape[0]
+                batch_size = spec[IMAGE].shape[0]
                 if batch_size is None:
                     raise ValueError(
                         "`clickme` has no static batch size (its last batch may be smaller): pass "
@@ -686,11 +688,11 @@ def mix_datasets(
             dataset = dataset.unbatch()
         elif rank != 3:
             raise ValueError(
-                f"`{name}` images must have shape (H, W, 3) or (B, H, W, 3); got {spec['image'].shape}."
+                f"`{name}` images must have shape (H, W, 3) or (B, H, W, 3); got {spec[IMAGE].shape}."
             )
         parts.append(dataset.map(_standardise_fn(has_maps), num_parallel_calls=_AUTOTUNE))
-    clickme_shape = parts[0].element_spec["image"].shape
-    imagenet_shape = parts[1].element_spec["image"].shape
+    clickme_shape = parts[0].element_spec[IMAGE].shape
+    imagenet_shape = parts[1].element_spec[IMAGE].shape
     if not clickme_shape.is_compatible_with(imagenet_shape):
         raise ValueError(
             f"`clickme` and `imagenet` images must have the same size; got {tuple(clickme_shape)} and "
@@ -712,16 +714,16 @@ def _standardise_fn(has_maps: bool):
     """Map an example to {"image", "heatmap", "label", "token"}; without maps: zero map, token 0."""
 
     def standardise(example: dict) -> dict:
-        image = tf.cast(example["image"], tf.float32)
+        image = tf.cast(example[IMAGE], tf.float32)
         if has_maps:
-            heatmap = tf.cast(example["heatmap"], tf.float32)
+            heatmap = tf.cast(example[HEATMAP], tf.float32)
             if heatmap.shape.rank == 2:
                 heatmap = heatmap[..., None]
-            token = tf.cast(example.get("token", 1.0), tf.float32)
+            token = tf.cast(example.get(TOKEN, DEFAULT_TOKEN), tf.float32)
         else:
             heatmap = tf.zeros_like(image[..., :1])
             token = tf.constant(0.0, tf.float32)
-        return {"image": image, "heatmap": heatmap, "label": tf.cast(example["label"], tf.int32), "token": token}
+        return {IMAGE: image, HEATMAP: heatmap, LABEL: tf.cast(example[LABEL], tf.int32), TOKEN: token}
 
     return standardise
 
@@ -838,8 +840,7 @@ def _expand_paths(paths) -> list[str]:
 
 
 def _check_positive_int(value, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-        raise ValueError(f"`{name}` must be a positive integer; got {value!r}.")
+    check_int(value, name, minimum=1, expected="a positive integer")
 
 
 def _check_range_pair(value, name: str, low: float, high: float) -> None:

@@ -24,6 +24,16 @@ DEFAULT_SPLIT = "validation"
 DEFAULT_BATCH_SIZE = 64  # published
 GRID_IMAGES = 6
 
+#: The built-in saliency methods (`harmonization.saliency_methods`), by name, for `--method` and its `--help`
+#: without importing TensorFlow; tests/test_saliency_methods.py keeps it equal to the registry.
+SALIENCY_METHODS = ("gradient_mean", "gradient_max_abs", "smoothgrad", "integrated_gradients")
+#: The published evaluation map (xplique Saliency in the published `evaluate_clickme`).
+DEFAULT_SALIENCY_METHOD = "gradient_max_abs"
+METHOD_HELP = (
+    f"saliency method: {', '.join(SALIENCY_METHODS)} (default: {DEFAULT_SALIENCY_METHOD}, the published "
+    "evaluation map; see harmonization.saliency_methods)"
+)
+
 
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1, or an error naming the value."""
@@ -36,9 +46,10 @@ def positive_int(text: str) -> int:
     return value
 
 
-def protocol(image_size: int) -> dict[str, Any]:
-    """How the scores are measured, field by field (written into results.json)."""
+def protocol(image_size: int, method: str = DEFAULT_SALIENCY_METHOD) -> dict[str, Any]:
+    """How the scores are measured, field by field (written into results.json), with saliency `method`."""
     from harmonization import data, metrics
+    from harmonization.saliency_methods import get_saliency_method
 
     return {
         "reference": "serre-lab/Harmonization harmonization/evaluation/clickme.py `evaluate_clickme` "
@@ -53,8 +64,8 @@ def protocol(image_size: int) -> dict[str, Any]:
         "heatmap_resolution": data.PUBLISHED_HEATMAP_RESOLUTION,
         "blur_size": data.PUBLISHED_BLUR_SIZE,
         "blur_sigma": data.PUBLISHED_BLUR_SIGMA,
-        "saliency": "max over colour channels of |d logit[label] / d x|, x the preprocessed input "
-        "(harmonization.evaluate_alignment; xplique Saliency in the published code)",
+        "saliency_method": method,
+        "saliency": get_saliency_method(method).description,
         "spearman": "per image, Spearman rank correlation of the flattened saliency and human maps, ties "
         "averaged as scipy.stats.spearmanr (a constant map scores 0 where scipy gives NaN)",
         "dice_iou": "top 10% of each map, m > np.percentile(m, 90); Dice = 2|A&B| / (|A| + |B| + epsilon), "
@@ -95,9 +106,9 @@ def resolve_model(spec: str) -> tuple[Path, str | None, str]:
     A preset or Hub model counts as a zoo model when its metadata.json `name` is one, so that a
     published preset is compared with the paper too.
     """
-    from harmonization import hub, presets, zoo
+    from harmonization import hub, loader, presets, zoo
 
-    directory = hub.resolve_preset(spec)  # load_model's resolution and errors
+    directory = loader.resolve_preset(spec)  # load_model's resolution and errors
     names = zoo.list_models()
     name = spec if spec in names else presets.read_metadata(directory).get("name")
     name = name if isinstance(name, str) and name in names else None
@@ -117,15 +128,18 @@ def paper_metrics(name: str | None) -> dict[str, Any] | None:
     return zoo.paper_metrics(name)
 
 
-def format_table(scores: dict[str, Any], paper: dict[str, Any] | None) -> str:
-    """This run's scores beside the paper's (harmonized and baseline) when there are any."""
+def format_table(scores: dict[str, Any], paper: dict[str, Any] | None, extra: tuple[str, ...] = ()) -> str:
+    """This run's scores beside the paper's (harmonized and baseline) when there are any.
+
+    `extra`: further metrics of `scores` (means), one row each after the published ones.
+    """
     rows = [  # title, value, format, key of the paper's number (in %)
         ("top-1 accuracy (%)", 100 * scores["accuracy"], ".1f", "imagenet_top1"),
         ("Spearman", scores["spearman"], ".3f", None),
         ("alignment score (%)", 100 * scores["alignment_score"], ".1f", "clickme_alignment"),
         ("Dice", scores["dice"], ".3f", None),
         ("IoU", scores["iou"], ".3f", None),
-    ]
+    ] + [(name, scores[name], ".3f", None) for name in extra]
     columns = ["this run"] + (["paper", "paper baseline"] if paper is not None else [])
     baseline = (paper or {}).get("baseline") or {}
     lines = [f"{'':<20}" + "".join(f"{c:>16}" for c in columns)]
@@ -139,23 +153,24 @@ def format_table(scores: dict[str, Any], paper: dict[str, Any] | None) -> str:
     return "\n".join(lines)
 
 
-def draw_grid(model, examples: dict, spearman, path: Path) -> Path:
-    """image | human map | saliency, one row per example."""
+def draw_grid(model, examples: dict, spearman, path: Path, method: str = DEFAULT_SALIENCY_METHOD) -> Path:
+    """image | human map | saliency (of `method`), one row per example."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    import harmonization
+    from harmonization.saliency_methods import get_saliency_method
 
     images, heatmaps, labels = examples["image"], examples["heatmap"][..., 0], examples["label"]
-    saliency = harmonization.saliency_map(model, images, labels).numpy()
+    saliency = np.asarray(get_saliency_method(method)(model, images, labels))
     rows = len(images)
+    shown = "saliency" if method == DEFAULT_SALIENCY_METHOD else method
     figure, axes = plt.subplots(rows, 3, figsize=(6.3, 2.1 * rows), squeeze=False)
     for r in range(rows):
         panels = [np.clip(images[r] / 255.0, 0, 1), heatmaps[r], saliency[r]]
-        titles = ["image", "human map", "saliency"] if r == 0 else ["", "", ""]
+        titles = ["image", "human map", shown] if r == 0 else ["", "", ""]
         titles[2] += f" (Spearman {spearman[r]:.2f})"
         for c, panel in enumerate(panels):
             axis = axes[r, c]
@@ -202,7 +217,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         max_batches = math.ceil(args.limit / args.batch_size)  # the progress bar's length
     print(f"Scoring {args.dataset} {args.split!r}" + (f", at most {args.limit} images" if args.limit else ""),
           flush=True)
-    scores = harmonization.evaluate_alignment(model, dataset, max_batches=max_batches, verbose=1)
+    method = getattr(args, "method", DEFAULT_SALIENCY_METHOD)
+    if method != DEFAULT_SALIENCY_METHOD:
+        print(f"Saliency method: {method}", flush=True)
+    scores = harmonization.evaluate_alignment(model, dataset, max_batches=max_batches, verbose=1, saliency=method)
+    # The published three first, in the published order; then any metric added to DEFAULT_METRICS.
+    extra = tuple(name for name in harmonization.metrics.DEFAULT_METRICS if name not in ("spearman", "dice", "iou"))
 
     summary = {
         "accuracy": float(scores["accuracy"]),
@@ -212,9 +232,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "dice": scores["dice_mean"],
         "iou": scores["iou_mean"],
         "num_images": int(scores["num_images"]),
+        **{name: scores[f"{name}_mean"] for name in extra},
     }
     paper = paper_metrics(zoo_name)
-    print(format_table(summary, paper))
+    print(format_table(summary, paper, extra))
     print(f"{summary['num_images']} images of {args.dataset} {args.split!r}.")
     if paper is not None:
         print(f"paper: {paper.get('source', '')} {paper.get('source_url', '')}".rstrip())
@@ -223,7 +244,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     examples = next(iter(dataset.unbatch().take(GRID_IMAGES).batch(GRID_IMAGES)))
     examples = {key: value.numpy() for key, value in examples.items()}
-    grid = draw_grid(model, examples, scores["spearman"], out / "saliency_grid.png")
+    grid = draw_grid(model, examples, scores["spearman"], out / "saliency_grid.png", method)
 
     results = {
         "model": {"spec": args.model, "zoo_name": zoo_name, "preset_dir": str(directory), "input_size": image_size},
@@ -232,9 +253,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "limit": args.limit, "batch_size": args.batch_size, "num_images": summary["num_images"],
         },
         "scores": summary,
-        "per_image": {key: np.asarray(scores[key], np.float64).tolist() for key in ("spearman", "dice", "iou")},
+        "per_image": {
+            key: np.asarray(scores[key], np.float64).tolist() for key in harmonization.metrics.DEFAULT_METRICS
+        },
         "paper": paper,
-        "protocol": protocol(image_size),
+        "protocol": protocol(image_size, method),
         "versions": library_versions(),
         "files": {"saliency_grid": grid.name},
     }

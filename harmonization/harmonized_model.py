@@ -16,9 +16,20 @@ import keras
 import tensorflow as tf
 
 from harmonization import second_order
-from harmonization._validation import as_tokens, check_class_labels, check_number
-from harmonization.losses import harmonization_loss
-from harmonization.saliency import class_logit_gradient, one_hot_labels
+from harmonization._validation import (
+    as_maps,
+    as_tokens,
+    check_class_labels,
+    check_finite,
+    check_int,
+    check_number,
+    check_same_shape,
+)
+from harmonization.batch import check_heatmap_size, heatmap_maps, unpack
+from harmonization.losses import harmonization_loss_unchecked
+from harmonization.metrics import spearman
+from harmonization.saliency import channel_max_abs, class_logit_gradient, one_hot_labels
+from harmonization.saliency_methods import SaliencyMethod, get_saliency_method, training_saliency_method
 from harmonization.saliency_input import SaliencyInput, resolve_saliency_input
 
 #: Substrings of variable paths left out of the weight decay, as in the published training code
@@ -32,50 +43,6 @@ _NO_DECAY_LAYER_TYPES = (
     keras.layers.UnitNormalization,
     keras.layers.Embedding,
 )
-
-_BATCH_KEYS = ("image", "heatmap", "label")
-
-
-def _unpack_batch(data):
-    """(images, heatmaps, labels, tokens-or-None) from a dict or a 3/4-tuple batch."""
-    if isinstance(data, (tuple, list)) and 1 <= len(data) <= 3 and isinstance(data[0], dict):
-        # fit(x=dict) / train_on_batch(dict) arrive as (dict,), (dict, None) or (dict, None, None).
-        if all(item is None for item in data[1:]):
-            data = data[0]
-    if isinstance(data, dict):
-        missing = [k for k in _BATCH_KEYS if k not in data]
-        if missing:
-            raise ValueError(
-                f"A harmonization batch needs the keys {list(_BATCH_KEYS)} (and optionally 'token'); "
-                f"missing {missing}, got keys {sorted(data)}."
-            )
-        return data["image"], data["heatmap"], data["label"], data.get("token")
-    if isinstance(data, (tuple, list)) and len(data) in (3, 4):
-        return tuple(data) + (None,) * (4 - len(data))
-    raise ValueError(
-        "A harmonization batch must be a dict {'image', 'heatmap', 'label'[, 'token']} or a tuple "
-        f"(image, heatmap, label[, token]); got {type(data).__name__}"
-        + (f" of length {len(data)}." if isinstance(data, (tuple, list)) else ".")
-    )
-
-
-def _check_heatmap_matches(images: tf.Tensor, heatmaps: tf.Tensor) -> tf.Tensor:
-    """Heatmaps as (N, H, W) float32, after checking their size against the images'."""
-    if heatmaps.shape.rank == 4 and heatmaps.shape[-1] == 1:
-        heatmaps = heatmaps[..., 0]
-    if heatmaps.shape.rank != 3:
-        raise ValueError(
-            f"`heatmap` must have shape (N, H, W) or (N, H, W, 1); got {tuple(heatmaps.shape)}."
-        )
-    image_hw, heat_hw = images.shape[1:3], heatmaps.shape[1:3]
-    if not image_hw.is_compatible_with(heat_hw):
-        raise ValueError(
-            f"`heatmap` spatial size {tuple(heat_hw)} does not match `image` spatial size {tuple(image_hw)}. "
-            "Resize the human maps to the image size in the input pipeline (harmonization.data.load_clickme "
-            "does this), e.g. tf.image.resize(heatmap, image.shape[1:3])."
-        )
-    return tf.cast(heatmaps, tf.float32)
-
 
 def _multi_worker(strategy) -> bool:
     """True for a MultiWorkerMirroredStrategy that spans several workers (Keras's own test)."""
@@ -174,6 +141,14 @@ class HarmonizedModel(keras.Model):
         output: int, str or None. Which output holds the logits, for a model with several outputs.
         allow_softmax: bool. Accept a model that ends in a softmax (its probabilities' gradients
             saturate, so this is refused by default). Defaults to False.
+        saliency: str or `harmonization.saliency_methods.SaliencyMethod`. The map the harmonization loss
+            compares with the human maps. Defaults to "gradient_mean", the published training map (channel
+            mean of the signed input gradient); "gradient_max_abs" (the evaluation map) or a registered
+            `GradientSaliency` of your own also train. Methods that are not a reduction of the input
+            gradient differentiable twice ("smoothgrad", "integrated_gradients", plain functions) are
+            refused with a ValueError: the loss is differentiated through the map. Saved by name (register
+            a custom method before loading). The reported validation `spearman` stays the paper's
+            (evaluation map vs human map) whatever the method.
 
     Example:
 
@@ -198,6 +173,7 @@ class HarmonizedModel(keras.Model):
         preprocessing=None,
         output: int | str | None = None,
         allow_softmax: bool = False,
+        saliency: str | SaliencyMethod = "gradient_mean",
         **kwargs,
     ):
         if not callable(model):
@@ -207,14 +183,14 @@ class HarmonizedModel(keras.Model):
         lambda_weights = check_number(lambda_weights, "lambda_weights", minimum=0, strict=False)
         if not 0 <= label_smoothing < 1:
             raise ValueError(f"`label_smoothing` must be in [0, 1); got {label_smoothing!r}.")
-        if isinstance(pyramid_levels, bool) or not (isinstance(pyramid_levels, int) and pyramid_levels >= 1):
-            raise ValueError(f"`pyramid_levels` must be an integer >= 1; got {pyramid_levels!r}.")
+        pyramid_levels = check_int(pyramid_levels, "pyramid_levels", minimum=1)
         # ClickMe's examples without a human map have an all-zero map: with epsilon 0 its
         # standardisation is 0/0, and one step turns every weight into NaN.
         epsilon = check_number(
             epsilon, "epsilon", minimum=0, strict=True,
             why=" (added to each map's std; with 0 a blank map, e.g. a token-0 example's, gives NaN)",
         )
+        saliency_method = training_saliency_method(saliency)
         kwargs.setdefault("name", f"harmonized_{getattr(model, 'name', 'model')}")
         super().__init__(**kwargs)
         # === Config ===
@@ -230,6 +206,7 @@ class HarmonizedModel(keras.Model):
         self.preprocessing = preprocessing
         self.logits_output = output  # `output` is a Keras Layer property
         self.allow_softmax = bool(allow_softmax)
+        self.saliency_method = saliency_method  # a GradientSaliency: `reduce`s the step's input gradient
         self._logits_width = None  # the number of classes, once known (see `_num_classes`)
         # === Trackers ===
         self.cross_entropy_tracker = keras.metrics.Mean(name="cross_entropy")
@@ -314,9 +291,26 @@ class HarmonizedModel(keras.Model):
                 else keras.saving.serialize_keras_object(self.preprocessing),
                 "output": self.logits_output,
                 "allow_softmax": self.allow_softmax,
+                "saliency": self._saliency_name(),
             }
         )
         return config
+
+    def _saliency_name(self) -> str:
+        """The saliency method's registered name, as saved; an error if the name would load another method."""
+        name = self.saliency_method.name
+        try:
+            registered = get_saliency_method(name)
+        except ValueError:
+            registered = None
+        if registered != self.saliency_method:
+            problem = "no method is" if registered is None else "another method is"
+            raise ValueError(
+                f"The saliency method {name!r} of this HarmonizedModel is saved by name, but {problem} registered "
+                "under it: call harmonization.saliency_methods.register_saliency_method(method) first (and before "
+                "loading the model)."
+            )
+        return name
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
@@ -353,7 +347,7 @@ class HarmonizedModel(keras.Model):
             if isinstance(v, tf.distribute.DistributedValues) else v,
             data_batch,
         )
-        images = _unpack_batch(data_batch)[0][:1]
+        images = unpack(data_batch).image[:1]
         with strategy.scope():
             num_classes = self(images, training=False).shape[-1]
             self._symbolic_build(data_batch=(images, tf.zeros([1, num_classes], tf.float32)))
@@ -393,19 +387,22 @@ class HarmonizedModel(keras.Model):
     def _forward(self, data, training: bool):
         """Logits, one-hot labels, raw input gradients, heatmaps and tokens of one batch.
 
-        Labels and tokens are checked first; in a graph the model's input waits for those checks, so a
-        bad batch changes nothing (not even BatchNormalization's moving statistics).
+        The batch is checked here, once per step (`_loss_terms` does not check it again): labels, tokens
+        and the heatmaps' values first; in a graph the model's input waits for those checks, so a bad
+        batch changes nothing (not even BatchNormalization's moving statistics).
         """
-        images, heatmaps, labels, tokens = _unpack_batch(data)
-        images = tf.convert_to_tensor(images)
+        batch = unpack(data)
+        images = tf.convert_to_tensor(batch.image)
         if not images.dtype.is_floating:
             images = tf.cast(images, tf.float32)
-        heatmaps = _check_heatmap_matches(images, tf.convert_to_tensor(heatmaps))
+        heatmaps = heatmap_maps(tf.convert_to_tensor(batch.heatmap))
+        check_heatmap_size(images, heatmaps)
         num_classes = self._num_classes(images)
-        labels = check_class_labels(labels, num_classes, "label")
-        tokens = as_tokens(tokens, tf.shape(images)[0], tf.float32, name="token", check_values=True)
+        labels = check_class_labels(batch.label, num_classes, "label")
+        tokens = as_tokens(batch.token, tf.shape(images)[0], tf.float32, name="token", check_values=True)
+        heatmaps = check_finite(tf.cast(heatmaps, tf.float32), "heatmap")
         if not tf.executing_eagerly():
-            with tf.control_dependencies([labels, tokens]):
+            with tf.control_dependencies([labels, tokens, heatmaps]):
                 images = tf.identity(images)
         exact = second_order.exact_moments() if self.exact_second_order else contextlib.nullcontext()
         with exact:
@@ -420,8 +417,14 @@ class HarmonizedModel(keras.Model):
     def _loss_terms(self, images, logits, onehot, grads, heatmaps, tokens, training: bool):
         """(total loss scaled for the replica count, cross-entropy, harmonization term)."""
         cross_entropy = self.compute_loss(x=images, y=onehot, y_pred=logits, training=training)
-        harmonization = harmonization_loss(
-            tf.reduce_mean(grads, axis=-1), heatmaps, tokens, self.pyramid_levels, self.epsilon
+        saliency = self.saliency_method.reduce(grads)  # published: channel mean (`tf.reduce_mean(grads, -1)`)
+        # `_forward` checked the heatmaps and tokens; only the saliency is new here: a registered method's
+        # map must be (N, H, W), and a preprocessing that resizes would make it differ from the images'.
+        saliency = as_maps(saliency, "saliency")
+        check_same_shape(saliency, heatmaps, "saliency", "human_maps")
+        harmonization = harmonization_loss_unchecked(
+            saliency, tf.cast(heatmaps, saliency.dtype), tf.cast(tokens, saliency.dtype), self.pyramid_levels,
+            self.epsilon,
         )
         extra = self.lambda_harmonization * harmonization
         if self.lambda_weights:
@@ -445,8 +448,8 @@ class HarmonizedModel(keras.Model):
             scaled = self.optimizer.scale_loss(total)
         variables = self.trainable_variables
         gradients = tape.gradient(scaled, variables)
-        # The optimizer's own state (its step count) waits for the checks of labels and tokens too.
-        with tf.control_dependencies([onehot, tokens]):
+        # The optimizer's own state (its step count) waits for the checks of labels, tokens and heatmaps too.
+        with tf.control_dependencies([onehot, tokens, heatmaps]):
             self.optimizer.apply_gradients(zip(gradients, variables))
         self._update_trackers(total, cross_entropy, harmonization, tf.shape(images)[0])
         logs = self.compute_metrics(images, onehot, logits)
@@ -454,14 +457,12 @@ class HarmonizedModel(keras.Model):
         return _logs_for_reduction(logs)
 
     def test_step(self, data):
-        from harmonization.metrics import spearman
-
         images, logits, onehot, grads, heatmaps, tokens = self._forward(data, training=False)
         total, cross_entropy, harmonization = self._loss_terms(
             images, logits, onehot, grads, heatmaps, tokens, training=False
         )
         self._update_trackers(total, cross_entropy, harmonization, tf.shape(images)[0])
         # Alignment as reported in the paper: |gradient| max over channels vs the human map.
-        rho = spearman(tf.reduce_max(tf.abs(grads), axis=-1), heatmaps)
+        rho = spearman(channel_max_abs(grads), heatmaps)
         self.spearman_tracker.update_state(tf.cast(rho, tf.float32), sample_weight=tf.cast(tokens > 0, tf.float32))
         return _logs_for_reduction(self.compute_metrics(images, onehot, logits))

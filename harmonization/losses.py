@@ -4,6 +4,11 @@ Pure TensorFlow functions, each testable on its own:
 
     standardize_cut  ->  gaussian_pyramid  ->  pyramidal_mse  ->  harmonization_loss
 
+Each public function checks its arguments; `harmonization_loss_unchecked` (and the private `_name`
+versions below it) compute the same thing from arguments already checked, so that `HarmonizedModel`,
+which checks its batch once per step, does not check the same maps and tokens again in every function
+of the chain.
+
 Defaults reproduce the published method exactly: both maps are z-scored per map and rectified, the human
 map is rescaled to the saliency map's peak (without letting the gradient flow through that peak), and the
 squared error is averaged over the first five levels of a 5x5 binomial Gaussian pyramid, each example
@@ -15,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from harmonization._validation import as_maps, as_tokens, check_finite, check_number, check_same_shape
+from harmonization._validation import as_maps, as_tokens, check_finite, check_int, check_number, check_same_shape
 
 #: Added to both peaks before the rescaling, as in the published code.
 PEAK_EPSILON = 1e-6
@@ -51,13 +56,17 @@ def standardize_cut(maps, epsilon: float = 1e-5) -> tf.Tensor:
     """
     epsilon = _check_epsilon(epsilon)
     original = tf.convert_to_tensor(maps)
-    maps = as_maps(original, "maps")
+    out = _standardize_cut(as_maps(original, "maps"), epsilon)
+    return tf.reshape(out, tf.shape(original)) if original.shape.rank == 4 else out
+
+
+def _standardize_cut(maps: tf.Tensor, epsilon) -> tf.Tensor:
+    """`standardize_cut` of float (N, H, W) maps and an epsilon already checked."""
     mean = tf.reduce_mean(maps, axis=(1, 2), keepdims=True)
     centred = maps - mean
     # Population std, as tf.math.reduce_std; written out so the gradient is exact and finite.
     std = _safe_sqrt(tf.reduce_mean(tf.square(centred), axis=(1, 2), keepdims=True))
-    out = tf.nn.relu(centred / (std + tf.cast(epsilon, maps.dtype)))
-    return tf.reshape(out, tf.shape(original)) if original.shape.rank == 4 else out
+    return tf.nn.relu(centred / (std + tf.cast(epsilon, maps.dtype)))
 
 
 def binomial_kernel(dtype=tf.float32) -> tf.Tensor:
@@ -78,9 +87,12 @@ def gaussian_pyramid(maps, levels: int) -> list[tf.Tensor]:
     Returns:
         `levels + 1` tensors of shape (N, H_k, W_k, 1), the input first.
     """
-    if not isinstance(levels, (int, np.integer)) or isinstance(levels, bool) or levels < 0:
-        raise ValueError(f"`levels` must be an integer >= 0; got {levels!r}.")
-    maps = as_maps(maps, "maps")[..., None]
+    levels = check_int(levels, "levels", minimum=0)
+    return _gaussian_pyramid(as_maps(maps, "maps")[..., None], levels)
+
+
+def _gaussian_pyramid(maps: tf.Tensor, levels: int) -> list[tf.Tensor]:
+    """`gaussian_pyramid` of float (N, H, W, 1) maps and a level count already checked."""
     kernel = binomial_kernel(maps.dtype)
     pyramid = [maps]
     for _ in range(levels):
@@ -100,15 +112,19 @@ def pyramidal_mse(a, b, tokens=None, levels: int = 5) -> tf.Tensor:
     Returns:
         A scalar.
     """
-    if not isinstance(levels, (int, np.integer)) or isinstance(levels, bool) or levels < 1:
-        raise ValueError(f"`levels` must be an integer >= 1; got {levels!r}.")
+    levels = check_int(levels, "levels", minimum=1)
     a = as_maps(a, "a")
     b = as_maps(b, "b", dtype=a.dtype)
     check_same_shape(a, b, "a", "b")
-    tokens = as_tokens(tokens, tf.shape(a)[0], a.dtype)
-    # The published code builds levels+1 maps and compares the first `levels` of them.
-    pyr_a = gaussian_pyramid(a, levels - 1)
-    pyr_b = gaussian_pyramid(b, levels - 1)
+    return _pyramidal_mse(a, b, as_tokens(tokens, tf.shape(a)[0], a.dtype), levels)
+
+
+def _pyramidal_mse(a: tf.Tensor, b: tf.Tensor, tokens: tf.Tensor, levels: int) -> tf.Tensor:
+    """`pyramidal_mse` of (N, H, W) maps of one shape and dtype, and (N,) tokens of that dtype, checked."""
+    # The published code builds levels+1 maps and compares the first `levels` of them
+    # (serre-lab/Harmonization `training/loss.py`, `pyramidal_mse_with_tokens`).
+    pyr_a = _gaussian_pyramid(a[..., None], levels - 1)
+    pyr_b = _gaussian_pyramid(b[..., None], levels - 1)
     weights = tokens[:, None, None, None]
     per_level = [tf.reduce_mean(tf.square(la - lb) * weights) for la, lb in zip(pyr_a, pyr_b)]
     return tf.reduce_mean(tf.stack(per_level))
@@ -132,15 +148,29 @@ def harmonization_loss(saliency, human_maps, tokens=None, levels: int = 5, epsil
         A scalar in the saliency's float dtype (at least float32).
     """
     epsilon = _check_epsilon(epsilon)
+    levels = check_int(levels, "levels", minimum=1)
     saliency = as_maps(saliency, "saliency")
     if saliency.dtype in (tf.float16, tf.bfloat16):
         saliency = tf.cast(saliency, tf.float32)
     human_maps = as_maps(human_maps, "human_maps", dtype=saliency.dtype)
     check_same_shape(saliency, human_maps, "saliency", "human_maps")
     human_maps = check_finite(human_maps, "human_maps")
-    saliency_cut = standardize_cut(saliency, epsilon)
-    human_cut = standardize_cut(human_maps, epsilon)
+    tokens = as_tokens(tokens, tf.shape(saliency)[0], saliency.dtype)
+    return harmonization_loss_unchecked(saliency, human_maps, tokens, levels, epsilon)
+
+
+def harmonization_loss_unchecked(
+    saliency: tf.Tensor, human_maps: tf.Tensor, tokens: tf.Tensor, levels: int, epsilon
+) -> tf.Tensor:
+    """`harmonization_loss` of arguments already checked: float (N, H, W) maps of one shape and dtype
+    (float32 at least, human maps finite), (N,) tokens of that dtype, levels >= 1, epsilon >= 0.
+
+    For callers that have checked their inputs (`HarmonizedModel` checks its batch once, at the start of the
+    step); anyone else should call `harmonization_loss`, which checks them.
+    """
+    saliency_cut = _standardize_cut(saliency, epsilon)
+    human_cut = _standardize_cut(human_maps, epsilon)
     human_peak = tf.reduce_max(human_cut, axis=(1, 2), keepdims=True) + PEAK_EPSILON
     saliency_peak = tf.stop_gradient(tf.reduce_max(saliency_cut, axis=(1, 2), keepdims=True)) + PEAK_EPSILON
     human_rescaled = human_cut / human_peak * saliency_peak
-    return pyramidal_mse(saliency_cut, human_rescaled, tokens, levels)
+    return _pyramidal_mse(saliency_cut, human_rescaled, tokens, levels)

@@ -3,7 +3,8 @@
 The neural harmonizer (Fel et al., NeurIPS 2022, arXiv 2211.04533) reports alignment with ClickMe maps
 as the per-image Spearman rank correlation between the saliency map and the human map, divided by the
 human inter-rater ceiling (`alignment_score`). Dice and IoU of the top `percentile` % pixels of each map
-are reported alongside.
+(`top_percentile_masks`, compared by `top_percentile_overlap`) are reported alongside. `DEFAULT_METRICS`
+names the per-image metrics `evaluate_alignment` reports: a metric is added there, in this file only.
 
 All three per-image metrics are batched TensorFlow (one sort per map, many maps per op), so
 they run on a GPU, inside `tf.function` and under XLA (`jit_compile=True`): every shape is static.
@@ -24,6 +25,8 @@ from __future__ import annotations
 
 import math
 import numbers
+from types import MappingProxyType
+from typing import Callable, Mapping, NamedTuple
 
 import numpy as np
 import tensorflow as tf
@@ -303,7 +306,7 @@ def spearman(a, b, *, dtype=tf.float32) -> tf.Tensor:
     return tf.cast(tf.clip_by_value(rho, -1.0, 1.0), dtype)
 
 
-def _check_ceiling(ceiling) -> float:
+def check_ceiling(ceiling) -> float:
     """Return `ceiling` as a float, or raise a ValueError unless it is a finite number > 0."""
     if (
         isinstance(ceiling, (bool, np.bool_))
@@ -315,7 +318,7 @@ def _check_ceiling(ceiling) -> float:
     return float(ceiling)
 
 
-def _check_percentile(percentile) -> float:
+def check_percentile(percentile) -> float:
     """Return `percentile` as a float, or raise a ValueError unless 0 < percentile < 100."""
     if (
         isinstance(percentile, (bool, np.bool_))
@@ -330,7 +333,7 @@ def _check_percentile(percentile) -> float:
     return float(percentile)
 
 
-def _top_percentile_masks(maps: tf.Tensor, percentile: float) -> tf.Tensor:
+def _top_percentile_rows(maps: tf.Tensor, percentile: float) -> tf.Tensor:
     """Per row of `maps` (N, P): `row > np.percentile(row, 100 - percentile)`, as a boolean tensor.
 
     Reproduces numpy's default ("linear") interpolation step by step, in the maps' dtype, so that
@@ -357,10 +360,38 @@ def _top_percentile_masks(maps: tf.Tensor, percentile: float) -> tf.Tensor:
     return maps > threshold[:, None]
 
 
+def top_percentile_masks(maps, percentile: float = 10) -> tf.Tensor:
+    """The published binarisation of each map: `m > np.percentile(m, 100 - percentile)`, a boolean (N, H, W).
+
+    What Dice and IoU compare (and what a new overlap metric starts from): the top `percentile` % pixels
+    of each map, ties at the threshold left out, the threshold interpolated linearly as numpy does.
+
+    Args:
+        maps: (N, H, W) or (N, H, W, 1) maps.
+        percentile: share of pixels kept per map, in %, strictly between 0 and 100. Defaults to 10.
+
+    Returns:
+        A boolean tensor (N, H, W).
+    """
+    percentile = check_percentile(percentile)
+    maps = tf.convert_to_tensor(maps)
+    maps = check_finite(as_maps(maps, "maps", tf.float64 if not maps.dtype.is_floating else None), "maps")
+    flat = tf.reshape(maps, [tf.shape(maps)[0], -1])
+    return tf.reshape(_top_percentile_rows(flat, percentile), tf.shape(maps))
+
+
+class Overlap(NamedTuple):
+    """Pixel counts of two maps' top-percentile masks A and B, float32 tensors (N,)."""
+
+    intersection: tf.Tensor  # |A & B|
+    sizes: tf.Tensor  # |A| + |B|
+    union: tf.Tensor  # |A | B|
+
+
 def _overlap_counts(a: tf.Tensor, b: tf.Tensor, percentile: float) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     """Return |A & B|, |A| + |B| and |A | B| (float32, (n,)) of the top-`percentile` % masks of (n, P)."""
-    mask_a = _top_percentile_masks(a, percentile)
-    mask_b = _top_percentile_masks(b, percentile)
+    mask_a = _top_percentile_rows(a, percentile)
+    mask_b = _top_percentile_rows(b, percentile)
 
     def count(mask):
         return tf.reduce_sum(tf.cast(mask, tf.float32), axis=1)
@@ -369,12 +400,22 @@ def _overlap_counts(a: tf.Tensor, b: tf.Tensor, percentile: float) -> tuple[tf.T
     return intersection, count(mask_a) + count(mask_b), count(tf.logical_or(mask_a, mask_b))
 
 
-def _overlaps(a, b, percentile) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-    """`_overlap_counts` of two validated map batches, `CHUNK_PIXELS` at a time."""
-    percentile = _check_percentile(percentile)
-    a, b = _map_pair(a, b)
-    counts = _by_chunks(lambda x, y: _overlap_counts(x, y, percentile), a, b, [tf.float32] * 3)
-    return tuple(counts)
+def top_percentile_overlap(a, b, percentile: float = 10) -> Overlap:
+    """|A & B|, |A| + |B| and |A | B| of the maps' `top_percentile_masks`, per map; what Dice and IoU share.
+
+    Maps are scored `CHUNK_PIXELS` pixels at a time.
+
+    Args:
+        a: (N, H, W) or (N, H, W, 1) maps.
+        b: maps of the same shape.
+        percentile: share of pixels kept per map, in %, strictly between 0 and 100.
+
+    Returns:
+        An `Overlap` of float32 tensors (N,).
+    """
+    percentile = check_percentile(percentile)
+    pair = _map_pair(a, b)
+    return Overlap(*_by_chunks(lambda x, y: _overlap_counts(x, y, percentile), *pair, [tf.float32] * 3))
 
 
 def _published_ratio(numerator: tf.Tensor, denominator: tf.Tensor, dtype=tf.float32) -> tf.Tensor:
@@ -403,8 +444,8 @@ def dice(a, b, percentile: float = 10, *, dtype=tf.float32) -> tf.Tensor:
     Returns:
         A tensor (N,) in [0, 1].
     """
-    intersection, sizes, _ = _overlaps(a, b, percentile)
-    return _published_ratio(2.0 * intersection, sizes, dtype)
+    overlap = top_percentile_overlap(a, b, percentile)
+    return _published_ratio(2.0 * overlap.intersection, overlap.sizes, dtype)
 
 
 def iou(a, b, percentile: float = 10, *, dtype=tf.float32) -> tf.Tensor:
@@ -416,8 +457,8 @@ def iou(a, b, percentile: float = 10, *, dtype=tf.float32) -> tf.Tensor:
     Returns:
         A tensor (N,) in [0, 1].
     """
-    intersection, _, union = _overlaps(a, b, percentile)
-    return _published_ratio(intersection, union, dtype)
+    overlap = top_percentile_overlap(a, b, percentile)
+    return _published_ratio(overlap.intersection, overlap.union, dtype)
 
 
 def alignment_score(spearmans, ceiling: float = HUMAN_CEILING) -> float:
@@ -432,7 +473,7 @@ def alignment_score(spearmans, ceiling: float = HUMAN_CEILING) -> float:
     Returns:
         A Python float.
     """
-    ceiling = _check_ceiling(ceiling)
+    ceiling = check_ceiling(ceiling)
     values = np.asarray(spearmans.numpy() if isinstance(spearmans, tf.Tensor) else spearmans)
     if values.ndim != 1 or values.size == 0 or not np.issubdtype(values.dtype, np.number):
         raise ValueError(
@@ -445,3 +486,11 @@ def alignment_score(spearmans, ceiling: float = HUMAN_CEILING) -> float:
             f"`spearmans` contains {int(np.sum(~np.isfinite(values)))} NaN or Inf value(s)."
         )
     return float(np.mean(values) / ceiling)
+
+
+#: The per-image metrics `evaluate_alignment` reports by default, by name: each is
+#: `fn(saliency_maps, human_maps[, percentile]) -> (N,)` (a metric with a `percentile` parameter gets
+#: `evaluate_alignment`'s). A metric added here is computed, averaged and written by `evaluate_alignment`
+#: and `harmonization evaluate` with nothing else to change. Read-only: pass
+#: `metrics={**DEFAULT_METRICS, "mine": fn}` to `evaluate_alignment` to add one for a run.
+DEFAULT_METRICS: Mapping[str, Callable] = MappingProxyType({"spearman": spearman, "dice": dice, "iou": iou})

@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 import keras
 
+from harmonization._validation import is_int
 from harmonization.architectures.base import ImageNetNormalization
 
 __all__ = [
@@ -172,9 +173,9 @@ def _output_index(model, output) -> int | None:
         if output not in names:
             raise ValueError(f"`output`={output!r} is not an output of the model; its outputs are {names}.")
         return names.index(output)
-    if isinstance(output, bool) or not isinstance(output, int) or not -len(outputs) <= output < len(outputs):
+    if not is_int(output) or not -len(outputs) <= output < len(outputs):
         raise ValueError(f"`output` must be an index in [0, {len(outputs)}) or an output name; got {output!r}.")
-    return output % len(outputs)
+    return int(output) % len(outputs)
 
 
 def _is_softmax(function) -> bool:

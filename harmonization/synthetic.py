@@ -24,6 +24,8 @@ from typing import Callable, Iterator
 import numpy as np
 from scipy import ndimage
 
+from harmonization._validation import check_int, is_number
+
 #: Class names, in label order. Each names the diagnostic object drawn for that class.
 CLASS_NAMES = (
     "ring",
@@ -127,22 +129,13 @@ def example_id(split: str, index: int) -> str:
     return f"{split}_{index:06d}"
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
 def _check_args(seed, split, index, image_size, shortcut_agreement) -> None:
-    if not (_is_int(seed) and seed >= 0):
-        raise ValueError(f"`seed` must be an integer >= 0; got {seed!r}.")
+    check_int(seed, "seed", minimum=0)
     if split not in SPLITS:
         raise ValueError(f"`split` must be one of {sorted(SPLITS)}; got {split!r}.")
-    if not (_is_int(index) and index >= 0):
-        raise ValueError(f"`index` must be an integer >= 0; got {index!r}.")
-    if not (_is_int(image_size) and image_size >= MIN_IMAGE_SIZE):
-        raise ValueError(f"`image_size` must be an integer >= {MIN_IMAGE_SIZE}; got {image_size!r}.")
-    if isinstance(shortcut_agreement, bool) or not (
-        isinstance(shortcut_agreement, (int, float, np.floating)) and 0.0 <= shortcut_agreement <= 1.0
-    ):
+    check_int(index, "index", minimum=0)
+    check_int(image_size, "image_size", minimum=MIN_IMAGE_SIZE)
+    if not (is_number(shortcut_agreement) and 0.0 <= shortcut_agreement <= 1.0):
         raise ValueError(f"`shortcut_agreement` must be a number in [0, 1]; got {shortcut_agreement!r}.")
 
 
@@ -362,8 +355,7 @@ def generate_split(
     seed: int, split: str, num_examples: int, image_size: int = 64, shortcut_agreement: float = 0.9
 ) -> Iterator[SyntheticExample]:
     """Examples 0 .. num_examples-1 of `split`, in order (see `generate_example`)."""
-    if not (_is_int(num_examples) and num_examples >= 0):
-        raise ValueError(f"`num_examples` must be an integer >= 0; got {num_examples!r}.")
+    check_int(num_examples, "num_examples", minimum=0)
     _check_args(seed, split, 0, image_size, shortcut_agreement)
     for index in range(num_examples):
         yield generate_example(seed, split, index, image_size, shortcut_agreement)

@@ -216,6 +216,33 @@ def test_tokens_of_another_batch_size_are_refused(run_eagerly):
                                      tf.data.Dataset.from_tensors(data), error, match)
 
 
+# ----------------------------------------------------------------------------- HarmonizedModel: heatmaps, once
+@pytest.mark.parametrize("run_eagerly", [False, True])
+def test_nan_heatmaps_are_refused_before_any_weight_changes(run_eagerly):
+    heatmaps = RNG.uniform(0, 1, (8, SIZE, SIZE)).astype("float32")
+    heatmaps[2, 3, 4] = np.nan
+    error = ValueError if run_eagerly else tf.errors.InvalidArgumentError
+    assert_refused_before_any_change(
+        compiled(run_eagerly=run_eagerly), "fit", batch(heatmap=heatmaps), error, r"`heatmap` contains NaN or Inf"
+    )
+
+
+@pytest.mark.parametrize("run_eagerly", [False, True])
+def test_the_loss_does_not_check_again_what_the_step_checked(monkeypatch, run_eagerly):
+    # The step checks its batch once (issue 12, §3); the loss functions' own argument checks are skipped.
+    from harmonization import losses
+
+    def checked_again(*args, **kwargs):
+        raise AssertionError("the harmonization loss checked its arguments again inside the step")
+
+    for name in ("as_maps", "as_tokens", "check_finite", "check_same_shape", "check_int", "_check_epsilon"):
+        monkeypatch.setattr(losses, name, checked_again)
+    logs = compiled(run_eagerly=run_eagerly).train_on_batch(batch(), return_dict=True)
+    assert np.isfinite(logs["harmonization"]) and logs["harmonization"] > 0
+    with pytest.raises(AssertionError, match="checked its arguments again"):  # the public function checks
+        losses.harmonization_loss(np.zeros((2, 4, 4)), np.zeros((2, 4, 4)))
+
+
 # ----------------------------------------------------------------------------- hyper-parameters
 @pytest.mark.parametrize(
     "argument, value, match",
@@ -256,6 +283,30 @@ def test_check_class_labels_in_a_graph_runs_before_what_depends_on_the_labels():
     with pytest.raises(tf.errors.InvalidArgumentError, match=r"`label`[^\n]*\[0, 4\)[^\n]*\n?[^\n]*\[4\]"):
         step(tf.constant([0, 4]))
     assert int(counter.numpy()) == 1
+
+
+def test_check_int_refuses_bools_and_names_the_argument():
+    assert _validation.check_int(np.int64(3), "levels", minimum=1) == 3
+    assert _validation.is_int(7) and not _validation.is_int(True) and not _validation.is_int(np.bool_(True))
+    assert not _validation.is_int(2.0)
+    with pytest.raises(ValueError, match=r"^`levels` must be an integer >= 1; got True\.$"):
+        _validation.check_int(True, "levels", minimum=1)
+    with pytest.raises(ValueError, match=r"^`batch_size` must be a positive integer; got 0\.$"):
+        _validation.check_int(0, "batch_size", minimum=1, expected="a positive integer")
+    assert _validation.is_number(0.5) and _validation.is_number(np.float32(1)) and not _validation.is_number(False)
+
+
+def test_the_number_checks_do_not_import_tensorflow():
+    # harmonization.synthetic is NumPy only; its argument checks come from _validation.
+    import subprocess
+    import sys
+
+    script = ("import sys, harmonization.synthetic as s\n"
+              "list(s.generate_split(0, 'test', 1, 32))\n"
+              "print('TF', 'tensorflow' in sys.modules)\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "TF False" in result.stdout
 
 
 def test_label_layout_reads_labels_as_one_hot_labels_does():

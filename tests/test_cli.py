@@ -118,8 +118,37 @@ def test_explain_writes_a_png(preset_and_images, tmp_path, capsys):
         assert image.format == "PNG" and image.size[0] > image.size[1]
 
 
+@pytest.mark.parametrize("method", ["smoothgrad", "integrated_gradients"])
+def test_explain_draws_the_chosen_saliency_method(preset_and_images, tmp_path, method, monkeypatch):
+    from harmonization import saliency_methods
+
+    _, preset, paths = preset_and_images
+    used = []
+    original = saliency_methods.get_saliency_method
+    monkeypatch.setattr(saliency_methods, "get_saliency_method", lambda name: used.append(name) or original(name))
+    out = tmp_path / f"{method}.png"
+    assert cli.main(["explain", paths[0], "--model", str(preset), "--out", str(out), "--method", method]) == 0
+    assert used == [method] and out.is_file()
+
+
+def test_explain_and_evaluate_help_list_the_methods_without_tensorflow():
+    import subprocess
+
+    script = ("import sys, harmonization.cli as c\n"
+              "for command in ('explain', 'evaluate'):\n"
+              "    try:\n        c.main([command, '--help'])\n    except SystemExit:\n        pass\n"
+              "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras'))\n"
+              "print('HEAVY', loaded)\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "HEAVY []" in result.stdout
+    text = " ".join(result.stdout.split())  # argparse wraps the help
+    for name in ("gradient_mean", "gradient_max_abs", "smoothgrad", "integrated_gradients"):
+        assert text.count(name) >= 2, name  # in both commands' help
+
+
 def test_sign_makes_a_hand_edited_preset_loadable(preset_and_images, capsys):
-    from harmonization.presets import load_model
+    from harmonization.loader import load_model
 
     _, preset, _ = preset_and_images
     record = json.loads((preset / "metadata.json").read_text())
@@ -175,7 +204,7 @@ def test_download_of_a_local_preset_refuses_a_revision(preset_and_images, capsys
 
 
 def test_an_empty_model_name_is_a_clear_error(capsys):
-    from harmonization.presets import load_model
+    from harmonization.loader import load_model
 
     with pytest.raises(ValueError, match="`name_or_path_or_uri` is empty"):
         load_model("")

@@ -143,3 +143,41 @@ def test_missing_data_dir_unknown_model_and_unprepared_dataset_are_error_exits(p
     assert cli.main(["evaluate", str(presets[1]), "--data-dir", str(tmp_path / "empty")]) == 1
     err = capsys.readouterr().err
     assert "is not prepared" in err and "--download" in err
+
+
+def test_method_scores_and_records_another_saliency(clickme_dir, presets, model, tmp_path, capsys):
+    out = tmp_path / "ig"
+    argv = ["evaluate", str(presets[1]), "--data-dir", str(clickme_dir), "--limit", "3", "--batch-size", "2",
+            "--out", str(out), "--method", "integrated_gradients"]
+    assert cli.main(argv) == 0
+    assert "Saliency method: integrated_gradients" in capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    assert results["protocol"]["saliency_method"] == "integrated_gradients"
+    assert results["protocol"]["saliency"].startswith("Integrated Gradients (Sundararajan et al. 2017)")
+    dataset = harmonization.data.load_clickme(
+        "validation", 2, image_size=SIZE, data_dir=clickme_dir, download=False
+    ).unbatch().take(3).batch(2)
+    want = harmonization.evaluate_alignment(model, dataset, verbose=0, saliency="integrated_gradients")
+    default = harmonization.evaluate_alignment(model, dataset, verbose=0)
+    for key in ("spearman", "dice", "iou"):
+        np.testing.assert_allclose(results["per_image"][key], want[key], atol=1e-6)
+    assert not np.allclose(want["spearman"], default["spearman"])
+    with Image.open(out / results["files"]["saliency_grid"]) as grid:
+        assert grid.size == (630, 3 * 210)
+
+
+def test_the_default_method_is_recorded_as_the_published_map():
+    from harmonization import evaluate_command
+
+    fields = evaluate_command.protocol(SIZE)
+    assert fields["saliency_method"] == "gradient_max_abs"
+    assert fields["saliency"] == ("max over colour channels of |d logit[label] / d x|, x the preprocessed input "
+                                  "(harmonization.evaluate_alignment; xplique Saliency in the published code)")
+
+
+def test_an_unknown_method_is_a_usage_error_listing_the_methods(presets, capsys):
+    with pytest.raises(SystemExit) as caught:
+        cli.main(["evaluate", str(presets[1]), "--method", "gradcam"])
+    assert caught.value.code == 2
+    err = capsys.readouterr().err
+    assert "--method" in err and all(name in err for name in ("gradient_max_abs", "smoothgrad"))

@@ -130,7 +130,7 @@ def test_bad_batches_have_clear_errors():
     hmodel.compile()
     data = arrays(8)
     del data["heatmap"]
-    with pytest.raises(ValueError, match=r"missing \['heatmap'\]"):
+    with pytest.raises(ValueError, match=r"lacks the key\(s\) \['heatmap'\]"):
         hmodel.fit(tf.data.Dataset.from_tensor_slices(data).batch(8), verbose=0)
     data = arrays(8)
     data["heatmap"] = data["heatmap"][:, :8, :8]

@@ -280,9 +280,86 @@ def test_percentile_threshold_follows_numpys_float32_interpolation():
         row = np.array([0.0, low, high], np.float32)  # 25th percentile: virtual index 1.5 of 3
         expected = row > np.percentile(row, 75)
         disagreements += np.any(expected != (row > np.percentile(row.astype(np.float64), 75)))
-        got = metrics._top_percentile_masks(tf.constant(row[None]), 25.0).numpy()[0]
+        got = metrics.top_percentile_masks(tf.constant(row[None, None]), 25.0).numpy()[0, 0]
         np.testing.assert_array_equal(got, expected)
     assert disagreements > 0  # the case is really exercised
+
+
+def test_top_percentile_masks_and_overlap_are_the_published_binarisation():
+    a, b = saliency_like_maps(3, 9), human_like_maps(3, 9)
+    expected_a = np.stack([m > np.percentile(m, 85) for m in a])
+    expected_b = np.stack([m > np.percentile(m, 85) for m in b])
+    np.testing.assert_array_equal(metrics.top_percentile_masks(a, 15).numpy(), expected_a)
+    np.testing.assert_array_equal(metrics.top_percentile_masks(b[..., None], 15).numpy(), expected_b)
+    overlap = metrics.top_percentile_overlap(a, b, 15)
+    np.testing.assert_array_equal(overlap.intersection.numpy(), (expected_a & expected_b).sum((1, 2)))
+    np.testing.assert_array_equal(overlap.sizes.numpy(), expected_a.sum((1, 2)) + expected_b.sum((1, 2)))
+    np.testing.assert_array_equal(overlap.union.numpy(), (expected_a | expected_b).sum((1, 2)))
+    with pytest.raises(ValueError, match="`percentile`"):
+        metrics.top_percentile_masks(a, 100)
+
+
+def test_default_metrics_are_the_published_three_and_read_only():
+    assert dict(metrics.DEFAULT_METRICS) == {"spearman": metrics.spearman, "dice": metrics.dice, "iou": metrics.iou}
+    with pytest.raises(TypeError):
+        metrics.DEFAULT_METRICS["mine"] = metrics.dice
+
+
+def alignment_batches():
+    import keras
+
+    keras.utils.set_random_seed(4)
+    model = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(2, 3, padding="same", activation="tanh"),
+                              keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(3)])
+    images = RNG.uniform(0, 1, (6, 8, 8, 3)).astype(np.float32)
+    heatmaps = human_like_maps(6, 8)
+    labels = RNG.integers(0, 3, 6)
+    return model, [(images[:4], heatmaps[:4], labels[:4]), (images[4:], heatmaps[4:], labels[4:])]
+
+
+def test_evaluate_alignment_reports_a_custom_metric_per_image_and_as_a_mean():
+    from harmonization import evaluate_alignment
+    from harmonization.saliency import saliency_map
+
+    model, batches = alignment_batches()
+    seen = []
+
+    def top_share(saliency, human, percentile):  # gets evaluate_alignment's percentile
+        seen.append(percentile)
+        masks = metrics.top_percentile_masks(saliency, percentile).numpy()
+        return (masks * human.numpy()).sum((1, 2)) / human.numpy().sum((1, 2))
+
+    result = evaluate_alignment(model, batches, percentile=25, verbose=0,
+                                metrics={**metrics.DEFAULT_METRICS, "top_share": top_share})
+    default = evaluate_alignment(model, batches, percentile=25, verbose=0)
+    assert set(result) == set(default) | {"top_share", "top_share_mean"} and seen == [25.0, 25.0]
+    for key in default:
+        np.testing.assert_array_equal(result[key], default[key])
+    images = np.concatenate([b[0] for b in batches])
+    human = np.concatenate([b[1] for b in batches])
+    saliency = saliency_map(model, images, np.concatenate([b[2] for b in batches])).numpy()
+    expected = np.array([(s > np.percentile(s, 75)) @ h.ravel() / h.sum() for s, h in
+                         zip(saliency.reshape(6, -1), human.reshape(6, -1))])
+    np.testing.assert_allclose(result["top_share"], expected, rtol=1e-5)
+    assert result["top_share_mean"] == pytest.approx(expected.mean(), rel=1e-5)
+
+    only = evaluate_alignment(model, batches, verbose=0, metrics={"iou": metrics.iou})
+    assert set(only) == {"iou", "iou_mean", "num_images", "accuracy"}  # no Spearman, no alignment score
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({}, "non-empty mapping"),
+    ({"accuracy": metrics.dice}, "not usable"),
+    ({"x": metrics.dice, "x_mean": metrics.iou}, "not usable"),
+    ({"x": 3}, "must be a function"),
+    ({"x": lambda a, b: np.zeros(2)}, r"shape \(4,\)"),
+])
+def test_evaluate_alignment_refuses_bad_metrics(bad, match):
+    from harmonization import evaluate_alignment
+
+    model, batches = alignment_batches()
+    with pytest.raises((ValueError, TypeError), match=match):
+        evaluate_alignment(model, batches, verbose=0, metrics=bad)
 
 
 def test_dice_and_iou_by_hand():

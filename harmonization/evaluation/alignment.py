@@ -4,23 +4,26 @@
 too) over a dataset of `image`, `heatmap`, `label` (and optional `token`) batches and reports, per
 image, the Spearman correlation, Dice and IoU between its saliency map and the human map
 (`harmonization.metrics`), their means, and the alignment score of the neural harmonizer paper
-(arXiv 2211.04533): mean Spearman / human inter-rater ceiling.
+(arXiv 2211.04533): mean Spearman / human inter-rater ceiling. Both ends are seams: `saliency=` picks
+the saliency method (`harmonization.saliency_methods`; the published evaluation map by default) and
+`metrics=` the per-image metrics (`harmonization.metrics.DEFAULT_METRICS` by default).
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Any, Callable, Iterable, Mapping
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from harmonization import metrics
-from harmonization._validation import as_maps, label_layout, label_problem, token_problem
-from harmonization.saliency import class_logit_gradient
+from harmonization import metrics as _metrics  # `metrics` is evaluate_alignment's argument
+from harmonization._validation import as_maps, check_int, label_layout, label_problem, token_problem
+from harmonization.batch import HEATMAP, IMAGE, KEYS, LABEL, TOKEN, heatmap_maps, unpack
+from harmonization.saliency_methods import GRADIENT_MAX_ABS, FunctionSaliency, SaliencyMethod, get_saliency_method
 from harmonization.saliency_input import AUTO, RAW_INPUT, resolve_saliency_input
-
-_BATCH_KEYS = ("image", "heatmap", "label")
 
 
 def _to_numpy(value, what: str) -> np.ndarray:
@@ -35,32 +38,12 @@ def _to_numpy(value, what: str) -> np.ndarray:
         ) from error
 
 
-def _unpack_batch(batch, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
-    """Return (images, heatmaps, labels, tokens or None) of one batch, as NumPy arrays."""
-    expected = (
-        'a dict {"image", "heatmap", "label"[, "token"]} or a tuple (image, heatmap, label[, token])'
-    )
-    if isinstance(batch, Mapping):
-        missing = [key for key in _BATCH_KEYS if key not in batch]
-        if missing:
-            raise ValueError(
-                f"Batch {index} of `dataset` lacks the key(s) {missing}; expected {expected}, "
-                f"got keys {sorted(map(str, batch))}."
-            )
-        parts = [batch[key] for key in _BATCH_KEYS] + [batch.get("token")]
-    elif isinstance(batch, (tuple, list)):
-        if len(batch) not in (3, 4):
-            raise ValueError(
-                f"Batch {index} of `dataset` is a {type(batch).__name__} of {len(batch)} elements; "
-                f"expected {expected}."
-            )
-        parts = list(batch) + [None] * (4 - len(batch))
-    else:
-        raise ValueError(f"Batch {index} of `dataset` is a {type(batch).__name__}; expected {expected}.")
-    names = ("image", "heatmap", "label", "token")
+def _batch_arrays(batch, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """Return (images, heatmaps, labels, tokens or None) of one batch as NumPy arrays, checked once, here."""
+    parts = unpack(batch, where=f"batch {index} of `dataset`")
     images, heatmaps, labels, tokens = (
         None if part is None else _to_numpy(part, f"`{name}` of batch {index}")
-        for part, name in zip(parts, names)
+        for part, name in zip(parts, KEYS)
     )
 
     if images.ndim != 4:
@@ -69,12 +52,7 @@ def _unpack_batch(batch, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray
             "Batch the dataset first (e.g. `dataset.batch(32)`)."
         )
     n = images.shape[0]
-    if heatmaps.ndim not in (3, 4) or (heatmaps.ndim == 4 and heatmaps.shape[-1] != 1):
-        raise ValueError(
-            f"`heatmap` of batch {index} must have shape (N, H, W) or (N, H, W, 1); got {heatmaps.shape}."
-        )
-    if heatmaps.ndim == 4:
-        heatmaps = heatmaps[..., 0]
+    heatmaps = heatmap_maps(heatmaps, f"`heatmap` of batch {index}")
     if not np.all(np.isfinite(heatmaps)):
         raise ValueError(f"`heatmap` of batch {index} contains NaN or Inf values.")
     if labels.ndim == 0 or labels.ndim > 2:
@@ -97,9 +75,9 @@ def _unpack_batch(batch, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray
         problem = token_problem(tokens)
         if problem is not None:
             raise ValueError(f"`token` of batch {index} {problem}")
-    sizes = {"image": n, "heatmap": heatmaps.shape[0], "label": labels.shape[0]}
+    sizes = {IMAGE: n, HEATMAP: heatmaps.shape[0], LABEL: labels.shape[0]}
     if tokens is not None:
-        sizes["token"] = tokens.shape[0]
+        sizes[TOKEN] = tokens.shape[0]
     if len(set(sizes.values())) != 1:
         raise ValueError(f"The parts of batch {index} have different batch sizes: {sizes}.")
     return images, heatmaps, labels, tokens
@@ -119,17 +97,56 @@ def _class_ids(labels: np.ndarray) -> np.ndarray:
     return np.rint(labels.reshape(-1)).astype(np.int64)
 
 
-def _keras_saliency(model: keras.layers.Layer, options: Mapping[str, Any]) -> Callable:
-    """(images, labels) -> (logits, saliency): the model runs once per batch for both."""
+def _keras_saliency(model: keras.layers.Layer, method: SaliencyMethod, options: Mapping[str, Any]) -> Callable:
+    """(images, labels) -> (logits, saliency) of `method`; a gradient method runs the model once for both."""
     resolve_saliency_input(model, **options)  # a softmax or an ambiguous output fails here, before any batch
 
-    @tf.function(reduce_retracing=True)
     def logits_and_saliency(images, labels):
-        logits, grads = class_logit_gradient(model, images, labels, training=False, **options)
-        # Exactly `harmonization.saliency.saliency_map`: max over channels of |gradient|.
-        return logits, tf.reduce_max(tf.abs(grads), axis=-1)
+        return method.logits_and_maps(model, images, labels, training=False, **options)
 
-    return logits_and_saliency
+    if isinstance(method, FunctionSaliency):
+        return logits_and_saliency  # a plain function may use NumPy: called eagerly
+    return tf.function(logits_and_saliency, reduce_retracing=True)
+
+
+def _metric_functions(chosen: Mapping[str, Callable] | None, percentile: float) -> dict[str, Callable]:
+    """name -> fn(saliency_maps, human_maps) -> (N,); a metric with a `percentile` parameter gets `percentile`."""
+    chosen = _metrics.DEFAULT_METRICS if chosen is None else chosen
+    if not isinstance(chosen, Mapping) or not chosen:
+        raise ValueError(
+            "`metrics` must be a non-empty mapping {name: fn(saliency_maps, human_maps) -> per-image values}, "
+            f"e.g. {{**harmonization.metrics.DEFAULT_METRICS, 'mine': fn}}; got {chosen!r}."
+        )
+    functions = {}
+    for name, fn in chosen.items():
+        if not isinstance(name, str) or not name or name in _RESERVED_KEYS or f"{name}_mean" in chosen:
+            raise ValueError(
+                f"`metrics` name {name!r} is not usable: names are non-empty strings other than "
+                f"{sorted(_RESERVED_KEYS)}, and `<name>_mean` is where a metric's mean goes."
+            )
+        if not callable(fn):
+            raise TypeError(f"`metrics[{name!r}]` must be a function (saliency_maps, human_maps); got {fn!r}.")
+        try:
+            takes_percentile = "percentile" in inspect.signature(fn).parameters
+        except (TypeError, ValueError):  # no signature to read (some builtins)
+            takes_percentile = False
+        functions[name] = functools.partial(fn, percentile=percentile) if takes_percentile else fn
+    return functions
+
+
+def _per_image(values, num_images: int, name: str, index: int) -> np.ndarray:
+    """A metric's per-image values for one batch, checked: one finite-or-not number per scored image."""
+    values = _to_numpy(values, f"`metrics[{name!r}]`'s result for batch {index}")
+    if values.shape != (num_images,) or not np.issubdtype(values.dtype, np.number):
+        raise ValueError(
+            f"`metrics[{name!r}]` returned {values.dtype} values of shape {values.shape} for batch {index}; "
+            f"it must return one number per scored image, shape ({num_images},)."
+        )
+    return values
+
+
+#: Keys of `evaluate_alignment`'s result that are not metrics.
+_RESERVED_KEYS = frozenset(("alignment_score", "num_images", "accuracy"))
 
 
 def _as_saliency(maps, num_images: int, size: tuple[int, int], index: int) -> tf.Tensor:
@@ -172,13 +189,15 @@ def evaluate_alignment(
     dataset: tf.data.Dataset | Iterable,
     *,
     percentile: float = 10,
-    ceiling: float = metrics.HUMAN_CEILING,
+    ceiling: float = _metrics.HUMAN_CEILING,
     max_batches: int | None = None,
     verbose: int = 1,
     saliency_input: str | None = AUTO,
     preprocessing: Callable | None = None,
     output: int | str | None = None,
     allow_softmax: bool = False,
+    saliency: str | SaliencyMethod | Callable | None = None,
+    metrics: Mapping[str, Callable] | None = None,
 ) -> dict[str, Any]:
     """Score how well a model's saliency maps agree with human maps, image by image.
 
@@ -189,9 +208,7 @@ def evaluate_alignment(
     rows, >= 0: anything else raises a ValueError naming the batch rather than scoring 0 silently.
 
     Args:
-        model_or_explainer: a Keras model (or layer) returning logits, explained with
-            `harmonization.saliency.saliency_map` (max over channels of |d logit_label / d x|, x the
-            preprocessed input, as the published `evaluate_clickme` with xplique `Saliency`); or any
+        model_or_explainer: a Keras model (or layer) returning logits, explained with `saliency`; or any
             callable `f(images, labels) -> maps` taking NumPy arrays and returning one map per image,
             (N, H, W) or (N, H, W, 1), as a NumPy array or a tensor: e.g. a PyTorch or JAX model's saliency.
         dataset: a `tf.data.Dataset` or any iterable of batches, each a dict
@@ -209,23 +226,34 @@ def evaluate_alignment(
         output: for a Keras model with several outputs: which one holds the logits.
         allow_softmax: accept a Keras model that ends in a softmax (refused by default: the saliency of
             probabilities saturates).
+        saliency: for a Keras model, the saliency method (`harmonization.saliency_methods`): a registered
+            name ("gradient_max_abs", "gradient_mean", "smoothgrad", "integrated_gradients", ...), a
+            `SaliencyMethod` (e.g. `SmoothGrad(samples=20)`), or a function `fn(model, images, labels) ->
+            maps` (called eagerly with tensors). None (default): "gradient_max_abs", max over channels of
+            |d logit_label / d x|, x the preprocessed input, as the published `evaluate_clickme` with
+            xplique `Saliency` (`harmonization.saliency.saliency_map`).
+        metrics: the per-image metrics, `{name: fn(saliency_maps, human_maps) -> (N,) values}`; a function
+            with a `percentile` parameter is given `percentile`. None (default):
+            `harmonization.metrics.DEFAULT_METRICS`, Spearman, Dice and IoU. A mapping replaces the
+            defaults; add to them with `{**harmonization.metrics.DEFAULT_METRICS, "mine": fn}`.
 
     Returns:
-        A dict with the per-image float32 arrays `"spearman"`, `"dice"` and `"iou"`, their means
-        `"spearman_mean"`, `"dice_mean"` and `"iou_mean"`, `"alignment_score"` (spearman_mean / ceiling),
+        A dict with, for each metric, the per-image array `name` and its mean `name + "_mean"` (by default
+        the float32 arrays `"spearman"`, `"dice"` and `"iou"` and `"spearman_mean"`, `"dice_mean"`,
+        `"iou_mean"`); `"alignment_score"` (spearman_mean / ceiling, when "spearman" is a metric),
         `"num_images"` (scored images) and, for a Keras model, `"accuracy"` (top-1 on the scored images).
 
     Example:
 
         scores = evaluate_alignment(model, clickme_test.batch(32), max_batches=10)
         print(scores["alignment_score"], scores["accuracy"])
+        smooth = evaluate_alignment(model, clickme_test.batch(32), saliency="smoothgrad")
     """
-    percentile = metrics._check_percentile(percentile)
-    ceiling = metrics._check_ceiling(ceiling)
-    if max_batches is not None and (
-        isinstance(max_batches, bool) or not isinstance(max_batches, (int, np.integer)) or max_batches < 1
-    ):
-        raise ValueError(f"`max_batches` must be None or an integer >= 1; got {max_batches!r}.")
+    percentile = _metrics.check_percentile(percentile)
+    ceiling = _metrics.check_ceiling(ceiling)
+    metric_functions = _metric_functions(metrics, percentile)
+    if max_batches is not None:
+        check_int(max_batches, "max_batches", minimum=1, expected="None or an integer >= 1")
     if verbose not in (0, 1, 2):
         raise ValueError(f"`verbose` must be 0, 1 or 2; got {verbose!r}.")
     # Any Keras layer, e.g. a `keras.layers.TFSMLayer` wrapping a SavedModel, is explained by gradient.
@@ -237,12 +265,18 @@ def evaluate_alignment(
         "allow_softmax": allow_softmax,
     }
     if is_keras:
-        explain = _keras_saliency(model_or_explainer, options)
+        method = GRADIENT_MAX_ABS if saliency is None else get_saliency_method(saliency)
+        explain = _keras_saliency(model_or_explainer, method, options)
     elif callable(model_or_explainer):
         if preprocessing is not None or saliency_input not in (AUTO, RAW_INPUT, None) or output is not None:
             raise ValueError(
                 "`preprocessing`, `saliency_input` and `output` apply to Keras models; an explainer callable "
                 "computes its own maps."
+            )
+        if saliency is not None:
+            raise ValueError(
+                "`saliency` applies to Keras models; an explainer callable computes its own maps (or pass the "
+                "Keras model with saliency=...)."
             )
         explain = model_or_explainer
     else:
@@ -255,47 +289,45 @@ def evaluate_alignment(
             f"`dataset` must be a tf.data.Dataset or an iterable of batches; got {type(dataset).__name__}."
         )
 
+    scores: dict[str, list[np.ndarray]] = {name: [] for name in metric_functions}
+    shown = "spearman" if "spearman" in scores else next(iter(scores))  # the running mean on the progress bar
     progress = keras.utils.Progbar(
         _progress_target(dataset, max_batches),
         verbose=verbose,
         unit_name="batch",
-        stateful_metrics=["spearman"],
+        stateful_metrics=[shown],
     )
-    scores = {"spearman": [], "dice": [], "iou": []}
     num_correct = num_batches = num_images = 0
-    spearman_sum = 0.0
+    shown_sum = 0.0
     for index, batch in enumerate(dataset):
         if max_batches is not None and index >= max_batches:
             break
         num_batches += 1
-        images, heatmaps, labels, tokens = _unpack_batch(batch, index)
+        images, heatmaps, labels, tokens = _batch_arrays(batch, index)
         all_labels = labels
         if tokens is not None:
             keep = tokens > 0
             images, heatmaps, labels = images[keep], heatmaps[keep], labels[keep]
         if images.shape[0] > 0:
             if is_keras:
-                logits, saliency = explain(tf.convert_to_tensor(images), tf.convert_to_tensor(labels))
+                logits, maps = explain(tf.convert_to_tensor(images), tf.convert_to_tensor(labels))
                 _check_label_range(all_labels, logits.shape[-1], index)
                 predicted = np.argmax(logits.numpy(), axis=-1)
                 num_correct += int(np.sum(predicted == _class_ids(labels)))
             else:
-                saliency = explain(images, labels)
-            saliency = _as_saliency(saliency, images.shape[0], heatmaps.shape[1:], index)
+                maps = explain(images, labels)
+            maps = _as_saliency(maps, images.shape[0], heatmaps.shape[1:], index)
             heatmaps = as_maps(heatmaps, "heatmap")
-            scores["spearman"].append(metrics.spearman(saliency, heatmaps).numpy())
-            spearman_sum += float(np.sum(scores["spearman"][-1], dtype=np.float64))
+            for name, fn in metric_functions.items():
+                scores[name].append(_per_image(fn(maps, heatmaps), images.shape[0], name, index))
+            shown_sum += float(np.sum(scores[shown][-1], dtype=np.float64))
             num_images += images.shape[0]
-            # Dice and IoU from one binarisation: the same as metrics.dice and metrics.iou.
-            intersection, sizes, union = metrics._overlaps(saliency, heatmaps, percentile)
-            scores["dice"].append(metrics._published_ratio(2.0 * intersection, sizes).numpy())
-            scores["iou"].append(metrics._published_ratio(intersection, union).numpy())
-        running_mean = spearman_sum / num_images if num_images else 0.0
-        progress.update(num_batches, values=[("spearman", running_mean)])
+        running_mean = shown_sum / num_images if num_images else 0.0
+        progress.update(num_batches, values=[(shown, running_mean)])
 
     if num_batches == 0:
         raise ValueError("`dataset` yielded no batches; there is nothing to evaluate.")
-    if not scores["spearman"]:
+    if num_images == 0:
         raise ValueError(
             f"None of the {num_batches} batch(es) of `dataset` has an example with token > 0; "
             "there is nothing to score."
@@ -304,9 +336,10 @@ def evaluate_alignment(
         progress.update(num_batches, finalize=True)  # the bar did not reach its end by itself
 
     result: dict[str, Any] = {name: np.concatenate(values) for name, values in scores.items()}
-    for name in ("spearman", "dice", "iou"):
+    for name in scores:
         result[f"{name}_mean"] = float(np.mean(result[name], dtype=np.float64))
-    result["alignment_score"] = metrics.alignment_score(result["spearman"], ceiling)
+    if "spearman" in result:
+        result["alignment_score"] = _metrics.alignment_score(result["spearman"], ceiling)
     result["num_images"] = num_images
     if is_keras:
         result["accuracy"] = num_correct / result["num_images"]

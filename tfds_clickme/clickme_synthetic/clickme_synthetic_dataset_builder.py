@@ -7,6 +7,7 @@ import dataclasses
 import tensorflow_datasets as tfds
 
 from harmonization import synthetic
+from harmonization._validation import is_int, is_number
 
 _HOMEPAGE = "https://arxiv.org/abs/2211.04533"
 
@@ -33,10 +34,10 @@ class BuilderConfig(tfds.core.BuilderConfig):
     def __post_init__(self):
         for name, minimum in (("seed", 0), ("image_size", synthetic.MIN_IMAGE_SIZE), ("num_train", 1), ("num_test", 1)):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            if not is_int(value) or value < minimum:
                 raise ValueError(f"BuilderConfig `{name}` must be an integer >= {minimum}; got {value!r}.")
         value = self.shortcut_agreement
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        if not (is_number(value) and 0.0 <= value <= 1.0):
             raise ValueError(f"BuilderConfig `shortcut_agreement` must be a number in [0, 1]; got {value!r}.")
 
 
