@@ -15,8 +15,8 @@ _os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 # Names are imported on first use (PEP 562), so that `import harmonization` and the command's `--help`, `list`
 # and `info` do not pay for importing TensorFlow (~3 s). Everything below is what the package exposes.
 _SUBMODULES = frozenset((
-    "architectures", "convert", "data", "layers", "losses", "metrics", "mirrors", "model_card", "saliency",
-    "saliency_input", "second_order", "synthetic",
+    "architectures", "batch", "convert", "data", "layers", "loader", "losses", "metrics", "mirrors", "model_card",
+    "saliency", "saliency_input", "saliency_methods", "second_order", "synthetic",
     # The published 0.0.9 API, as its `harmonization/__init__.py` exposed it (thin layers over the native code).
     "common", "evaluation", "models", "training",
 ))
@@ -33,7 +33,7 @@ _NAMES = {
     "iou": "harmonization.metrics",
     "spearman": "harmonization.metrics",
     "PresetError": "harmonization.presets",
-    "load_model": "harmonization.presets",
+    "load_model": "harmonization.loader",
     "save_preset": "harmonization.presets",
     "input_gradients": "harmonization.saliency",
     "saliency_map": "harmonization.saliency",

@@ -14,15 +14,17 @@ Names are compared after two normalisations that make Keras-2 and Keras-3 spelli
 every native variable gets exactly one source weight of the same shape and every source weight is used, so
 an architecture config that does not fit the file fails loudly, naming the weights.
 
+This module reads a file into a model it is given; building a zoo model and saving it as a preset is
+`harmonization.publish` (`convert`, `convert_to_preset`, `build_preset`), which uses it.
+
 Example:
-    >>> model = harmonization.convert.convert("vit-b16_harmonized.h5", "vit_b16_harmonized")
-    >>> harmonization.convert.convert_to_preset("vgg16_harmonized.h5", "vgg16_harmonized", "presets/vgg16")
+    >>> model = harmonization.architectures.VGG()
+    >>> report = harmonization.convert.load_keras2_weights(model, "vgg16_harmonized.h5")
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -30,16 +32,15 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from harmonization._io import sha256_file
+
 __all__ = [
     "ConversionError",
     "ConversionReport",
     "Keras2File",
-    "build_native",
-    "conversion_metadata",
-    "convert",
-    "convert_to_preset",
     "load_keras2_weights",
     "read_keras2_h5",
+    "source_facts",
 ]
 
 FULL_MODEL_ROOT = "model_weights"
@@ -234,115 +235,37 @@ def load_keras2_weights(model, source: str | os.PathLike | Keras2File) -> Conver
     )
 
 
-def build_native(arch: str, config: Mapping[str, Any] | None = None):
-    """Build the native architecture `arch` (a zoo name, or a class of `harmonization.architectures`)."""
-    import harmonization.architectures as architectures
-    from harmonization import zoo
+def source_facts(source: str | os.PathLike, keras2: Keras2File | None = None) -> dict[str, Any]:
+    """What a converted preset records about the file it came from (`metadata.json`): name, sha256, size, layout.
 
-    config = dict(config or {})
-    zoo_name = zoo.canonical_name(arch)
-    if zoo_name is not None:
-        return zoo.build_architecture(zoo_name, **config)
-    classes = sorted(n for n in architectures.__all__ if n not in ("ImageClassifier", "ImageNetNormalization"))
-    cls = getattr(architectures, arch, None) if arch in classes else None
-    if cls is None:
-        close = zoo.closest_names(arch, [*zoo.list_models(), *classes]) or zoo.closest_names(arch)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(
-            f"Unknown architecture {arch!r}.{hint} Use a zoo name ({', '.join(zoo.list_models())}), a published "
-            f"file's name (e.g. vit-b16_harmonized) or an architecture class ({', '.join(classes)})."
-        )
-    return cls(**config)
-
-
-def convert(source: str | os.PathLike, arch: str, *, config: Mapping[str, Any] | None = None,
-            preprocess: bool = True):
-    """Build the native `arch` and load a published Keras-2 `.h5` file into it; return the Keras 3 model.
-
-    Args:
-        source: str or path. The `.h5` file (weights-only or full-model layout).
-        arch: str. A zoo name (its architecture and config are used) or an architecture class name.
-        config: mapping or None. Constructor arguments overriding the zoo config (e.g. a smaller
-            `image_size`). Defaults to None.
-        preprocess: bool. Keep the published normalisation inside the model (inputs RGB in [0, 255]).
-            Defaults to True.
-
-    Raises:
-        ConversionError: the file does not fit the architecture (names, shapes, unused weights).
+    Knows nothing of the zoo: `harmonization.publish.build_preset` adds the entry's facts (name, URL, classes).
     """
-    model = build_native(arch, {**dict(config or {}), "preprocess": preprocess})
-    load_keras2_weights(model, source)
-    return model
-
-
-def _sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def conversion_metadata(source: str | os.PathLike, arch: str, *, source_url: str | None = None,
-                        keras2: Keras2File | None = None, num_classes: int | None = None) -> dict[str, Any]:
-    """The `metadata.json` facts of a converted preset: where it comes from and how it was converted.
-
-    A zoo model with its ImageNet-1k head also records the ImageNet `class_names`; `num_classes` (the converted
-    model's outputs, default the zoo config's) leaves them out when the head was changed.
-    """
-    from harmonization import zoo
-
-    metadata: dict[str, Any] = {
-        "architecture": arch,
+    facts: dict[str, Any] = {
         "source_file": Path(source).name,
-        "source_sha256": _sha256(source),
+        "source_sha256": sha256_file(source),
         "source_size": os.path.getsize(source),
         "converted_by": "harmonization.convert",
     }
     if keras2 is not None:
-        metadata["source_layout"] = keras2.layout
+        facts["source_layout"] = keras2.layout
         if keras2.keras_version:
-            metadata["source_keras_version"] = keras2.keras_version
-    zoo_name = zoo.canonical_name(arch)
-    if zoo_name is not None:
-        arch = metadata["architecture"] = zoo_name
-        entry = zoo.model_info(arch)
-        metadata["name"] = arch
-        metadata["source_url"] = source_url or entry["source"]["url"]
-        metadata["source_format"] = entry["source"]["format"]
-        imagenet_head = ((entry.get("training") or {}).get("dataset") == "imagenet-1k"
-                         and entry["architecture"]["config"].get("num_classes") == 1000)
-        if imagenet_head and num_classes in (None, 1000):
-            metadata["class_names"] = zoo.imagenet_class_names()
-    elif source_url:
-        metadata["source_url"] = source_url
-    return metadata
+            facts["source_keras_version"] = keras2.keras_version
+    return facts
 
 
-def convert_to_preset(source: str | os.PathLike, arch: str, out: str | os.PathLike, *,
-                      config: Mapping[str, Any] | None = None, source_url: str | None = None,
-                      model_card: bool = True):
-    """Convert `source` into `arch` and save it as a preset directory at `out`; return its path.
+# 0.1 names that build zoo models; they now live above the zoo, where they belong. Resolved on use, so that this
+# module imports nothing above it (`harmonization.convert.convert(...)` keeps working).
+_MOVED = {
+    "build_native": "harmonization.zoo",
+    "conversion_metadata": "harmonization.publish",
+    "convert": "harmonization.publish",
+    "convert_to_preset": "harmonization.publish",
+}
 
-    The preset records the source's sha256 and URL in `metadata.json`; for zoo models a model card is rendered
-    into `README.md` when the `MODEL_CARD.md` template is available.
-    """
-    from harmonization import presets, zoo
 
-    arch = zoo.canonical_name(arch) or arch
-    keras2 = read_keras2_h5(source)
-    model = build_native(arch, config)
-    load_keras2_weights(model, keras2)
-    metadata = conversion_metadata(source, arch, source_url=source_url, keras2=keras2,
-                                   num_classes=model.output_shape[-1])
-    path = presets.save_preset(model, out, metadata=metadata)
-    if model_card and arch in zoo.list_models():
-        from harmonization.model_card import TemplateNotFoundError, render_model_card
+def __getattr__(name: str):
+    if name in _MOVED:
+        import importlib
 
-        try:
-            text = render_model_card(arch, parameter_count=model.count_params())
-        except TemplateNotFoundError:
-            text = None
-        if text is not None:
-            (Path(path) / presets.README_FILE).write_text(text, encoding="utf-8")
-    return Path(path)
+        return getattr(importlib.import_module(_MOVED[name]), name)
+    raise AttributeError(f"module 'harmonization.convert' has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""Resolving zoo names and `hf://` URIs to verified preset directories in the Hugging Face cache.
+"""Remote access: verified preset directories from the Hugging Face Hub, and verified files from any URL.
 
 Downloads go through `huggingface_hub.snapshot_download`, so its cache, progress bars and environment
 (`HF_ENDPOINT`, `HF_HUB_CACHE`, `HF_HUB_OFFLINE`, `HF_TOKEN`) apply unchanged. What it does not guarantee
@@ -7,43 +7,24 @@ a partial cached snapshot when the Hub cannot be listed), and each file has the 
 in `metadata.json` and opens as HDF5. A file that fails is removed from the cache, so the next call
 downloads it again instead of trusting it.
 
-A zoo model whose Hub repo does not exist yet is served from its published original: the Keras-2 `.h5` is
-downloaded from its public URL (with a progress bar; a short or corrupted download is detected and deleted),
-converted once with `harmonization.convert`, and cached as a preset under `HARMONIZATION_CACHE` (default
-`~/.cache/harmonization`), where later calls, offline ones included, find it. `HARMONIZATION_MODELS_URL` points
-that download at a mirror (`harmonization.mirrors`).
+`download_file` fetches any other file (a published original, a ClickMe shard) with a progress bar, a bounded
+wait and retries (`harmonization.network`); a short or corrupted download is detected and deleted. This module
+knows nothing of the zoo: `harmonization.loader` turns names into the repos and URLs it fetches.
 """
 
 from __future__ import annotations
 
-import contextlib
-import glob
 import hashlib
 import os
-import re
-import shutil
-import sys
-import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Mapping
 
-from harmonization import mirrors, network, originals, presets
-from harmonization.originals import cache_dir
+from harmonization import network, presets
+from harmonization._io import DISTRIBUTION, is_repo_id, library_version
 from harmonization.presets import PresetError
 
-__all__ = [
-    "HF_SCHEME",
-    "HubUnavailableError",
-    "cache_dir",
-    "convert_original",
-    "download_file",
-    "download_preset",
-    "parse_hf_uri",
-    "resolve_preset",
-]
+__all__ = ["HF_SCHEME", "HubUnavailableError", "download_file", "download_preset", "parse_hf_uri"]
 
 HF_SCHEME = "hf://"
-_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 # Files a preset is made of; nothing else in the repo is downloaded.
 PRESET_PATTERNS = [presets.CONFIG_FILE, presets.WEIGHTS_FILE, presets.METADATA_FILE, presets.README_FILE]
 
@@ -58,18 +39,9 @@ def parse_hf_uri(uri: str) -> tuple[str, str | None]:
         raise ValueError(f"Expected a Hub URI 'hf://org/repo[@revision]', got {uri!r}.")
     body = uri[len(HF_SCHEME):]
     repo_id, _, revision = body.partition("@")
-    if not _REPO_ID.match(repo_id) or (body.count("@") and not revision):
+    if not is_repo_id(repo_id) or (body.count("@") and not revision):
         raise ValueError(f"Invalid Hub URI {uri!r}: expected 'hf://org/repo' or 'hf://org/repo@revision'.")
     return repo_id, revision or None
-
-
-def _library_version() -> str:
-    from importlib import metadata
-
-    try:
-        return metadata.version("harmonization-hub")
-    except metadata.PackageNotFoundError:
-        return "unknown"
 
 
 def _evict(snapshot: Path, filename: str) -> None:
@@ -114,8 +86,8 @@ def download_preset(repo_id: str, revision: str | None = None, *, force_download
                 revision=revision,
                 allow_patterns=PRESET_PATTERNS,
                 force_download=force_download,
-                library_name="harmonization-hub",
-                library_version=_library_version(),
+                library_name=DISTRIBUTION,
+                library_version=library_version(),
             )
         )
     except LocalEntryNotFoundError as error:  # includes IncompleteSnapshotError's cousins raised offline
@@ -171,98 +143,6 @@ def _cause(error: BaseException) -> str:
         error = error.__cause__ or error.__context__
     text = str(error).splitlines()[0] if str(error) else ""
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
-
-
-def _looks_like_path(text: str) -> bool:
-    return text.startswith((".", "~", "/")) or os.sep in text or (os.altsep is not None and os.altsep in text)
-
-
-def resolve_preset(name_or_uri: str, *, revision: str | None = None) -> Path:
-    """Turn a local preset directory, an `hf://` URI or a zoo name into a verified local preset directory.
-
-    A zoo name resolves to its Hub repo at `revision` (default: the zoo's pinned revision). While that repo does
-    not exist, or when the Hub cannot be reached and no `revision` was asked for, the published original `.h5`
-    converted into a cached preset serves instead (`convert_original`).
-    """
-    if not isinstance(name_or_uri, str) or not name_or_uri.strip():
-        raise ValueError(
-            f"Expected a zoo name (harmonization.list_models()), 'hf://org/repo[@revision]' or a preset directory; "
-            f"got {name_or_uri!r}."
-        )
-    local = Path(name_or_uri).expanduser()
-    if presets.is_preset_dir(local):
-        if revision is not None:
-            raise ValueError(f"`revision` ({revision!r}) applies to Hub models, not to the local preset "
-                             f"{str(local)!r}; leave it out.")
-        presets.verify_preset(local)
-        return local
-    if name_or_uri.startswith(HF_SCHEME):
-        repo_id, uri_revision = parse_hf_uri(name_or_uri)
-        return download_preset(repo_id, revision or uri_revision)
-    if "://" in name_or_uri:
-        raise ValueError(
-            f"Unsupported location {name_or_uri!r}: use a zoo name (harmonization.list_models()), "
-            "'hf://org/repo[@revision]' or a local preset directory."
-        )
-    from harmonization import zoo
-
-    if _looks_like_path(name_or_uri) and name_or_uri not in zoo.list_models():
-        raise FileNotFoundError(
-            f"No preset directory at {name_or_uri!r} (a preset directory holds {presets.CONFIG_FILE}, "
-            f"{presets.WEIGHTS_FILE} and {presets.METADATA_FILE})."
-        )
-    entry = zoo.model_info(name_or_uri)  # UnknownModelError lists the zoo and the closest name
-    hub = entry["hub"]
-    from huggingface_hub.errors import RepositoryNotFoundError
-
-    try:
-        return download_preset(hub["repo_id"], revision or hub.get("revision"))
-    except RepositoryNotFoundError as error:
-        if revision is not None:
-            raise  # a pinned Hub revision cannot be served by the original file
-        return convert_original(entry, reason=f"the Hub repo {hub['repo_id']!r} does not exist (yet)", cause=error)
-    except HubUnavailableError as error:
-        if revision is not None:
-            raise  # a pinned Hub revision cannot be served by the original file
-        # Offline or unreachable: a conversion of the published original (cached, or downloaded from its
-        # own server, which may well be reachable when the Hub is not) serves instead.
-        try:
-            return convert_original(entry, reason="the Hugging Face Hub cannot be reached", cause=error)
-        except HubUnavailableError as fallback_error:
-            from huggingface_hub import constants
-
-            if constants.is_offline_mode():
-                raise  # its message says how to get the weights of this zoo name
-            hub_reason, original_reason = (str(e).split("\n", 1)[0] for e in (error, fallback_error))
-            raise HubUnavailableError(
-                f"Zoo model {name_or_uri!r} could not be fetched.\n- From the Hugging Face Hub: {hub_reason}\n"
-                f"- From its published original: {original_reason}\n{network.offline_advice()}"
-            ) from fallback_error
-
-
-# --- the published original `.h5`, converted once -----------------------------------------------------------
-
-
-def _conversion_dir(entry: Mapping[str, Any]) -> Path:
-    # Keyed by the source URL, so that a zoo entry pointing at another file never reuses an old conversion.
-    key = hashlib.sha256(entry["source"]["url"].encode()).hexdigest()[:12]
-    return cache_dir() / "converted" / f"{entry['name']}-{key}"
-
-
-def _cached_conversion(entry: Mapping[str, Any]) -> Path | None:
-    """The verified converted preset of `entry`, or None (a damaged one is removed)."""
-    directory = _conversion_dir(entry)
-    if not presets.is_preset_dir(directory):
-        return None
-    try:
-        record = presets.verify_preset(directory)
-    except PresetError:
-        shutil.rmtree(directory, ignore_errors=True)
-        return None
-    if record.get("source_url") != entry["source"]["url"]:
-        shutil.rmtree(directory, ignore_errors=True)
-        return None
-    return directory
 
 
 def download_file(url: str, destination: str | os.PathLike, *, expected_sha256: str | None = None,
@@ -323,7 +203,7 @@ def _fetch(url: str, partial: Path, label: str, timeout: float, progress: bool) 
     from huggingface_hub.utils import tqdm as hf_tqdm
 
     digest, received = hashlib.sha256(), 0
-    request = urllib.request.Request(url, headers={"User-Agent": f"harmonization-hub/{_library_version()}"})
+    request = urllib.request.Request(url, headers={"User-Agent": f"{DISTRIBUTION}/{library_version()}"})
     with urllib.request.urlopen(request, timeout=timeout) as response, open(partial, "wb") as handle:
         announced = response.headers.get("Content-Length")
         announced = int(announced) if announced is not None else None
@@ -347,100 +227,15 @@ def _fetch(url: str, partial: Path, label: str, timeout: float, progress: bool) 
     return announced, received, digest.hexdigest()
 
 
-def convert_original(entry: Mapping[str, Any], *, reason: str = "", cause: BaseException | None = None) -> Path:
-    """Serve zoo `entry` from its published original `.h5`: download, convert and cache it once; return the preset.
-
-    Raises:
-        HubUnavailableError: offline (`HF_HUB_OFFLINE`) or the URL cannot be reached, and no conversion is cached.
-        PresetError: the download is truncated or corrupted (nothing is cached).
-        harmonization.convert.ConversionError: the file does not fit the zoo architecture.
-    """
-    from huggingface_hub import constants
-
-    cached = _cached_conversion(entry)
-    if cached is not None:
-        return cached
-    source = entry["source"]
-    why = f"{reason}; " if reason else ""
-    if constants.is_offline_mode():
-        raise HubUnavailableError(
-            f"Zoo model {entry['name']!r}: {why}its original weights ({mirrors.model_file_url(source['url'])}) are "
-            f"not converted in {str(cache_dir())!r} and HF_HUB_OFFLINE is set. To get the weights, run "
-            f"`harmonization download {entry['name']}` once with network access and HF_HUB_OFFLINE unset, or copy "
-            "a preset directory to this machine and pass its path to load_model."
-        ) from cause
-    from harmonization.convert import convert_to_preset
-
-    target = _conversion_dir(entry)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with _conversion_lock(entry, target):
-        cached = _cached_conversion(entry)  # converted by another process while we waited
-        if cached is not None:
-            return cached
-        _remove_stale_work(entry, target)
-        with tempfile.TemporaryDirectory(prefix=f".{entry['name']}.", dir=target.parent) as work:
-            original = Path(work) / source["url"].rsplit("/", 1)[-1]
-            # From HARMONIZATION_MODELS_URL when set; the cache stays keyed by the published URL (same file).
-            url = mirrors.model_file_url(source["url"])
-            expected, how = originals.expected_sha256(source)
-            try:
-                download_file(url, original, expected_sha256=expected, expected_size=source.get("size"))
-            except HubUnavailableError as error:
-                raise HubUnavailableError(
-                    f"Zoo model {entry['name']!r}: {why}and its original weights could not be downloaded: {error}"
-                ) from error
-            except PresetError as error:
-                if how != "first-use" or "expected sha256" not in str(error):
-                    raise
-                raise PresetError(
-                    f"The original of zoo model {entry['name']!r} ({url}) was published without a sha256, and the "
-                    f"file downloaded now differs from the one first downloaded here (expected sha256 {expected}, "
-                    f"recorded in {str(originals.trust_store())!r}); it was deleted, nothing was converted. If the "
-                    "file was replaced on purpose, delete its record from that file to trust the new one."
-                ) from error
-            convert_to_preset(original, entry["name"], target, source_url=source["url"])
-        if how == "none":  # trusted on first use: the digest the conversion recorded (no second read)
-            converted = presets.read_metadata(target)
-            originals.record_first_download(source["url"], converted["source_sha256"], converted["source_size"])
-    return target
+# 0.1 names that turn zoo names into presets now live in `harmonization.loader`, above the zoo. Resolved on use,
+# so that this module imports nothing above it (`harmonization.hub.resolve_preset(...)` keeps working).
+_MOVED = {"cache_dir": "harmonization.originals", "convert_original": "harmonization.loader",
+          "resolve_preset": "harmonization.loader"}
 
 
-_LOCK_TIMEOUT = 3600.0  # seconds: the other process's download is itself bounded (`harmonization.network`)
+def __getattr__(name: str):
+    if name in _MOVED:
+        import importlib
 
-
-@contextlib.contextmanager
-def _conversion_lock(entry: Mapping[str, Any], target: Path) -> Iterator[None]:
-    """A lock file per conversion: two processes converting one model do the work once; the other waits, reuses it.
-
-    The lock is an OS file lock (released when its process dies, even by SIGKILL), so it never outlives a crash.
-    """
-    from filelock import FileLock, Timeout
-
-    lock = FileLock(str(target) + ".lock")
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        print(f"Waiting for another process converting zoo model {entry['name']!r} (lock {lock.lock_file}) ...",
-              file=sys.stderr, flush=True)
-        try:
-            lock.acquire(timeout=_LOCK_TIMEOUT)
-        except Timeout:
-            raise TimeoutError(
-                f"Zoo model {entry['name']!r}: another process has been converting it for over "
-                f"{_LOCK_TIMEOUT:g} s (lock {lock.lock_file}). Stop that process, or wait and try again."
-            ) from None
-    try:
-        yield
-    finally:
-        lock.release()
-
-
-def _remove_stale_work(entry: Mapping[str, Any], target: Path) -> None:
-    """Delete what a killed conversion of `entry` left: its download folder and half-saved presets.
-
-    Called with the conversion lock held, so no live process is using them.
-    """
-    for prefix in (f".{entry['name']}.", f".{target.name}."):
-        for leftover in target.parent.glob(f"{glob.escape(prefix)}*"):
-            if leftover.is_dir():
-                shutil.rmtree(leftover, ignore_errors=True)
+        return getattr(importlib.import_module(_MOVED[name]), name)
+    raise AttributeError(f"module 'harmonization.hub' has no attribute {name!r}")

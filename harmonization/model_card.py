@@ -18,6 +18,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping
 
+from harmonization import zoo
+
 __all__ = ["TEMPLATE_NAME", "TemplateNotFoundError", "card_data", "render_model_card", "template_path"]
 
 TEMPLATE_NAME = "MODEL_CARD.md"
@@ -111,6 +113,7 @@ def _shown(value: float | None) -> str:
 
 
 def _metrics_table(entry: Mapping[str, Any], checks: Mapping[str, Any] | None) -> str:
+    # Imported here: harmonization.metrics imports TensorFlow, which rendering a card needs for nothing else.
     from harmonization.metrics import HUMAN_CEILING
 
     metrics = entry["metrics"]
@@ -165,12 +168,10 @@ def render_model_card(
         TemplateNotFoundError: no template. ValueError: the template and the fields do not match, or the entry
             is not a valid zoo entry (e.g. a metric outside [0, 100]).
     """
-    from harmonization import zoo
-
     if isinstance(name_or_entry, str):
         entry = zoo.model_info(name_or_entry)
     else:
-        entry = zoo._validate(dict(name_or_entry), f"{name_or_entry.get('name')}.json")
+        entry = zoo.validate_entry(dict(name_or_entry), f"{name_or_entry.get('name')}.json")
     text = Path(template if template is not None else template_path()).read_text(encoding="utf-8")
     text = _COMMENT.sub("", text)
     architecture = entry["architecture"]

@@ -14,7 +14,9 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-__all__ = ["cache_dir", "expected_sha256", "record_first_download", "trust_store", "verification"]
+__all__ = [
+    "cache_dir", "download_original", "expected_sha256", "record_first_download", "trust_store", "verification",
+]
 
 _TRUST_FILE = "trusted_originals.json"
 _LOCK_TIMEOUT = 60.0  # seconds; the store is only held for a read-modify-write
@@ -93,3 +95,43 @@ def verification(source: Mapping[str, Any]) -> str:
                 f"recorded at the first download ({recorded}) in {str(trust_store())!r}")
     return ("no published sha256; trusted on first use: the first download's sha256 will be recorded in "
             f"{str(trust_store())!r} and every later download must match it")
+
+
+def download_original(entry: Mapping[str, Any], directory: str | os.PathLike, *, reason: str = "") -> tuple[Path, str]:
+    """Download zoo `entry`'s published original `.h5` into `directory`, verified; return (path, how it was checked).
+
+    From `HARMONIZATION_MODELS_URL` when set (`harmonization.mirrors`). The file must have its published sha256,
+    or the one recorded at its first download here; `how` is "published", "first-use" or "none" (nothing to check
+    against yet: once the caller has used the file, `record_first_download` makes its digest the trusted one).
+
+    Raises:
+        harmonization.hub.HubUnavailableError: the file cannot be downloaded (the message starts with `reason`).
+        harmonization.presets.PresetError: truncated, or not the file that was published or first downloaded.
+    """
+    # Imported here: the zoo imports this module to describe verification, and must not pull in Keras for that.
+    from harmonization import mirrors
+    from harmonization.hub import HubUnavailableError, download_file
+    from harmonization.presets import PresetError
+
+    source = entry["source"]
+    why = f"{reason}; " if reason else ""
+    original = Path(directory) / source["url"].rsplit("/", 1)[-1]
+    # From HARMONIZATION_MODELS_URL when set; caches stay keyed by the published URL (same file).
+    url = mirrors.model_file_url(source["url"])
+    expected, how = expected_sha256(source)
+    try:
+        download_file(url, original, expected_sha256=expected, expected_size=source.get("size"))
+    except HubUnavailableError as error:
+        raise HubUnavailableError(
+            f"Zoo model {entry['name']!r}: {why}and its original weights could not be downloaded: {error}"
+        ) from error
+    except PresetError as error:
+        if how != "first-use" or "expected sha256" not in str(error):
+            raise
+        raise PresetError(
+            f"The original of zoo model {entry['name']!r} ({url}) was published without a sha256, and the "
+            f"file downloaded now differs from the one first downloaded here (expected sha256 {expected}, "
+            f"recorded in {str(trust_store())!r}); it was deleted, nothing was converted. If the "
+            "file was replaced on purpose, delete its record from that file to trust the new one."
+        ) from error
+    return original, how

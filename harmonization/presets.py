@@ -17,16 +17,17 @@ can be built.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import os
-import platform
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
 import keras
+
+from harmonization._io import library_versions, sha256_file
+from harmonization._validation import check_int
 
 __all__ = [
     "CONFIG_FILE",
@@ -37,7 +38,6 @@ __all__ = [
     "WEIGHTS_FILE",
     "class_names",
     "is_preset_dir",
-    "load_model",
     "load_preset",
     "read_metadata",
     "save_preset",
@@ -70,33 +70,6 @@ class PresetError(OSError):
     def __init__(self, message: str, *, bad_file: str | os.PathLike | None = None):
         super().__init__(message)
         self.bad_file = None if bad_file is None else str(bad_file)
-
-
-def _sha256(path: Path, chunk_size: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(chunk_size), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _library_versions() -> dict[str, str]:
-    from importlib import metadata as importlib_metadata
-
-    versions = {"keras_version": keras.__version__, "python_version": platform.python_version()}
-    try:
-        import tensorflow as tf
-
-        versions["tensorflow_version"] = tf.__version__
-    except ImportError:  # pragma: no cover - TensorFlow is a hard dependency, but keep saving backend-neutral
-        versions["tensorflow_version"] = "not installed"
-    try:
-        versions["harmonization_version"] = importlib_metadata.version("harmonization-hub")
-    except importlib_metadata.PackageNotFoundError:  # a source checkout
-        import harmonization
-
-        versions["harmonization_version"] = getattr(harmonization, "__version__", "unknown")
-    return versions
 
 
 def _num_outputs(model: keras.Model) -> int | None:
@@ -243,9 +216,9 @@ def save_preset(
             **metadata,
             "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
             "parameter_count": int(model.count_params()),
-            **_library_versions(),
+            **library_versions(),
             "files": {
-                name: {"size": (staging / name).stat().st_size, "sha256": _sha256(staging / name)}
+                name: {"size": (staging / name).stat().st_size, "sha256": sha256_file(staging / name)}
                 for name in CHECKED_FILES
             },
         }
@@ -312,7 +285,7 @@ def verify_preset(directory: str | os.PathLike) -> dict[str, Any]:
                 f"found {size}.",
                 bad_file=path,
             )
-        digest = _sha256(path)
+        digest = sha256_file(path)
         if digest != expected["sha256"]:
             raise PresetError(
                 f"Preset file {str(path)!r} is corrupted: expected sha256 {expected['sha256']}, got {digest}.",
@@ -384,7 +357,7 @@ def sign_preset(directory: str | os.PathLike) -> dict[str, Any]:
                           f"a preset holds {list(REQUIRED_FILES)}).")
     record = read_metadata(directory)
     record.setdefault("format_version", PRESET_FORMAT_VERSION)
-    record["files"] = {name: {"size": (directory / name).stat().st_size, "sha256": _sha256(directory / name)}
+    record["files"] = {name: {"size": (directory / name).stat().st_size, "sha256": sha256_file(directory / name)}
                        for name in CHECKED_FILES}
     staging = directory / (METADATA_FILE + ".partial")
     staging.write_text(json.dumps(record, indent=2, sort_keys=True), encoding="utf-8")
@@ -475,9 +448,7 @@ def load_preset(
 
     overrides = {}
     if num_classes is not None:
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"load_model: `num_classes` must be a positive int or None, got {num_classes!r}.")
-        overrides["num_classes"] = num_classes
+        overrides["num_classes"] = check_int(num_classes, "num_classes", minimum=1, expected="a positive int or None")
     if include_top is not True:
         overrides["include_top"] = bool(include_top)
     if preprocess is not True:
@@ -506,61 +477,11 @@ def load_preset(
     return variant
 
 
-def load_model(
-    name_or_path_or_uri: str | os.PathLike,
-    *,
-    revision: str | None = None,
-    num_classes: int | None = None,
-    include_top: bool = True,
-    preprocess: bool = True,
-) -> keras.Model:
-    """Load a model: a local preset directory, a Hub preset `hf://org/repo[@revision]`, or a zoo name.
+def __getattr__(name: str):
+    # `harmonization.presets.load_model` (0.1) is now `harmonization.loader.load_model`: the format module knows
+    # nothing of zoo names or the Hub. Resolved on use, so this module imports nothing above it.
+    if name == "load_model":
+        from harmonization.loader import load_model
 
-    Resolution order: an existing local preset directory; an `hf://` URI; a name from
-    `harmonization.list_models()`, served from its Hub repo (pinned revision, Hugging Face cache) or, while that
-    repo does not exist yet, from its published original `.h5`, downloaded and converted once
-    (`harmonization.convert`) and cached as a preset under `HARMONIZATION_CACHE`. Loading uses Keras
-    `safe_mode` (no code from a downloaded config runs).
-
-    Args:
-        name_or_path_or_uri: str or path. Where the model is.
-        revision: str or None. Hub branch, tag or commit to load (overrides an `@revision` in the URI and the
-            zoo's pinned revision). Defaults to None.
-        num_classes: int or None. Replace the classification head by a freshly initialised one with this many
-            classes (for fine-tuning). Defaults to None (keep the published head).
-        include_top: bool. Keep the classification head; False returns pooled features. Defaults to True.
-        preprocess: bool. Keep the preprocessing inside the model (inputs are RGB in [0, 255]); False returns
-            the bare network, which expects normalised inputs. Defaults to True.
-
-    Returns:
-        A `keras.Model` with the preset's weights. When the preset records class names and the head is kept,
-        `model.class_names` holds them (a tuple of str, in output order; see `harmonization.presets.class_names`).
-
-    Example:
-        >>> model = harmonization.load_model("vit_b16_harmonized")
-        >>> logits = model.predict(images_0_255)
-    """
-    variant = {"num_classes": num_classes, "include_top": include_top, "preprocess": preprocess}
-    if isinstance(name_or_path_or_uri, str) and not name_or_path_or_uri.strip():
-        raise ValueError(
-            "load_model: `name_or_path_or_uri` is empty; expected a zoo name (harmonization.list_models()), "
-            "'hf://org/repo[@revision]' or a preset directory."
-        )
-    if isinstance(name_or_path_or_uri, os.PathLike) or (
-        isinstance(name_or_path_or_uri, str) and Path(name_or_path_or_uri).expanduser().is_dir()
-    ):
-        path = Path(name_or_path_or_uri).expanduser()
-        if revision is not None:
-            raise ValueError(f"load_model: `revision` applies to Hub models, not to the local preset {str(path)!r}.")
-        if not path.is_dir():
-            raise FileNotFoundError(f"load_model: no preset directory at {str(path)!r}.")
-        return load_preset(path, **variant)
-    if not isinstance(name_or_path_or_uri, str):
-        raise TypeError(
-            "load_model: `name_or_path_or_uri` must be a str or path, got "
-            f"{type(name_or_path_or_uri).__name__}."
-        )
-    from harmonization import hub
-
-    directory = hub.resolve_preset(name_or_path_or_uri, revision=revision)
-    return load_preset(directory, **variant)
+        return load_model
+    raise AttributeError(f"module 'harmonization.presets' has no attribute {name!r}")

@@ -1,28 +1,46 @@
-"""Publish a zoo model to the Hugging Face Hub as a preset with its model card.
+"""Build the preset of a zoo model from its published original, and publish it to the Hugging Face Hub.
 
-`publish(name, repo_id)` builds the preset (converting the published original `.h5` when `source` is given,
-else from what `load_model(name)` resolves), reloads it from disk and checks that its logits are those of the
-model it was saved from, renders `MODEL_CARD.md` into its `README.md`, then creates the Hub repo
-(`exist_ok=True`) and uploads the folder in one commit with the standard Hub token (`HF_TOKEN` or
-`hf auth login`). `dry_run=True` stops after writing the folder. Uploads are staged in a temporary directory
-unless a folder is given, and the returned commit id is what the zoo entry's `hub.revision` pins.
+`build_preset(entry, source, out)` is the one way a published Keras-2 `.h5` becomes a preset: build the entry's
+architecture (`harmonization.zoo.build`), load the file into it (`harmonization.convert`), record where it came
+from, save it (`harmonization.presets`) and render its model card (`harmonization.model_card`). The loader's
+cache of converted originals (`harmonization.loader`) and `publish` both use it.
+
+`publish(name, repo_id)` builds the preset (from `source`, else from the published original, downloaded and
+verified), reloads it from disk and checks that its logits are those of the model it was saved from, renders
+`MODEL_CARD.md` into its `README.md`, then creates the Hub repo (`exist_ok=True`) and uploads the folder in one
+commit with the standard Hub token (`HF_TOKEN` or `hf auth login`). `dry_run=True` stops after writing the
+folder. Uploads are staged in a temporary directory unless a folder is given, and the returned commit id is
+what the zoo entry's `hub.revision` pins.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
-__all__ = ["PublishError", "PublishResult", "build_publish_folder", "publish"]
+from harmonization import originals, presets, zoo
+from harmonization._io import is_repo_id
+from harmonization.convert import load_keras2_weights, read_keras2_h5, source_facts
+from harmonization.model_card import TemplateNotFoundError, render_model_card
 
-_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+__all__ = [
+    "BuiltPreset",
+    "PublishError",
+    "PublishResult",
+    "build_preset",
+    "build_publish_folder",
+    "conversion_metadata",
+    "convert",
+    "convert_to_preset",
+    "publish",
+]
+
 ROUND_TRIP_TOLERANCE = 1e-6
 
 
@@ -64,40 +82,39 @@ def _sample_images(model, count: int = 2, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).uniform(0, 255, (count, *shape)).astype("float32")
 
 
-def _source_model(name: str, source: str | os.PathLike | None) -> tuple[Any, dict[str, Any], list[str]]:
-    """The model to publish, the metadata to record and the conversion checks to show on the card."""
-    from harmonization import hub, presets
-    from harmonization.convert import build_native, conversion_metadata, load_keras2_weights, read_keras2_h5
-
-    if source is not None:
-        keras2 = read_keras2_h5(source)
-        model = build_native(name)
-        report = load_keras2_weights(model, keras2)
-        metadata = conversion_metadata(source, name, keras2=keras2, num_classes=model.output_shape[-1])
-        checks = [f"{report.weights} of {keras2.weight_count} weights ({report.parameters:,} parameters) of "
-                  f"{Path(source).name} (sha256 {metadata['source_sha256'][:12]}...) loaded by name"]
-        return model, metadata, checks
-    directory = hub.resolve_preset(name)
-    model = presets.load_preset(directory)
-    recorded = presets.read_metadata(directory)
-    metadata = {k: v for k, v in recorded.items() if k not in presets._RESERVED_METADATA_KEYS}
-    metadata.setdefault("name", name)
-    return model, metadata, []
+def _entry_metadata(entry: Mapping[str, Any], source_url: str | None, num_classes: int | None) -> dict[str, Any]:
+    """What a converted preset records about the zoo model it is: name, where the original was published, classes."""
+    metadata: dict[str, Any] = {
+        "architecture": entry["name"],
+        "name": entry["name"],
+        "source_url": source_url or entry["source"]["url"],
+        "source_format": entry["source"]["format"],
+    }
+    imagenet_head = ((entry.get("training") or {}).get("dataset") == "imagenet-1k"
+                     and entry["architecture"]["config"].get("num_classes") == 1000)
+    if imagenet_head and num_classes in (None, 1000):
+        metadata["class_names"] = zoo.imagenet_class_names()
+    return metadata
 
 
-def build_publish_folder(name: str, folder: str | os.PathLike, *, source: str | os.PathLike | None = None,
-                         repo_id: str | None = None) -> tuple[Path, float]:
-    """Write the preset of zoo model `name` with its model card to `folder`; return (folder, round-trip diff).
+def conversion_metadata(source: str | os.PathLike, arch: str, *, source_url: str | None = None,
+                        keras2=None, num_classes: int | None = None) -> dict[str, Any]:
+    """The `metadata.json` facts of a converted preset: where it comes from and how it was converted.
 
-    Raises:
-        PublishError: the preset reloaded from disk does not give the logits of the model it was saved from.
+    A zoo model with its ImageNet-1k head also records the ImageNet `class_names`; `num_classes` (the converted
+    model's outputs, default the zoo config's) leaves them out when the head was changed.
     """
-    from harmonization import presets, zoo
-    from harmonization.model_card import render_model_card
+    metadata = {"architecture": arch, **source_facts(source, keras2)}
+    zoo_name = zoo.canonical_name(arch)
+    if zoo_name is not None:
+        metadata.update(_entry_metadata(zoo.model_info(zoo_name), source_url, num_classes))
+    elif source_url:
+        metadata["source_url"] = source_url
+    return metadata
 
-    entry = zoo.model_info(name)
-    model, metadata, conversion_checks = _source_model(name, source)
-    folder = presets.save_preset(model, folder, metadata=metadata)
+
+def _round_trip(model, folder: Path) -> float:
+    """Max |logit difference| between `model` and the preset at `folder` reloaded from disk (PublishError if large)."""
     reloaded = presets.load_preset(folder)
     images = _sample_images(model)
     expected = np.asarray(model(images, training=False))
@@ -108,13 +125,136 @@ def build_publish_folder(name: str, folder: str | os.PathLike, *, source: str | 
             f"The preset written to {str(folder)!r} does not reproduce the model: max |logit difference| {diff:.3g} "
             f"> {ROUND_TRIP_TOLERANCE:g} on {len(images)} images. Nothing was uploaded."
         )
-    checks = {"Preset round trip: max abs logit difference after reloading": (
-        f"{diff:.1e}", f"`harmonization publish`, {len(images)} random images")}
-    for line in conversion_checks:
-        checks["Conversion from the original file"] = (line, "`harmonization.convert`")
-    card = render_model_card(entry, repo_id=repo_id, parameter_count=model.count_params(), checks=checks)
-    (Path(folder) / presets.README_FILE).write_text(card, encoding="utf-8")
-    return Path(folder), diff
+    return diff
+
+
+@dataclasses.dataclass
+class BuiltPreset:
+    """What `build_preset` wrote.
+
+    Attributes:
+        path: the preset directory.
+        parameter_count: the converted model's parameters.
+        round_trip_max_abs_diff: max |logit difference| after reloading, when `check_round_trip` was asked.
+        card: True when a model card (README.md) was written.
+    """
+
+    path: Path
+    parameter_count: int
+    round_trip_max_abs_diff: float | None = None
+    card: bool = False
+
+
+def build_preset(entry: Mapping[str, Any], source: str | os.PathLike, out: str | os.PathLike, *,
+                 source_url: str | None = None, config: Mapping[str, Any] | None = None,
+                 repo_id: str | None = None, check_round_trip: bool = False, card: bool = True,
+                 require_card: bool = False) -> BuiltPreset:
+    """Convert zoo `entry`'s published original `source` into a preset at `out`, with its model card.
+
+    Args:
+        entry: a zoo entry (`harmonization.zoo.model_info(name)`).
+        source: the Keras-2 `.h5` file.
+        out: the preset directory to write.
+        source_url: where the file was published. Defaults to the entry's `source.url`.
+        config: constructor arguments overriding the entry's architecture config (e.g. a smaller `image_size`).
+        repo_id: the Hub repo the card is for. Defaults to the entry's.
+        check_round_trip: reload the preset and compare its logits with the converted model's (PublishError
+            when they differ); the card shows the difference.
+        card: render the model card into `README.md`.
+        require_card: raise TemplateNotFoundError when `MODEL_CARD.md` is not available, instead of writing
+            the preset without a card.
+
+    Raises:
+        harmonization.convert.ConversionError: the file does not fit the entry's architecture.
+    """
+    keras2 = read_keras2_h5(source)
+    model = zoo.build(entry, **dict(config or {}))
+    report = load_keras2_weights(model, keras2)
+    metadata = {"architecture": entry["name"], **source_facts(source, keras2),
+                **_entry_metadata(entry, source_url, model.output_shape[-1])}
+    folder = presets.save_preset(model, out, metadata=metadata)
+    checks: dict[str, tuple[str, str]] = {}
+    diff = None
+    if check_round_trip:
+        diff = _round_trip(model, Path(folder))
+        checks["Preset round trip: max abs logit difference after reloading"] = (
+            f"{diff:.1e}", f"`harmonization publish`, {len(_sample_images(model))} random images")
+        checks["Conversion from the original file"] = (
+            f"{report.weights} of {keras2.weight_count} weights ({report.parameters:,} parameters) of "
+            f"{Path(source).name} (sha256 {metadata['source_sha256'][:12]}...) loaded by name",
+            "`harmonization.convert`")
+    text = None
+    if card:
+        try:
+            text = render_model_card(entry, repo_id=repo_id, parameter_count=model.count_params(),
+                                     checks=checks or None)
+        except TemplateNotFoundError:
+            if require_card:
+                raise
+    if text is not None:
+        (Path(folder) / presets.README_FILE).write_text(text, encoding="utf-8")
+    return BuiltPreset(Path(folder), model.count_params(), diff, text is not None)
+
+
+def convert(source: str | os.PathLike, arch: str, *, config: Mapping[str, Any] | None = None,
+            preprocess: bool = True):
+    """Build the native `arch` and load a published Keras-2 `.h5` file into it; return the Keras 3 model.
+
+    Args:
+        source: str or path. The `.h5` file (weights-only or full-model layout).
+        arch: str. A zoo name (its architecture and config are used) or an architecture class name.
+        config: mapping or None. Constructor arguments overriding the zoo config (e.g. a smaller
+            `image_size`). Defaults to None.
+        preprocess: bool. Keep the published normalisation inside the model (inputs RGB in [0, 255]).
+            Defaults to True.
+
+    Raises:
+        ConversionError: the file does not fit the architecture (names, shapes, unused weights).
+    """
+    model = zoo.build_native(arch, {**dict(config or {}), "preprocess": preprocess})
+    load_keras2_weights(model, source)
+    return model
+
+
+def convert_to_preset(source: str | os.PathLike, arch: str, out: str | os.PathLike, *,
+                      config: Mapping[str, Any] | None = None, source_url: str | None = None,
+                      model_card: bool = True) -> Path:
+    """Convert `source` into `arch` (a zoo name or an architecture class) and save it as a preset at `out`.
+
+    The preset records the source's sha256 and URL in `metadata.json`; for zoo models a model card is rendered
+    into `README.md` when the `MODEL_CARD.md` template is available (`build_preset`).
+    """
+    zoo_name = zoo.canonical_name(arch)
+    if zoo_name is not None:
+        return build_preset(zoo.model_info(zoo_name), source, out, source_url=source_url, config=config,
+                            card=model_card).path
+    keras2 = read_keras2_h5(source)
+    model = zoo.build_native(arch, config)
+    load_keras2_weights(model, keras2)
+    metadata = conversion_metadata(source, arch, source_url=source_url, keras2=keras2,
+                                   num_classes=model.output_shape[-1])
+    return Path(presets.save_preset(model, out, metadata=metadata))
+
+
+def build_publish_folder(name: str, folder: str | os.PathLike, *, source: str | os.PathLike | None = None,
+                         repo_id: str | None = None) -> tuple[Path, float]:
+    """Write the preset of zoo model `name` with its model card to `folder`; return (folder, round-trip diff).
+
+    `source` is the published original `.h5`; None downloads it (verified like `load_model`'s downloads).
+
+    Raises:
+        PublishError: the preset reloaded from disk does not give the logits of the model it was saved from.
+    """
+    entry = zoo.model_info(name)
+    with tempfile.TemporaryDirectory(prefix=f"harmonization-original-{entry['name']}-") as work:
+        how = None
+        if source is None:
+            source, how = originals.download_original(entry, work, reason="publishing")
+        built = build_preset(entry, source, folder, repo_id=repo_id, check_round_trip=True, require_card=True)
+        if how == "none":  # trusted on first use, now that it converted
+            recorded = presets.read_metadata(built.path)
+            originals.record_first_download(entry["source"]["url"], recorded["source_sha256"], recorded["source_size"])
+    return built.path, built.round_trip_max_abs_diff
 
 
 def publish(name: str, repo_id: str, *, source: str | os.PathLike | None = None, dry_run: bool = False,
@@ -126,8 +266,8 @@ def publish(name: str, repo_id: str, *, source: str | os.PathLike | None = None,
     Args:
         name: str. A zoo name (`harmonization.list_models()`).
         repo_id: str. The Hub repo, "org/name".
-        source: path or None. The published original `.h5` to convert; None publishes what
-            `harmonization.load_model(name)` resolves. Defaults to None.
+        source: path or None. The published original `.h5` to convert; None downloads it from its published
+            URL (or `HARMONIZATION_MODELS_URL`), verified as `load_model` verifies it. Defaults to None.
         dry_run: bool. Write the folder only (to `folder`, required). Defaults to False.
         folder: path or None. Where to write the preset; None stages it in a temporary directory that is removed
             after the upload. Defaults to None.
@@ -140,10 +280,8 @@ def publish(name: str, repo_id: str, *, source: str | os.PathLike | None = None,
     Returns:
         A `PublishResult`; `commit_oid` is the revision to pin in models/NAME.json.
     """
-    from harmonization import presets, zoo
-
     zoo.model_info(name)  # an unknown name fails before any work
-    if not isinstance(repo_id, str) or not _REPO_ID.match(repo_id):
+    if not is_repo_id(repo_id):
         raise ValueError(f"publish: `repo_id` must look like 'org/name', got {repo_id!r}.")
     if dry_run and folder is None:
         raise ValueError("publish: a dry run writes the preset folder only, so it needs `folder` (--out).")

@@ -23,20 +23,25 @@ import json
 import os
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from harmonization import originals
 
 __all__ = [
     "UnknownModelError",
+    "build",
     "build_architecture",
+    "build_native",
     "canonical_name",
     "closest_names",
     "imagenet_class_names",
     "list_models",
     "model_for_file",
     "model_info",
+    "normalization",
     "paper_metrics",
+    "validate_entry",
+    "with_family_defaults",
 ]
 
 #: Where an installed package keeps the entries (setup.py maps the repository's `models/` folder here).
@@ -54,6 +59,11 @@ OUTPUT_KINDS = ("logits", "probabilities")
 PAPER_METRICS = ("imagenet_top1", "clickme_alignment")
 _METRICS_KEYS = frozenset((*PAPER_METRICS, "baseline", "source", "source_url"))
 IMAGENET_CLASSES_FILE = "imagenet_classes.txt"
+# The keys of an in-model normalisation (harmonization.architectures.base.NORMALIZATION_KEYS; repeated here so
+# that reading the zoo does not import Keras).
+NORMALIZATION_KEYS = ("scale", "mean", "std")
+#: What every entry of the family shares, merged under each entry (the leading "_" keeps it out of the zoo).
+FAMILY_DEFAULTS_FILE = "_defaults.json"
 
 
 class UnknownModelError(KeyError):
@@ -63,7 +73,9 @@ class UnknownModelError(KeyError):
         return str(self.args[0]) if self.args else ""
 
 
-def _validate(entry: Any, filename: str) -> dict[str, Any]:
+def validate_entry(entry: Any, filename: str) -> dict[str, Any]:
+    """`entry` itself when it is a complete zoo entry (family defaults included); a ValueError naming the file
+    and the key otherwise."""
     if not isinstance(entry, dict):
         raise ValueError(f"Zoo entry {filename} must be a JSON object, got {type(entry).__name__}.")
     missing = [key for key in REQUIRED_KEYS if key not in entry]
@@ -105,6 +117,7 @@ def _validate_output(output: Any, filename: str) -> None:
 
 
 def _check_percent(value: Any, filename: str, key: str) -> None:
+    # A JSON number (not `_validation.is_number`: that module imports TensorFlow, and reading the zoo must not).
     is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if value is not None and not (is_number and 0 <= value <= 100):
         raise ValueError(f"Zoo entry {filename}: '{key}' must be a percentage in [0, 100] or null, got {value!r}.")
@@ -151,12 +164,57 @@ def _entries_folder():
         ) from None
 
 
+def _fill(value: Any, fields: dict[str, str]) -> Any:
+    """`value` with `{name}`-style fields of its strings filled in (the family defaults are templates)."""
+    if isinstance(value, str):
+        return value.format_map(fields)
+    if isinstance(value, dict):
+        return {key: _fill(item, fields) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_fill(item, fields) for item in value]
+    return value
+
+
+def _merged(defaults: dict[str, Any], entry: dict[str, Any]) -> dict[str, Any]:
+    """`entry` over `defaults`, object by object (the entry wins; lists and values are replaced whole)."""
+    merged = copy.deepcopy(defaults)
+    for key, value in entry.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merged(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def with_family_defaults(entry: Any, filename: str, defaults: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A `models/NAME.json` entry completed by the family defaults (`models/_defaults.json`), then validated.
+
+    Like timm's `_cfg()`: what the published models share is written once, and each entry holds only what
+    differs. `{name}` and `{display_name}` in the defaults' strings become the entry's.
+    """
+    if not isinstance(entry, dict):
+        raise ValueError(f"Zoo entry {filename} must be a JSON object, got {type(entry).__name__}.")
+    defaults = _family_defaults() if defaults is None else defaults
+    fields = {"name": str(entry.get("name", "")), "display_name": str(entry.get("display_name", entry.get("name", "")))}
+    return validate_entry(_merged(_fill(defaults, fields), entry), filename)
+
+
+@functools.lru_cache(maxsize=None)
+def _family_defaults() -> dict[str, Any]:
+    item = _entries_folder().joinpath(FAMILY_DEFAULTS_FILE)
+    defaults = json.loads(item.read_text(encoding="utf-8"))
+    if not isinstance(defaults, dict):
+        raise ValueError(f"{FAMILY_DEFAULTS_FILE} must be a JSON object, got {type(defaults).__name__}.")
+    defaults.pop("doc", None)  # says what the file is; not part of any entry
+    return defaults
+
+
 @functools.lru_cache(maxsize=None)
 def _registry() -> dict[str, dict[str, Any]]:
     entries = {}
     for item in _entries_folder().iterdir():
-        if item.name.endswith(".json"):
-            entry = _validate(json.loads(item.read_text(encoding="utf-8")), item.name)
+        if item.name.endswith(".json") and not item.name.startswith("_"):
+            entry = with_family_defaults(json.loads(item.read_text(encoding="utf-8")), item.name)
             entries[entry["name"]] = entry
     return entries
 
@@ -283,15 +341,61 @@ def imagenet_class_names() -> list[str]:
     return list(_imagenet_class_names())
 
 
-def build_architecture(name: str, **overrides: Any):
-    """Build the (randomly initialised) architecture of zoo model `name`; `overrides` update its config."""
-    architecture = model_info(name)["architecture"]
+def normalization(entry: Mapping[str, Any]) -> dict[str, Any] | bool:
+    """What the entry's `preprocessing` block makes the model do to its input: `{"scale", "mean", "std"}`, or
+    False when the block says the preprocessing is not inside the model (`in_model: false`)."""
+    preprocessing = entry["preprocessing"]
+    if not preprocessing.get("in_model", True):
+        return False
+    missing = [key for key in NORMALIZATION_KEYS if key not in preprocessing]
+    if missing:
+        raise ValueError(f"Zoo entry {entry['name']!r}: 'preprocessing' lacks {missing} (an in-model normalisation "
+                         f"needs {list(NORMALIZATION_KEYS)}).")
+    return {key: preprocessing[key] for key in NORMALIZATION_KEYS}
+
+
+def build(entry: Mapping[str, Any], **overrides: Any):
+    """Build the (randomly initialised) architecture of zoo `entry`; `overrides` update its config.
+
+    The entry's `preprocessing` block is the normalisation layer inside the model (unless `preprocess`
+    is overridden, e.g. `preprocess=False` for the bare network).
+    """
+    architecture = entry["architecture"]
     try:
         module = importlib.import_module(architecture["module"])
     except ModuleNotFoundError as error:
         raise NotImplementedError(
-            f"The native Keras 3 architecture of {name!r} ({architecture['class_name']}) is not available in "
-            f"this version of harmonization-hub ({error})."
+            f"The native Keras 3 architecture of {entry['name']!r} ({architecture['class_name']}) is not available "
+            f"in this version of harmonization-hub ({error})."
         ) from None
     cls = getattr(module, architecture["class_name"])
-    return cls(**{**architecture["config"], **overrides})
+    config = {**architecture["config"], **overrides}
+    if config.get("preprocess", True) is True:
+        config["preprocess"] = normalization(entry)
+    return cls(**config)
+
+
+def build_architecture(name: str, **overrides: Any):
+    """Build the (randomly initialised) architecture of zoo model `name`; `overrides` update its config."""
+    return build(model_info(name), **overrides)
+
+
+def build_native(arch: str, config: Mapping[str, Any] | None = None):
+    """Build the native architecture `arch`: a zoo name (its entry) or a class of `harmonization.architectures`."""
+    # Imported here: reading the zoo (`harmonization list`) must not import Keras; building needs it anyway.
+    import harmonization.architectures as architectures
+
+    config = dict(config or {})
+    zoo_name = canonical_name(arch)
+    if zoo_name is not None:
+        return build(model_info(zoo_name), **config)
+    classes = sorted(n for n in architectures.__all__ if n not in ("ImageClassifier", "ImageNetNormalization"))
+    cls = getattr(architectures, arch, None) if arch in classes else None
+    if cls is None:
+        close = closest_names(arch, [*list_models(), *classes]) or closest_names(arch)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(
+            f"Unknown architecture {arch!r}.{hint} Use a zoo name ({', '.join(list_models())}), a published "
+            f"file's name (e.g. vit-b16_harmonized) or an architecture class ({', '.join(classes)})."
+        )
+    return cls(**config)

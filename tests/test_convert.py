@@ -16,10 +16,11 @@ import h5py
 import numpy as np
 import pytest
 
-from harmonization import cli, convert
+from harmonization import cli, convert, publish, zoo
 from harmonization.architectures import ConvNeXt, EfficientNet, LeViT, MaxViT, ResNetV2, VGG, ViT
 from harmonization.convert import ConversionError, load_keras2_weights, read_keras2_h5
-from harmonization.presets import load_model, read_metadata
+from harmonization.loader import load_model
+from harmonization.presets import read_metadata
 
 FIXTURES = Path(__file__).parent / "fixtures" / "keras2"
 MANIFEST = json.loads((FIXTURES / "manifest.json").read_text())
@@ -75,7 +76,7 @@ def test_converted_model_reproduces_the_original_logits(name):
     assert source.layout == layout
     # Every weight the original library saved is read, and they are exactly its parameters.
     assert source.parameter_count == MANIFEST[name]["parameter_count"]
-    model = convert.convert(FIXTURES / f"{name}.h5", cls.__name__, config=config)
+    model = publish.convert(FIXTURES / f"{name}.h5", cls.__name__, config=config)
     assert model.count_params() == MANIFEST[name]["parameter_count"]
     ours = np.asarray(model(images))
     np.testing.assert_allclose(ours, logits, rtol=0, atol=TOLERANCE)
@@ -156,13 +157,13 @@ def test_non_keras2_files_are_refused_clearly(tmp_path):
 
 def test_unknown_architecture_is_named():
     with pytest.raises(ValueError, match="Unknown architecture 'Transformer'.*vit_b16_harmonized.*ViT"):
-        convert.build_native("Transformer")
+        zoo.build_native("Transformer")
     with pytest.raises(ValueError, match="Unknown architecture 'vit_b16_harmonised'. Did you mean 'vit_b16_harmonized'"):
-        convert.build_native("vit_b16_harmonised")
+        zoo.build_native("vit_b16_harmonised")
     with pytest.raises(ValueError, match="Did you mean 'EfficientNet'"):
-        convert.build_native("EfficientNett")
+        zoo.build_native("EfficientNett")
     # A published name is its zoo model.
-    assert convert.build_native("levit_small_harmonized", LEVIT_TINY).count_params() == MANIFEST[
+    assert zoo.build_native("levit_small_harmonized", LEVIT_TINY).count_params() == MANIFEST[
         "kecam_levit_weights"]["parameter_count"]
 
 
@@ -170,7 +171,7 @@ def test_convert_to_preset_records_the_source_and_loads_safely(tmp_path):
     name = "kecam_levit_weights"
     cls, config, _ = CASES[name]
     images, logits, _ = _expected(name)
-    path = convert.convert_to_preset(FIXTURES / f"{name}.h5", "LeViT", tmp_path / "levit", config=config,
+    path = publish.convert_to_preset(FIXTURES / f"{name}.h5", "LeViT", tmp_path / "levit", config=config,
                                      source_url="https://example.org/levit.h5")
     metadata = read_metadata(path)
     assert metadata["source_sha256"] == MANIFEST[name]["sha256"]
@@ -185,11 +186,11 @@ def test_zoo_conversions_record_the_imagenet_class_names_of_a_1000_class_head():
     from harmonization.zoo import imagenet_class_names
 
     source = FIXTURES / "kecam_levit_weights.h5"
-    metadata = convert.conversion_metadata(source, "levit128_harmonized", num_classes=1000)
+    metadata = publish.conversion_metadata(source, "levit128_harmonized", num_classes=1000)
     assert metadata["class_names"] == imagenet_class_names() and metadata["class_names"][0] == "tench"
-    assert convert.conversion_metadata(source, "levit128_harmonized")["class_names"] == imagenet_class_names()
-    assert "class_names" not in convert.conversion_metadata(source, "levit128_harmonized", num_classes=5)
-    assert "class_names" not in convert.conversion_metadata(source, "LeViT", num_classes=1000)  # not a zoo name
+    assert publish.conversion_metadata(source, "levit128_harmonized")["class_names"] == imagenet_class_names()
+    assert "class_names" not in publish.conversion_metadata(source, "levit128_harmonized", num_classes=5)
+    assert "class_names" not in publish.conversion_metadata(source, "LeViT", num_classes=1000)  # not a zoo name
 
 
 def test_cli_convert(tmp_path, capsys):

@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 
 from harmonization import hub as hub_module
+from harmonization import loader
 from harmonization.hub import HubUnavailableError, parse_hf_uri
-from harmonization.presets import PresetError, load_model, save_preset
+from harmonization.loader import load_model
+from harmonization.presets import PresetError, save_preset
 from harmonization.zoo import UnknownModelError
 
 sys.path.insert(0, str(Path(__file__).parent))  # the stand-in Hub lives next to the tests
@@ -263,8 +265,8 @@ def test_unpublished_zoo_model_is_converted_from_its_original_once(original_on_t
     paths = [p for _, p in fake.requests]
     assert "/api/models/serre-lab/levit128_harmonized/revision/main" in paths  # the Hub is asked first
     assert paths.count(ORIGINAL_PATH) == 1
-    preset = hub_module.resolve_preset("levit128_harmonized")
-    assert preset.is_relative_to(hub_module.cache_dir())
+    preset = loader.resolve_preset("levit128_harmonized")
+    assert preset.is_relative_to(loader.cache_dir())
     metadata = read_metadata(preset)
     assert metadata["source_sha256"] == hashlib.sha256(data).hexdigest()
     assert metadata["source_url"].endswith(ORIGINAL_PATH) and metadata["name"] == "levit128_harmonized"
@@ -283,7 +285,7 @@ def test_truncated_original_is_never_cached(original_on_the_bucket):
     with pytest.raises(PresetError, match=f"truncated or corrupted and was deleted: received {len(data) // 2} of the "
                                           f"{len(data)} bytes"):
         load_model("levit128_harmonized")
-    converted = hub_module.cache_dir() / "converted"
+    converted = loader.cache_dir() / "converted"
     # No partial download, no preset (only the conversion's lock file).
     assert not any(p for p in converted.rglob("*") if p.is_file() and p.suffix != ".lock")
     fake.truncate.clear()
@@ -297,7 +299,7 @@ def test_original_with_a_wrong_checksum_is_refused(original_on_the_bucket, monke
     registry["levit128_harmonized"]["source"]["sha256"] = "0" * 64
     with pytest.raises(PresetError, match="expected sha256 0000"):
         load_model("levit128_harmonized")
-    assert hub_module._cached_conversion(registry["levit128_harmonized"]) is None
+    assert loader._cached_conversion(registry["levit128_harmonized"]) is None
 
 
 def test_offline_without_a_conversion_says_how_to_get_the_weights(original_on_the_bucket, monkeypatch):
@@ -312,7 +314,7 @@ def test_offline_without_a_conversion_says_how_to_get_the_weights(original_on_th
 
 def test_a_damaged_cached_conversion_is_rebuilt(original_on_the_bucket):
     fake, data, images, logits = original_on_the_bucket
-    preset = hub_module.resolve_preset("levit128_harmonized")
+    preset = loader.resolve_preset("levit128_harmonized")
     weights = preset / "model.weights.h5"
     damaged = bytearray(weights.read_bytes())
     damaged[len(damaged) // 2] ^= 0xFF
@@ -417,8 +419,8 @@ def test_a_killed_conversion_leaves_nothing_forever(original_on_the_bucket):
     from harmonization import zoo
 
     entry = zoo.model_info("levit128_harmonized")
-    converted = hub_module.cache_dir() / "converted"
-    target = hub_module._conversion_dir(entry)
+    converted = loader.cache_dir() / "converted"
+    target = loader._conversion_dir(entry)
     download = converted / ".levit128_harmonized.k1ll3d"  # a download folder of a killed conversion
     staging = converted / f".{target.name}.x7y8.partial"  # a preset save that was killed
     other = converted / ".vgg16_harmonized.abcd"  # another model's: not ours to judge
@@ -433,13 +435,13 @@ def test_a_killed_conversion_leaves_nothing_forever(original_on_the_bucket):
 
 _CONVERT_SCRIPT = """
 import sys, json
-from harmonization import hub, zoo
+from harmonization import loader, zoo
 url, config = sys.argv[1], json.loads(sys.argv[2])
 registry = {n: zoo.model_info(n) for n in zoo.list_models()}
 registry["levit128_harmonized"]["source"]["url"] = url
 registry["levit128_harmonized"]["architecture"]["config"] = config
 zoo._registry = lambda: registry
-print("PRESET", hub.resolve_preset("levit128_harmonized"), flush=True)
+print("PRESET", loader.resolve_preset("levit128_harmonized"), flush=True)
 """
 
 
@@ -449,7 +451,7 @@ def test_two_processes_converting_one_model_download_it_once(original_on_the_buc
     fake, *_ = original_on_the_bucket
     fake.delay[ORIGINAL_PATH] = 8.0  # the first conversion is still under way when the second asks
     env = {**os.environ, "HF_ENDPOINT": fake.endpoint, "HF_HUB_CACHE": str(tmp_path / "hf"),
-           "HF_HUB_DISABLE_TELEMETRY": "1", "HARMONIZATION_CACHE": str(hub_module.cache_dir()),
+           "HF_HUB_DISABLE_TELEMETRY": "1", "HARMONIZATION_CACHE": str(loader.cache_dir()),
            "HF_TOKEN_PATH": str(tmp_path / "none"), "TF_CPP_MIN_LOG_LEVEL": "2"}
     command = [sys.executable, "-c", _CONVERT_SCRIPT, fake.endpoint + ORIGINAL_PATH, json.dumps(LEVIT_TINY)]
     workers = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -480,11 +482,11 @@ def test_an_original_without_a_published_digest_is_trusted_on_first_use(original
     info = zoo.model_info("levit128_harmonized")["source"]["verification"]
     assert "trusted on first use" in info and digest in info
     # The cache is cleared, and the file on the server was replaced: refused, nothing converted.
-    shutil.rmtree(hub_module.cache_dir() / "converted")
+    shutil.rmtree(loader.cache_dir() / "converted")
     fake.static[ORIGINAL_PATH] = data[:-10] + b"0123456789"
     with pytest.raises(PresetError, match=r"differs from the one first downloaded here \(expected sha256"):
         load_model("levit128_harmonized")
-    assert hub_module._cached_conversion(zoo.model_info("levit128_harmonized")) is None
+    assert loader._cached_conversion(zoo.model_info("levit128_harmonized")) is None
     assert json.loads(trust_store().read_text())[fake.endpoint + ORIGINAL_PATH]["sha256"] == digest
     # The original file again: accepted.
     fake.static[ORIGINAL_PATH] = data

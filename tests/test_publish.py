@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from harmonization import cli, model_card, zoo
-from harmonization.presets import load_model, read_metadata, verify_preset
+from harmonization.loader import load_model
+from harmonization.presets import read_metadata, verify_preset
 from harmonization.publish import PublishError, publish
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -53,7 +53,7 @@ def test_published_parameter_counts():
 
 def test_entries_are_the_repository_models_folder_named_after_the_model():
     folder = zoo._entries_folder()  # package data when installed (tests/test_packaging.py), else the checkout's
-    files = sorted(p.name for p in folder.iterdir() if p.name.endswith(".json"))
+    files = sorted(p.name for p in folder.iterdir() if p.name.endswith(".json") and not p.name.startswith("_"))
     assert files == sorted(f"{name}.json" for name in PUBLISHED)
     for name in files:
         assert json.loads(folder.joinpath(name).read_text())["name"] == name.removesuffix(".json")
@@ -104,13 +104,13 @@ def test_unknown_name_without_close_match_has_no_suggestion():
 
 def test_invalid_entries_are_rejected():
     with pytest.raises(ValueError, match="lacks required keys"):
-        zoo._validate({"name": "a"}, "a.json")
+        zoo.validate_entry({"name": "a"}, "a.json")
     entry = model_info("vgg16_harmonized")
     with pytest.raises(ValueError, match="the file must be vgg16_harmonized.json"):
-        zoo._validate(entry, "other.json")
+        zoo.validate_entry(entry, "other.json")
     entry["architecture"]["module"] = "os"
     with pytest.raises(ValueError, match="outside harmonization.architectures"):
-        zoo._validate(entry, "vgg16_harmonized.json")
+        zoo.validate_entry(entry, "vgg16_harmonized.json")
 
 
 def test_entries_have_a_display_name_and_cite_their_metrics():
@@ -199,10 +199,10 @@ def test_invalid_metrics_and_output_are_rejected_naming_file_and_key(path, value
         block = block[key]
     block[path[-1]] = value
     if message is None:
-        assert zoo._validate(entry, "vgg16_harmonized.json") is entry
+        assert zoo.validate_entry(entry, "vgg16_harmonized.json") is entry
         return
     with pytest.raises(ValueError, match=r"^Zoo entry vgg16_harmonized.json: " + message):
-        zoo._validate(entry, "vgg16_harmonized.json")
+        zoo.validate_entry(entry, "vgg16_harmonized.json")
 
 
 def test_metrics_without_baseline_or_with_a_missing_key_are_rejected():
@@ -210,11 +210,11 @@ def test_metrics_without_baseline_or_with_a_missing_key_are_rejected():
     del entry["metrics"]["baseline"]
     with pytest.raises(ValueError, match=r"vgg16_harmonized.json: 'metrics' must have exactly the keys .*"
                                          r"missing \['baseline'\]"):
-        zoo._validate(entry, "vgg16_harmonized.json")
+        zoo.validate_entry(entry, "vgg16_harmonized.json")
     entry = model_info("vgg16_harmonized")
     del entry["metrics"]
     with pytest.raises(ValueError, match=r"lacks required keys \['metrics'\]"):
-        zoo._validate(entry, "vgg16_harmonized.json")
+        zoo.validate_entry(entry, "vgg16_harmonized.json")
 
 
 def test_imagenet_class_names_ship_with_the_package():
@@ -228,3 +228,50 @@ def test_imagenet_class_names_ship_with_the_package():
     assert text.splitlines() == names
     names.append("extra")  # a copy: callers cannot change the zoo's list
     assert len(zoo.imagenet_class_names()) == 1000
+
+
+# --- family defaults and build(entry) ---------------------------------------------------------------------------
+
+
+def test_entries_hold_only_what_differs_from_the_family_defaults():
+    folder = zoo._entries_folder()
+    defaults = json.loads(folder.joinpath(zoo.FAMILY_DEFAULTS_FILE).read_text())
+    for name in PUBLISHED:
+        raw = json.loads(folder.joinpath(f"{name}.json").read_text())
+        assert "preprocessing" not in raw and "paper" not in raw and "license" not in raw
+        entry = model_info(name)
+        assert entry["hub"]["repo_id"] == f"serre-lab/{name}"  # "{name}" filled in
+        assert entry["preprocessing"] == defaults["preprocessing"]
+        assert entry["architecture"]["config"] == {**defaults["architecture"]["config"],
+                                                   **raw["architecture"]["config"]}
+
+
+def test_an_entry_overrides_the_defaults_object_by_object_and_replaces_lists():
+    defaults = {"hub": {"repo_id": "org/{name}", "revision": None}, "aliases": ["x"], "license": "mit",
+                "description": "{display_name}!"}
+    entry = model_info("vgg16_harmonized")
+    raw = {key: value for key, value in entry.items() if key not in ("hub", "license", "description", "aliases")}
+    raw["hub"] = {"revision": "abc"}
+    raw["aliases"] = ["vgg"]
+    merged = zoo.with_family_defaults(raw, "vgg16_harmonized.json", defaults)
+    assert merged["hub"] == {"repo_id": "org/vgg16_harmonized", "revision": "abc"}
+    assert merged["aliases"] == ["vgg"] and merged["license"] == "mit" and merged["description"] == "VGG16!"
+    with pytest.raises(ValueError, match="lacks required keys"):
+        zoo.with_family_defaults({"name": "vgg16_harmonized"}, "vgg16_harmonized.json", {})
+
+
+def test_the_entry_preprocessing_is_the_normalisation_inside_the_built_model():
+    import numpy as np
+
+    entry = model_info("vgg16_harmonized")
+    entry["preprocessing"].update(scale=1.0, mean=[10.0, 20.0, 30.0], std=[2.0, 4.0, 5.0])
+    small = dict(image_size=32, block_filters=[2, 2, 2, 2, 2], fc_units=4, num_classes=3)
+    model = zoo.build(entry, **small)
+    layer = model.get_layer("preprocessing")
+    x = np.full((1, 32, 32, 3), 50.0, "float32")
+    np.testing.assert_allclose(np.asarray(layer(x))[0, 0, 0], [20.0, 7.5, 4.0], rtol=1e-6)
+    assert model.get_config()["preprocess"] == {"scale": 1.0, "mean": [10.0, 20.0, 30.0], "std": [2.0, 4.0, 5.0]}
+    bare = zoo.build(entry, preprocess=False, **small)
+    assert "preprocessing" not in [lay.name for lay in bare.layers]
+    entry["preprocessing"]["in_model"] = False
+    assert "preprocessing" not in [lay.name for lay in zoo.build(entry, **small).layers]

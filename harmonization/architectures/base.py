@@ -7,16 +7,20 @@ so a preset's `config.json` is short, readable and rebuilt without code from the
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import keras
 from keras import ops
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ImageClassifier", "ImageNetNormalization"]
+from harmonization._validation import is_int
+
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "NORMALIZATION_KEYS", "ImageClassifier", "ImageNetNormalization"]
 
 # The published harmonized models' normalisation (serre-lab/Harmonization `preprocess_input`).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# What a normalisation is made of: the arguments of `ImageNetNormalization` (and a zoo entry's `preprocessing`).
+NORMALIZATION_KEYS = ("scale", "mean", "std")
 
 
 @keras.saving.register_keras_serializable(package="harmonization")
@@ -68,18 +72,35 @@ class ImageClassifier(keras.Model):
     classifier_name = "predictions"
 
     @staticmethod
-    def _begin(image_size: int, preprocess: bool, name: str):
-        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+    def _begin(image_size: int, preprocess: bool | Mapping[str, Any], name: str):
+        """The input and the tensor the network starts from: normalised inside the model unless `preprocess` is off.
+
+        `preprocess` is True (the published ImageNet normalisation), False (none: the bare network), or the
+        normalisation itself, `{"scale", "mean", "std"}` — what a zoo entry's `preprocessing` block gives
+        (`harmonization.zoo.build`), so that the entry, not a constant here, says how inputs are prepared.
+        """
+        if not is_int(image_size) or image_size < 1:
             raise ValueError(f"{name}: `image_size` must be a positive int, got {image_size!r}.")
         inputs = keras.Input((image_size, image_size, 3), name="images")
-        x = ImageNetNormalization(name="preprocessing")(inputs) if preprocess else inputs
-        return inputs, x
+        if isinstance(preprocess, Mapping):
+            unknown = sorted(set(preprocess) - set(NORMALIZATION_KEYS))
+            if unknown:
+                raise ValueError(
+                    f"{name}: `preprocess` as a mapping takes the keys {list(NORMALIZATION_KEYS)}; got unknown "
+                    f"{unknown}."
+                )
+            return inputs, ImageNetNormalization(name="preprocessing", **preprocess)(inputs)
+        if not isinstance(preprocess, bool):
+            raise ValueError(
+                f"{name}: `preprocess` must be True, False or a mapping {{'scale', 'mean', 'std'}}; got {preprocess!r}."
+            )
+        return inputs, (ImageNetNormalization(name="preprocessing")(inputs) if preprocess else inputs)
 
     @classmethod
     def _head(cls, features, num_classes: int, include_top: bool, name: str):
         if not include_top:
             return features
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        if not is_int(num_classes) or num_classes < 1:
             raise ValueError(f"{name}: `num_classes` must be a positive int, got {num_classes!r}.")
         return keras.layers.Dense(num_classes, name=cls.classifier_name)(features)
 

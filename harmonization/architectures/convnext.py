@@ -1,14 +1,14 @@
 """ConvNeXt (Liu et al., 2022, https://arxiv.org/abs/2201.03545), layer layout of keras-cv-attention-models 1.3.x.
 
 The published `convnext_tiny_harmonized.h5` holds the weights of kecam's `ConvNeXtTiny` (182 weights,
-28,589,128 parameters; see shared/reference/kecam-1.3.9_convnext_tiny_weights.tsv): 7x7 depthwise
+28,589,128 parameters; layout in tests/fixtures/reference/kecam-1.3.9_convnext_tiny_weights.tsv): 7x7 depthwise
 convolution, LayerNorm (epsilon 1e-6), Dense 4x -> exact GELU -> Dense, per-channel layer scale `gamma`,
 residual add. LayerNorm is `harmonization.layers.LayerNormalization` (exact second derivatives).
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import keras
 
@@ -73,7 +73,9 @@ class ConvNeXt(ImageClassifier):
         num_classes: int. Number of logits. Defaults to 1000.
         include_top: bool. Keep the `predictions` layer; False returns the pooled, normalised features
             (`head_ln`). Defaults to True.
-        preprocess: bool. Take RGB in [0, 255] and normalise inside the model. Defaults to True.
+        preprocess: bool or mapping. Take RGB in [0, 255] and normalise inside the model: True for the published
+            ImageNet normalisation, a mapping {"scale", "mean", "std"} for another (a zoo entry's
+            `preprocessing` gives it), False for the bare network. Defaults to True.
         name: str. Defaults to "convnext".
 
     Example:
@@ -90,7 +92,7 @@ class ConvNeXt(ImageClassifier):
         drop_connect_rate: float = 0.1,
         num_classes: int = 1000,
         include_top: bool = True,
-        preprocess: bool = True,
+        preprocess: bool | Mapping[str, Any] = True,
         name: str = "convnext",
         **kwargs,
     ):

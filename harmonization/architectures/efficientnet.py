@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import string
+from typing import Any, Mapping
 
 import keras
 
@@ -89,7 +90,9 @@ class EfficientNet(ImageClassifier):
             Defaults to 0.2.
         num_classes: int. Number of logits. Defaults to 1000.
         include_top: bool. Keep the `predictions` layer; False returns the pooled features. Defaults to True.
-        preprocess: bool. Take RGB in [0, 255] and normalise inside the model. Defaults to True.
+        preprocess: bool or mapping. Take RGB in [0, 255] and normalise inside the model: True for the published
+            ImageNet normalisation, a mapping {"scale", "mean", "std"} for another (a zoo entry's
+            `preprocessing` gives it), False for the bare network. Defaults to True.
         name: str. Defaults to "efficientnet".
 
     Example:
@@ -107,7 +110,7 @@ class EfficientNet(ImageClassifier):
         drop_connect_rate: float = 0.2,
         num_classes: int = 1000,
         include_top: bool = True,
-        preprocess: bool = True,
+        preprocess: bool | Mapping[str, Any] = True,
         name: str = "efficientnet",
         **kwargs,
     ):

@@ -21,7 +21,7 @@ come from `harmonization.layers` (exact second derivatives), so the model can ke
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import keras
 import numpy as np
@@ -224,7 +224,9 @@ class LeViT(ImageClassifier):
         num_classes: int. Number of logits. Defaults to 1000.
         include_top: bool. Keep the `head` layer; False returns the pooled, normalised features (`head_bn`).
             Defaults to True.
-        preprocess: bool. Take RGB in [0, 255] and normalise inside the model. Defaults to True.
+        preprocess: bool or mapping. Take RGB in [0, 255] and normalise inside the model: True for the published
+            ImageNet normalisation, a mapping {"scale", "mean", "std"} for another (a zoo entry's
+            `preprocessing` gives it), False for the bare network. Defaults to True.
         name: str. Defaults to "levit".
 
     Example:
@@ -250,7 +252,7 @@ class LeViT(ImageClassifier):
         dropout_rate: float = 0.0,
         num_classes: int = 1000,
         include_top: bool = True,
-        preprocess: bool = True,
+        preprocess: bool | Mapping[str, Any] = True,
         name: str = "levit",
         **kwargs,
     ):

@@ -22,12 +22,13 @@ derivatives), so the model can keep being harmonized.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import keras
 import numpy as np
 from keras import ops
 
+from harmonization._validation import is_int
 from harmonization.architectures.base import ImageClassifier
 from harmonization.layers import BatchNormalization, LayerNormalization
 
@@ -256,7 +257,9 @@ class MaxViT(ImageClassifier):
         num_classes: int. Number of logits. Defaults to 1000.
         include_top: bool. Keep the `predictions` layer; False returns the tanh pre-logits (`features`).
             Defaults to True.
-        preprocess: bool. Take RGB in [0, 255] and normalise inside the model. Defaults to True.
+        preprocess: bool or mapping. Take RGB in [0, 255] and normalise inside the model: True for the published
+            ImageNet normalisation, a mapping {"scale", "mean", "std"} for another (a zoo entry's
+            `preprocessing` gives it), False for the bare network. Defaults to True.
         name: str. Defaults to "maxvit".
 
     Example:
@@ -279,7 +282,7 @@ class MaxViT(ImageClassifier):
         dropout_rate: float = 0.0,
         num_classes: int = 1000,
         include_top: bool = True,
-        preprocess: bool = True,
+        preprocess: bool | Mapping[str, Any] = True,
         name: str = "maxvit",
         **kwargs,
     ):
@@ -293,7 +296,7 @@ class MaxViT(ImageClassifier):
             raise ValueError(f"MaxViT: every width must be divisible by `head_dim` ({head_dim}); got {list(widths)}.")
         inputs, x = self._begin(image_size, preprocess, "MaxViT")
         window = window_size if window_size is not None else math.ceil(image_size / 32)
-        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        if not is_int(window) or window < 1:
             raise ValueError(f"MaxViT: `window_size` must be a positive int or None, got {window_size!r}.")
         x = keras.layers.Conv2D(stem_width, 3, strides=2, padding="same", use_bias=True, name="stem_1_conv")(x)
         x = _batch_norm(x, "stem_1_", gelu_approximate)

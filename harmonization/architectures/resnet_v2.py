@@ -7,7 +7,7 @@ training-mode second derivatives are exact, so the model can keep being harmoniz
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import keras
 
@@ -52,7 +52,9 @@ class ResNetV2(ImageClassifier):
         stem_filters: int. Filters of the 7x7 stem convolution. Defaults to 64.
         num_classes: int. Number of logits. Defaults to 1000.
         include_top: bool. Keep the `predictions` layer; False returns the pooled features. Defaults to True.
-        preprocess: bool. Take RGB in [0, 255] and normalise inside the model. Defaults to True.
+        preprocess: bool or mapping. Take RGB in [0, 255] and normalise inside the model: True for the published
+            ImageNet normalisation, a mapping {"scale", "mean", "std"} for another (a zoo entry's
+            `preprocessing` gives it), False for the bare network. Defaults to True.
         name: str. Defaults to "resnet_v2".
 
     Example:
@@ -69,7 +71,7 @@ class ResNetV2(ImageClassifier):
         stem_filters: int = 64,
         num_classes: int = 1000,
         include_top: bool = True,
-        preprocess: bool = True,
+        preprocess: bool | Mapping[str, Any] = True,
         name: str = "resnet_v2",
         **kwargs,
     ):

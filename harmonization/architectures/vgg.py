@@ -6,7 +6,7 @@ VGG has no normalisation layer, so its second derivatives are exact as is.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import keras
 
@@ -27,7 +27,9 @@ class VGG(ImageClassifier):
         fc_units: int. Width of the two fully connected layers `fc1`, `fc2`. Defaults to 4096.
         num_classes: int. Number of logits. Defaults to 1000.
         include_top: bool. Keep the `predictions` layer; False returns the `fc2` features. Defaults to True.
-        preprocess: bool. Take RGB in [0, 255] and normalise inside the model. Defaults to True.
+        preprocess: bool or mapping. Take RGB in [0, 255] and normalise inside the model: True for the published
+            ImageNet normalisation, a mapping {"scale", "mean", "std"} for another (a zoo entry's
+            `preprocessing` gives it), False for the bare network. Defaults to True.
         name: str. Defaults to "vgg".
 
     Example:
@@ -43,7 +45,7 @@ class VGG(ImageClassifier):
         fc_units: int = 4096,
         num_classes: int = 1000,
         include_top: bool = True,
-        preprocess: bool = True,
+        preprocess: bool | Mapping[str, Any] = True,
         name: str = "vgg",
         **kwargs,
     ):

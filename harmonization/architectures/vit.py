@@ -1,7 +1,7 @@
 """Vision Transformer (Dosovitskiy et al., 2021, https://arxiv.org/abs/2010.11929), layout of vit_keras 0.1.2.
 
 The published `vit-b16_harmonized.h5` holds the weights of `vit_keras.vit.vit_b16` (200 weights, 86,567,656
-parameters; see shared/reference/vit_keras-0.1.2_vit_b16_weights.tsv): a 16x16 patch embedding
+parameters; layout in tests/fixtures/reference/vit_keras-0.1.2_vit_b16_weights.tsv): a 16x16 patch embedding
 convolution, a class token prepended at position 0, learned position embeddings, pre-LayerNorm encoder
 blocks (epsilon 1e-6, exact GELU), a final LayerNorm and a linear head on the class token.
 Keras 3 layer names cannot contain "/", so vit_keras' `Transformer/encoderblock_0` is
@@ -12,6 +12,7 @@ LayerNorm is `harmonization.layers.LayerNormalization` (exact second derivatives
 from __future__ import annotations
 
 import math
+from typing import Any, Mapping
 
 import keras
 from keras import ops
@@ -191,7 +192,9 @@ class ViT(ImageClassifier):
         dropout_rate: float. Dropout in the blocks. Defaults to 0.1 (vit_keras).
         num_classes: int. Number of logits. Defaults to 1000.
         include_top: bool. Keep the `head` layer; False returns the normalised class token. Defaults to True.
-        preprocess: bool. Take RGB in [0, 255] and normalise inside the model. Defaults to True.
+        preprocess: bool or mapping. Take RGB in [0, 255] and normalise inside the model: True for the published
+            ImageNet normalisation, a mapping {"scale", "mean", "std"} for another (a zoo entry's
+            `preprocessing` gives it), False for the bare network. Defaults to True.
         name: str. Defaults to "vit".
 
     Example:
@@ -213,7 +216,7 @@ class ViT(ImageClassifier):
         dropout_rate: float = 0.1,
         num_classes: int = 1000,
         include_top: bool = True,
-        preprocess: bool = True,
+        preprocess: bool | Mapping[str, Any] = True,
         name: str = "vit",
         **kwargs,
     ):

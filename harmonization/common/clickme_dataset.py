@@ -99,6 +99,7 @@ def _keras_cache() -> Path:
 
 def _published_shards(folder: str, count: int) -> list[str]:
     """Paths of `{folder}-0..count-1` (cached as `clickme_{folder}_{i}`), downloaded when missing."""
+    # Imported here: harmonization.hub imports Keras (through presets), which reading local shards never needs.
     from harmonization.hub import download_file
 
     paths = []

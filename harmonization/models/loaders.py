@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import keras
 
+from harmonization import loader, presets, zoo
 from harmonization.mirrors import PUBLISHED_MODELS_URL
 
 __all__ = [
@@ -39,11 +40,8 @@ HARMONIZED_LEVIT_SMALL_WEIGHTS = f"{PUBLISHED_MODELS_URL}/levit_small_harmonized
 
 def load_published(zoo_name: str) -> keras.Model:
     """Zoo model `zoo_name` as 0.0.9 returned it: the bare network, with the original file's output."""
-    from harmonization import zoo
-    from harmonization.presets import load_model
-
     entry = zoo.model_info(zoo_name)
-    network = load_model(entry["name"], preprocess=False)
+    network = presets.load_preset(loader.resolve_entry(entry), preprocess=False)
     if entry["output"]["original"] == "logits":
         return network
     # The published file's last layer applied a softmax; ours returns its logits.

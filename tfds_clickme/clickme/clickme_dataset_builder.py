@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import struct
 from typing import BinaryIO, Callable, Iterator
@@ -16,6 +15,7 @@ from etils import epath
 from google.protobuf import message as protobuf_message
 
 from harmonization import mirrors, network
+from harmonization._io import sha256_file
 from tfds_clickme.clickme import published_shards
 
 #: A shard's path under the ClickMe base URL (the bucket's, or HARMONIZATION_CLICKME_URL's); `{folder}` is
@@ -256,7 +256,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         skipped: list[dict] = []
         count = 0
         for shard_name, path in shards:
-            self.info.metadata["shard_sha256"][shard_name] = _sha256(path)
+            self.info.metadata["shard_sha256"][shard_name] = sha256_file(path)
             for index, record, read_error in _read_records(path):
                 try:
                     if read_error is not None:
@@ -458,15 +458,6 @@ def _probe(url: str, instructions: str) -> int:
         "(<url>/train/train-<i>.tfrecords, <url>/val/val-<i>.tfrecords).\n"
         f"{instructions}"
     )
-
-
-def _sha256(path: epath.Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # --- TFRecord framing ---------------------------------------------------------------------------

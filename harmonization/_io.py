@@ -1,0 +1,63 @@
+"""Small I/O helpers the distribution side shares: file digests, Hub repo ids, the versions we record.
+
+One copy each, so that a preset, a converted original, a published model and a ClickMe shard are hashed and
+described the same way. Nothing here imports TensorFlow at import time (`harmonization list` stays fast).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import re
+from importlib import metadata as importlib_metadata
+
+__all__ = ["DISTRIBUTION", "is_repo_id", "library_version", "library_versions", "sha256_file"]
+
+#: The name this library is installed under (what `pip install` and the Hub's user agent see).
+DISTRIBUTION = "harmonization-hub"
+# A Hugging Face repo id, "org/name" (the characters the Hub accepts in either part).
+_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
+    """The hex sha256 of the file at `path`, read in chunks (weights files are hundreds of MB).
+
+    `path` may also be a path object with its own `open` (a TFDS `epath.Path`, which can be a cloud path).
+    """
+    digest = hashlib.sha256()
+    with (path.open("rb") if hasattr(path, "open") else open(path, "rb")) as handle:
+        for chunk in iter(lambda: handle.read(chunk_size), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def is_repo_id(value: object) -> bool:
+    """True for a Hub repo id of the form "org/name"."""
+    return isinstance(value, str) and _REPO_ID.match(value) is not None
+
+
+def library_version() -> str:
+    """This library's version: the installed distribution's, else the source checkout's `__version__`."""
+    try:
+        return importlib_metadata.version(DISTRIBUTION)
+    except importlib_metadata.PackageNotFoundError:  # imported from a clone that was not pip-installed
+        import harmonization  # already imported: we are inside it
+
+        return getattr(harmonization, "__version__", "unknown")
+
+
+def library_versions() -> dict[str, str]:
+    """The versions a saved preset records (`metadata.json`): Keras, TensorFlow, Python and this library."""
+    # Imported here, not at the top: Keras and TensorFlow are only needed once a model is saved.
+    import keras
+
+    versions = {"keras_version": keras.__version__, "python_version": platform.python_version()}
+    try:
+        import tensorflow as tf
+
+        versions["tensorflow_version"] = tf.__version__
+    except ImportError:  # pragma: no cover - TensorFlow is a hard dependency, but keep saving backend-neutral
+        versions["tensorflow_version"] = "not installed"
+    versions["harmonization_version"] = library_version()
+    return versions
