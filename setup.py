@@ -33,8 +33,11 @@ setup(
         "harmonization": ["*.md", "*.txt", "**/*.json", "**/*.txt"],
     },
     install_requires=[
+        # What our version-sensitive workarounds support (harmonization/second_order.py, harmonized_model.py:
+        # Keras and TensorFlow internals); their errors say "pin keras to 3.12-3.15" / "pin tensorflow to 2.21".
+        # tests/test_versions.py fails when these pins, those messages and the installed versions disagree.
         "tensorflow>=2.21,<2.22",
-        "keras>=3.12",
+        "keras>=3.12,<3.16",
         "tensorflow-datasets>=4.9,<5",
         # TFDS 4.9 on Python 3.11 imports these but does not declare them.
         "importlib_resources",

@@ -11,8 +11,9 @@ weight a non-trivial value, and saves
   computed in float32 by the original library;
 - `tests/fixtures/keras2/manifest.json` — per fixture: the library call that built it, library versions,
   the file's sha256 and the original's parameter count;
-- `tests/fixtures/reference/kecam-1.3.9_{maxvit_tiny,levit128}_weights.tsv` — the full-size weight layouts of
-  the two kecam models with no reference file in ../shared/reference (layer, class, weight, shape).
+- `tests/fixtures/reference/*.tsv` — the full-size weight layouts of the published architectures that are
+  built from a library's function (vit_keras ViT-B/16; kecam ConvNeXt-Tiny, MaxViT-Tiny, LeViT-128), one
+  weight a line in the library's order; see tests/fixtures/reference/README.md.
 
 It needs a side environment with the original libraries, kept outside the repository:
 
@@ -21,6 +22,9 @@ It needs a side environment with the original libraries, kept outside the reposi
         tensorflow-addons==0.23.0 "opencv-python-headless<4.11" tqdm ftfy regex
     /tmp/keras2env/bin/pip install --no-deps keras-cv-attention-models==1.3.9  # its deps pull a 2nd TF
     /tmp/keras2env/bin/python tools/make_conversion_fixtures.py
+    /tmp/keras2env/bin/python tools/make_conversion_fixtures.py --reference-only  # only the .tsv layouts
+
+`--reference-out DIR` writes the layouts elsewhere (e.g. to compare them with the committed ones).
 
 Reductions (each fixture < 1 MB):
 - vit_keras: `vit.build_model` with tiny sizes (the function `vit_b16` calls);
@@ -229,30 +233,51 @@ def make_vgg16(manifest):
                                         call=call)
 
 
-def write_reference_layouts():
-    """Full-size weight layouts (layer, class, weight, shape) of the kecam models the shared reference lacks."""
-    from keras_cv_attention_models import levit, maxvit
+def _layout_rows(model, with_class=True):
+    """One line per weight, in the library's order: layer name, [layer class,] weight name, shape."""
+    return [
+        "\t".join([layer.name, *([type(layer).__name__] if with_class else []), weight.name, str(tuple(weight.shape))])
+        for layer in model.layers
+        for weight in layer.weights
+    ]
 
-    REFERENCE_OUT.mkdir(parents=True, exist_ok=True)
+
+def write_reference_layouts(out=REFERENCE_OUT):
+    """The full-size weight layouts of the published architectures that a library function builds.
+
+    vit_keras' file has no layer-class column (tests/test_architectures_vit.py reads three).
+    """
+    from keras_cv_attention_models import convnext, levit, maxvit
+    from vit_keras import vit
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     models = {
-        "kecam-1.3.9_maxvit_tiny_weights.tsv": maxvit.MaxViT_Tiny(classifier_activation=None, pretrained=None),
-        "kecam-1.3.9_levit128_weights.tsv": levit.LeViT128(classifier_activation=None, use_distillation=False,
-                                                           pretrained=None),
+        "vit_keras-0.1.2_vit_b16_weights.tsv": (
+            vit.vit_b16(image_size=224, activation="linear", pretrained=False, include_top=True,
+                        pretrained_top=False), False),
+        "kecam-1.3.9_convnext_tiny_weights.tsv": (
+            convnext.ConvNeXtTiny(classifier_activation=None, pretrained=None), True),
+        "kecam-1.3.9_maxvit_tiny_weights.tsv": (maxvit.MaxViT_Tiny(classifier_activation=None, pretrained=None), True),
+        "kecam-1.3.9_levit128_weights.tsv": (
+            levit.LeViT128(classifier_activation=None, use_distillation=False, pretrained=None), True),
     }
-    for filename, model in models.items():
-        rows = [
-            f"{layer.name}\t{type(layer).__name__}\t{weight.name}\t{tuple(weight.shape)}"
-            for layer in model.layers
-            for weight in layer.weights
-        ]
-        (REFERENCE_OUT / filename).write_text("\n".join(rows) + "\n")
+    for filename, (model, with_class) in models.items():
+        rows = _layout_rows(model, with_class)
+        (out / filename).write_text("\n".join(rows) + "\n")
         print(f"{filename}: {len(rows)} weights, {model.count_params():,} parameters")
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--skip-reference", action="store_true", help="do not rebuild the full-size layouts")
+    parser.add_argument("--reference-only", action="store_true", help="only rebuild the full-size layouts")
+    parser.add_argument("--reference-out", default=str(REFERENCE_OUT),
+                        help="folder of the layouts (default: %(default)s)")
     args = parser.parse_args(argv)
+    if args.reference_only:
+        write_reference_layouts(args.reference_out)
+        return
     tf.keras.utils.set_random_seed(0)
     OUT.mkdir(parents=True, exist_ok=True)
     import importlib.metadata as md
@@ -268,7 +293,7 @@ def main(argv=None):
         make(manifest)
     (OUT / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     if not args.skip_reference:
-        write_reference_layouts()
+        write_reference_layouts(args.reference_out)
 
 
 if __name__ == "__main__":
