@@ -101,6 +101,15 @@ def read_reference_layout(name):
         return [row for row in csv.reader(handle, delimiter="\t") if row]
 
 
+def kecam_weight_layout(name):
+    """(variable path, shape) of each weight in kecam layout `name`, spelt as our Keras 3 models spell them.
+
+    kecam's "/" becomes "_" (Keras 3 layer names cannot hold "/"), and Keras 3 calls depthwise kernels "kernel".
+    """
+    return [(weight.removesuffix(":0").replace("depthwise_kernel", "kernel").replace("/", "_"), eval(shape))
+            for _, _, weight, shape in read_reference_layout(name)]
+
+
 def run_architecture_test(cls, init_kwargs, *, expected_feature_shape, num_images=2, expect_norms=True):
     """The shared behaviour of a zoo architecture, on the tiny config `init_kwargs`.
 

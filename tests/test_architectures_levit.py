@@ -9,7 +9,7 @@ import pytest
 
 from harmonization.architectures import LeViT
 from harmonization.architectures.levit import attention_bias_index
-from architecture_helpers import (read_reference_layout, run_architecture_test, run_harmonized_training_test,
+from architecture_helpers import (kecam_weight_layout, run_architecture_test, run_harmonized_training_test,
                                   run_preset_test)
 
 # 96 px: 6x6 tokens, shrunk to 3x3 then 2x2.
@@ -51,10 +51,7 @@ def test_invalid_arguments_are_named():
 
 
 def test_levit128_has_the_kecam_weight_layout():
-    rows = read_reference_layout("kecam-1.3.9_levit128_weights.tsv")
-    # kecam's names with "/" -> "_" (Keras 3 layer names cannot hold "/"); Keras 3 calls depthwise kernels "kernel".
-    expected = [(name.removesuffix(":0").replace("depthwise_kernel", "kernel").replace("/", "_"), eval(shape))
-                for _, _, name, shape in rows]
+    expected = kecam_weight_layout("kecam-1.3.9_levit128_weights.tsv")
     model = LeViT()
     assert [(w.path.replace("/", "_"), tuple(w.shape)) for w in model.weights] == expected
     assert model.count_params() == 8_876_008

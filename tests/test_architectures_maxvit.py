@@ -10,7 +10,7 @@ import pytest
 
 from harmonization.architectures import MaxViT
 from harmonization.architectures.maxvit import relative_position_index
-from architecture_helpers import (read_reference_layout, run_architecture_test, run_harmonized_training_test,
+from architecture_helpers import (kecam_weight_layout, run_architecture_test, run_harmonized_training_test,
                                   run_preset_test)
 
 # 64 px, 6 px windows: the 16 and 8 px maps are padded to 18 and 12, the 4 px map clips the window.
@@ -52,10 +52,7 @@ def test_invalid_arguments_are_named():
 
 
 def test_maxvit_tiny_has_the_kecam_weight_layout():
-    rows = read_reference_layout("kecam-1.3.9_maxvit_tiny_weights.tsv")
-    # kecam's names with "/" -> "_" (Keras 3 layer names cannot hold "/"); Keras 3 calls depthwise kernels "kernel".
-    expected = [(name.removesuffix(":0").replace("depthwise_kernel", "kernel").replace("/", "_"), eval(shape))
-                for _, _, name, shape in rows]
+    expected = kecam_weight_layout("kecam-1.3.9_maxvit_tiny_weights.tsv")
     model = MaxViT()
     assert [(w.path.replace("/", "_"), tuple(w.shape)) for w in model.weights] == expected
     assert model.count_params() == 30_964_144
