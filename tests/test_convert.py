@@ -16,7 +16,7 @@ import h5py
 import numpy as np
 import pytest
 
-from harmonization import cli, convert, publish, zoo
+from harmonization import cli, publish, zoo
 from harmonization.architectures import ConvNeXt, EfficientNet, LeViT, MaxViT, ResNetV2, VGG, ViT
 from harmonization.convert import ConversionError, load_keras2_weights, read_keras2_h5
 from harmonization.loader import load_model
