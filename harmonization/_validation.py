@@ -6,26 +6,12 @@ Checks of values run eagerly as ValueErrors and, inside a `tf.function`, as one 
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
+import tensorflow as tf
 
-
-class _TensorFlowOnFirstUse:
-    """`tensorflow`, imported when a check first needs it.
-
-    The number checks (`check_int`, `is_number`, ...) also serve NumPy-only modules such as
-    `harmonization.synthetic`, which should not pay for importing TensorFlow (~3 s).
-    """
-
-    def __getattr__(self, name: str):
-        import tensorflow
-
-        globals()["tf"] = tensorflow
-        return getattr(tensorflow, name)
-
-
-tf = _TensorFlowOnFirstUse()
+# The number checks live apart, free of TensorFlow, for NumPy-only modules (`harmonization.synthetic`); they are
+# part of this module's interface.
+from harmonization._numbers import check_int, check_number, is_int, is_number  # noqa: F401
 
 
 def as_maps(maps, name: str, dtype=None) -> tf.Tensor:
@@ -78,51 +64,6 @@ def check_finite(x: tf.Tensor, name: str) -> tf.Tensor:
             raise ValueError(f"`{name}` contains NaN or Inf values.")
         return x
     return tf.debugging.assert_all_finite(x, f"`{name}` contains NaN or Inf values.")
-
-
-# ----------------------------------------------------------------------------- numbers
-def is_int(value) -> bool:
-    """True for a Python or NumPy integer, False for a bool (which Python counts as an int)."""
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-
-
-def check_int(
-    value, name: str, *, minimum: int | None = None, why: str = "", expected: str | None = None
-) -> int:
-    """`value` as an int >= `minimum`; a ValueError naming `name`, the expectation and the value otherwise.
-
-    `expected` replaces the default wording ("an integer >= 1"), e.g. "a positive integer", where a
-    message is already documented or matched that way.
-    """
-    if not is_int(value) or (minimum is not None and value < minimum):
-        if expected is None:
-            expected = "an integer" if minimum is None else f"an integer >= {minimum}"
-        raise ValueError(f"`{name}` must be {expected}{why}; got {value!r}.")
-    return int(value)
-
-
-def is_number(value) -> bool:
-    """True for a Python or NumPy real number, False for a bool (1 + True is 2, but True is no fraction)."""
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
-
-
-def check_number(value, name: str, *, minimum: float, strict: bool, why: str = "") -> float:
-    """`value` as a finite float >= `minimum` (> when `strict`); a ValueError naming `name` otherwise.
-
-    Hyper-parameters are checked once, up front: a NaN or negative weight would train silently.
-    """
-    number = None
-    if not isinstance(value, (bool, str, bytes)):
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            pass
-    relation = ">" if strict else ">="
-    if number is None or not math.isfinite(number) or number < minimum or (strict and number == minimum):
-        raise ValueError(
-            f"`{name}` must be a finite number {relation} {minimum:g}{why}; got {value!r}."
-        )
-    return number
 
 
 # ----------------------------------------------------------------------------- labels and tokens

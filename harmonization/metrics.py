@@ -23,10 +23,12 @@ integer ranks and the same exact sums, so they return identical results.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import numbers
 from types import MappingProxyType
-from typing import Callable, Mapping, NamedTuple
+from typing import Callable, Iterator, Mapping, NamedTuple
 
 import numpy as np
 import tensorflow as tf
@@ -400,10 +402,29 @@ def _overlap_counts(a: tf.Tensor, b: tf.Tensor, percentile: float) -> tuple[tf.T
     return intersection, count(mask_a) + count(mask_b), count(tf.logical_or(mask_a, mask_b))
 
 
+# Overlaps computed inside `shared_overlaps()`: (id(a), id(b), percentile) -> (a, b, Overlap); None outside.
+_SHARED_OVERLAPS: contextvars.ContextVar[dict | None] = contextvars.ContextVar("shared_overlaps", default=None)
+
+
+@contextlib.contextmanager
+def shared_overlaps() -> Iterator[None]:
+    """Inside the block, `top_percentile_overlap` of the same two tensors and percentile is computed once.
+
+    `evaluate_alignment` scores a batch with every metric inside one block, so that Dice and IoU binarise its
+    maps once (half the cost of the two). Tensors are immutable, and the block keeps a reference to each pair
+    it saw, so an id is never reused for other values while the block lasts.
+    """
+    token = _SHARED_OVERLAPS.set({})
+    try:
+        yield
+    finally:
+        _SHARED_OVERLAPS.reset(token)
+
+
 def top_percentile_overlap(a, b, percentile: float = 10) -> Overlap:
     """|A & B|, |A| + |B| and |A | B| of the maps' `top_percentile_masks`, per map; what Dice and IoU share.
 
-    Maps are scored `CHUNK_PIXELS` pixels at a time.
+    Maps are scored `CHUNK_PIXELS` pixels at a time; inside `shared_overlaps()`, once per pair of tensors.
 
     Args:
         a: (N, H, W) or (N, H, W, 1) maps.
@@ -414,8 +435,17 @@ def top_percentile_overlap(a, b, percentile: float = 10) -> Overlap:
         An `Overlap` of float32 tensors (N,).
     """
     percentile = check_percentile(percentile)
+    shared = _SHARED_OVERLAPS.get()
+    if shared is not None and not (isinstance(a, tf.Tensor) and isinstance(b, tf.Tensor)):
+        shared = None  # arrays can change in place: only tensors are shared
+    key = (id(a), id(b), percentile)
+    if shared is not None and key in shared:
+        return shared[key][2]
     pair = _map_pair(a, b)
-    return Overlap(*_by_chunks(lambda x, y: _overlap_counts(x, y, percentile), *pair, [tf.float32] * 3))
+    overlap = Overlap(*_by_chunks(lambda x, y: _overlap_counts(x, y, percentile), *pair, [tf.float32] * 3))
+    if shared is not None:
+        shared[key] = (a, b, overlap)
+    return overlap
 
 
 def _published_ratio(numerator: tf.Tensor, denominator: tf.Tensor, dtype=tf.float32) -> tf.Tensor:

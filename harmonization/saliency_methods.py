@@ -33,7 +33,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import difflib
-from typing import Any, Callable, ClassVar, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -181,7 +181,7 @@ def _gradient_sum(
     def pass_sum(start, count: int) -> tf.Tensor:
         indices = start + tf.range(count)
         _, grads = class_logit_gradient_at(view, points(indices), _repeat(labels, count), training=training)
-        grads = tf.reshape(tf.cast(grads, dtype), tf.concat([[count], tf.shape(x)], axis=0))
+        grads = tf.reshape(grads, tf.concat([[count], tf.shape(x)], axis=0))
         if weights is not None:
             grads = grads * tf.reshape(tf.gather(weights, indices), [count, 1, 1, 1, 1])
         return tf.reduce_sum(grads, axis=0)
@@ -201,8 +201,31 @@ def _gradient_sum(
     return total
 
 
+class _AttributionSaliency(SaliencyMethod):
+    """A method that attributes the class logit to each input value, then reduces the channels (`reduce`).
+
+    Subclasses implement `attributions_at(view, x, labels, training)` on the preprocessed images `x`.
+    """
+
+    reduce: ChannelReduction
+
+    @abc.abstractmethod
+    def attributions_at(self, view, x, labels, training: bool = False) -> tf.Tensor:
+        """The per-channel attributions (N, H, W, C) of `x`, a batch of preprocessed images."""
+
+    def attributions(self, model, images, labels, *, training: bool = False, **saliency_options) -> tf.Tensor:
+        """The per-channel attributions (N, H, W, C) of `images`, before the channel reduction."""
+        view, images = saliency_view(model, images, **saliency_options)
+        return self.attributions_at(view, view.split(images, training=training), labels, training)
+
+    def logits_and_maps(self, model, images, labels, *, training: bool = False, **saliency_options):
+        view, images = saliency_view(model, images, **saliency_options)
+        x = view.split(images, training=training)
+        return logits_at(view, x, training), self.reduce(self.attributions_at(view, x, labels, training))
+
+
 @dataclasses.dataclass(frozen=True)
-class SmoothGrad(SaliencyMethod):
+class SmoothGrad(_AttributionSaliency):
     """SmoothGrad (Smilkov et al. 2017, arXiv 1706.03825): the input gradient averaged over noisy copies.
 
         attributions = 1/n sum_s  d logit_y / d x (x + noise_s),   noise_s ~ N(0, sigma^2),
@@ -233,7 +256,6 @@ class SmoothGrad(SaliencyMethod):
         "SmoothGrad (Smilkov et al. 2017): max over colour channels of |mean over noisy copies of "
         "d logit[label] / d x|, x the preprocessed input plus N(0, (noise_level * (max x - min x))^2) noise"
     )
-    twice_differentiable: ClassVar[bool] = False
 
     def __post_init__(self):
         check_int(self.samples, "samples", minimum=1)
@@ -263,16 +285,6 @@ class SmoothGrad(SaliencyMethod):
         total = _gradient_sum(view, x, labels, training, self.samples, per_pass, noisy)
         return total / tf.cast(self.samples, total.dtype)
 
-    def attributions(self, model, images, labels, *, training: bool = False, **saliency_options) -> tf.Tensor:
-        """The per-channel SmoothGrad (N, H, W, C) of `images`, before the channel reduction."""
-        view, images = saliency_view(model, images, **saliency_options)
-        return self.attributions_at(view, view.split(images, training=training), labels, training)
-
-    def logits_and_maps(self, model, images, labels, *, training: bool = False, **saliency_options):
-        view, images = saliency_view(model, images, **saliency_options)
-        x = view.split(images, training=training)
-        return logits_at(view, x, training), self.reduce(self.attributions_at(view, x, labels, training))
-
 
 #: The quadrature rules of `IntegratedGradients`: steps -> (path positions alpha, weights summing to 1).
 _RULES: dict[str, Callable[[int], tuple[list[float], list[float]]]] = {
@@ -289,7 +301,7 @@ _RULES: dict[str, Callable[[int], tuple[list[float], list[float]]]] = {
 
 
 @dataclasses.dataclass(frozen=True)
-class IntegratedGradients(SaliencyMethod):
+class IntegratedGradients(_AttributionSaliency):
     """Integrated Gradients (Sundararajan et al. 2017, arXiv 1703.01365).
 
         attributions = (x - baseline) * integral_0^1 d logit_y / d x (baseline + a (x - baseline)) da,
@@ -316,7 +328,6 @@ class IntegratedGradients(SaliencyMethod):
         "Integrated Gradients (Sundararajan et al. 2017): |sum over colour channels of (x - baseline) * "
         "mean of d logit[label] / d x along the straight path|, x the preprocessed input, baseline 0"
     )
-    twice_differentiable: ClassVar[bool] = False
 
     def __post_init__(self):
         if self.rule not in _RULES:
@@ -340,16 +351,6 @@ class IntegratedGradients(SaliencyMethod):
 
         total = _gradient_sum(view, x, labels, training, self.steps, per_pass, on_path, weights)
         return tf.cast(delta, total.dtype) * total
-
-    def attributions(self, model, images, labels, *, training: bool = False, **saliency_options) -> tf.Tensor:
-        """The per-channel attributions (N, H, W, C) of `images`, before the channel reduction."""
-        view, images = saliency_view(model, images, **saliency_options)
-        return self.attributions_at(view, view.split(images, training=training), labels, training)
-
-    def logits_and_maps(self, model, images, labels, *, training: bool = False, **saliency_options):
-        view, images = saliency_view(model, images, **saliency_options)
-        x = view.split(images, training=training)
-        return logits_at(view, x, training), self.reduce(self.attributions_at(view, x, labels, training))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,7 +24,7 @@ from typing import Callable, Iterator
 import numpy as np
 from scipy import ndimage
 
-from harmonization._validation import check_int, is_number
+from harmonization._numbers import check_int, is_number
 
 #: Class names, in label order. Each names the diagnostic object drawn for that class.
 CLASS_NAMES = (

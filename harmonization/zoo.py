@@ -117,7 +117,7 @@ def _validate_output(output: Any, filename: str) -> None:
 
 
 def _check_percent(value: Any, filename: str, key: str) -> None:
-    # A JSON number (not `_validation.is_number`: that module imports TensorFlow, and reading the zoo must not).
+    # A JSON number (not `_numbers.is_number`: it imports NumPy, which reading the zoo does without).
     is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if value is not None and not (is_number and 0 <= value <= 100):
         raise ValueError(f"Zoo entry {filename}: '{key}' must be a percentage in [0, 100] or null, got {value!r}.")

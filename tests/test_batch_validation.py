@@ -297,7 +297,7 @@ def test_check_int_refuses_bools_and_names_the_argument():
 
 
 def test_the_number_checks_do_not_import_tensorflow():
-    # harmonization.synthetic is NumPy only; its argument checks come from _validation.
+    # harmonization.synthetic is NumPy only; its argument checks come from _numbers (exported by _validation).
     import subprocess
     import sys
 

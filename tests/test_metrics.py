@@ -460,3 +460,29 @@ def test_bench_metrics_quick_run():
     assert "eager and tf.function results identical: True" in done.stdout
     for line in ("(1) time of one spearman call", "SPEED eager:", "(2) peak memory", "MEMORY spearman"):
         assert line in done.stdout
+
+
+def test_dice_and_iou_inside_shared_overlaps_binarise_the_same_tensors_once(monkeypatch):
+    a, b, c = (tf.constant(m) for m in (saliency_like_maps(4, 10), human_like_maps(4, 10), saliency_like_maps(4, 10)))
+    calls = []
+    counts = metrics._overlap_counts
+    monkeypatch.setattr(metrics, "_overlap_counts", lambda *args: calls.append(1) or counts(*args))
+    metrics.dice(a, b), metrics.iou(a, b)
+    assert len(calls) == 2  # outside the block: each on its own
+    with metrics.shared_overlaps():
+        dice, iou = metrics.dice(a, b).numpy(), metrics.iou(a, b).numpy()
+        assert len(calls) == 3
+        np.testing.assert_allclose(np.stack([dice, iou]), np.stack(numpy_overlaps(a.numpy(), b.numpy(), 10)),
+                                   atol=1e-6)
+        # Other maps, another percentile, or NumPy arrays (mutable) are computed afresh.
+        np.testing.assert_allclose(metrics.iou(a, c).numpy(), numpy_overlaps(a.numpy(), c.numpy(), 10)[1], atol=1e-6)
+        np.testing.assert_allclose(metrics.iou(a, c, 20).numpy(), numpy_overlaps(a.numpy(), c.numpy(), 20)[1],
+                                   atol=1e-6)
+        array = b.numpy()
+        metrics.dice(array, array)
+        array[:] = c.numpy()
+        np.testing.assert_allclose(metrics.dice(array, b).numpy(), numpy_overlaps(c.numpy(), b.numpy(), 10)[0],
+                                   atol=1e-6)
+        assert len(calls) == 7
+    metrics.dice(a, b)
+    assert len(calls) == 8  # the block's results are gone with it

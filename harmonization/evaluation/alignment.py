@@ -318,8 +318,9 @@ def evaluate_alignment(
                 maps = explain(images, labels)
             maps = _as_saliency(maps, images.shape[0], heatmaps.shape[1:], index)
             heatmaps = as_maps(heatmaps, "heatmap")
-            for name, fn in metric_functions.items():
-                scores[name].append(_per_image(fn(maps, heatmaps), images.shape[0], name, index))
+            with _metrics.shared_overlaps():  # Dice and IoU binarise the maps once
+                for name, fn in metric_functions.items():
+                    scores[name].append(_per_image(fn(maps, heatmaps), images.shape[0], name, index))
             shown_sum += float(np.sum(scores[shown][-1], dtype=np.float64))
             num_images += images.shape[0]
         running_mean = shown_sum / num_images if num_images else 0.0

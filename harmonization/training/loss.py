@@ -15,7 +15,7 @@ import tensorflow as tf
 
 from harmonization import losses, second_order
 from harmonization.harmonized_model import weight_decay
-from harmonization.saliency import class_logit_gradient, one_hot_labels
+from harmonization.saliency import channel_mean, class_logit_gradient, one_hot_labels
 from harmonization.training.pyramid import channels_as_maps
 
 __all__ = ["Cross_entropy", "harmonizer_loss", "pyramidal_mse_with_tokens", "standardize_cut"]
@@ -83,7 +83,7 @@ def harmonizer_loss(model, images, tokens, labels, true_heatmaps, cross_entropy=
     with tf.GradientTape() as tape:
         with second_order.exact_moments():
             logits, gradients = class_logit_gradient(model, images, labels, training=True, allow_softmax=True)
-        saliency = tf.reduce_mean(tf.cast(gradients, tf.float32), -1)
+        saliency = channel_mean(tf.cast(gradients, tf.float32))  # published: tf.reduce_mean(gradients, -1)
         harmonization = losses.harmonization_loss(saliency, true_heatmaps, tokens)
         onehot = one_hot_labels(labels, logits.shape[-1], logits.dtype)
         cce = tf.reduce_mean(cross_entropy(onehot, logits))
