@@ -7,12 +7,13 @@ described the same way. Nothing here imports TensorFlow at import time (`harmoni
 from __future__ import annotations
 
 import hashlib
+import importlib
 import os
 import platform
 import re
 from importlib import metadata as importlib_metadata
 
-__all__ = ["DISTRIBUTION", "is_repo_id", "library_version", "library_versions", "sha256_file"]
+__all__ = ["DISTRIBUTION", "is_repo_id", "library_version", "library_versions", "moved_names", "sha256_file"]
 
 #: The name this library is installed under (what `pip install` and the Hub's user agent see).
 DISTRIBUTION = "harmonization-hub"
@@ -61,3 +62,18 @@ def library_versions() -> dict[str, str]:
         versions["tensorflow_version"] = "not installed"
     versions["harmonization_version"] = library_version()
     return versions
+
+
+def moved_names(module: str, moved: dict[str, str]):
+    """A module `__getattr__` answering the names in `moved` (name -> the module that holds it now) on use.
+
+    For 0.1 names that moved up a layer: the old module keeps answering them without importing anything above
+    it at import time (`tests/test_structure.py` does not count these hooks as dependencies).
+    """
+
+    def __getattr__(name: str):
+        if name in moved:
+            return getattr(importlib.import_module(moved[name]), name)
+        raise AttributeError(f"module {module!r} has no attribute {name!r}")
+
+    return __getattr__

@@ -83,7 +83,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         raise ValueError(f"--config must be a JSON object of constructor arguments, got {args.config!r}.")
     arch = args.arch or _arch_of_published_file(args.source)
     source = read_keras2_h5(args.source)
-    path = convert_to_preset(args.source, arch, args.out, config=config, source_url=args.source_url)
+    path = convert_to_preset(source, arch, args.out, config=config, source_url=args.source_url)  # read once
     print(f"Converted {args.source} ({source.layout} layout, {source.weight_count} weights, "
           f"{source.parameter_count:,} parameters) into {arch}.")
     print(path)

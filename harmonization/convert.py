@@ -32,7 +32,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from harmonization._io import sha256_file
+from harmonization._io import moved_names, sha256_file
 
 __all__ = [
     "ConversionError",
@@ -255,17 +255,9 @@ def source_facts(source: str | os.PathLike, keras2: Keras2File | None = None) ->
 
 # 0.1 names that build zoo models; they now live above the zoo, where they belong. Resolved on use, so that this
 # module imports nothing above it (`harmonization.convert.convert(...)` keeps working).
-_MOVED = {
+__getattr__ = moved_names(__name__, {
     "build_native": "harmonization.zoo",
     "conversion_metadata": "harmonization.publish",
     "convert": "harmonization.publish",
     "convert_to_preset": "harmonization.publish",
-}
-
-
-def __getattr__(name: str):
-    if name in _MOVED:
-        import importlib
-
-        return getattr(importlib.import_module(_MOVED[name]), name)
-    raise AttributeError(f"module 'harmonization.convert' has no attribute {name!r}")
+})

@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 
 from harmonization import network, presets
-from harmonization._io import DISTRIBUTION, is_repo_id, library_version
+from harmonization._io import DISTRIBUTION, is_repo_id, library_version, moved_names
 from harmonization.presets import PresetError
 
 __all__ = ["HF_SCHEME", "HubUnavailableError", "download_file", "download_preset", "parse_hf_uri"]
@@ -229,13 +229,8 @@ def _fetch(url: str, partial: Path, label: str, timeout: float, progress: bool) 
 
 # 0.1 names that turn zoo names into presets now live in `harmonization.loader`, above the zoo. Resolved on use,
 # so that this module imports nothing above it (`harmonization.hub.resolve_preset(...)` keeps working).
-_MOVED = {"cache_dir": "harmonization.originals", "convert_original": "harmonization.loader",
-          "resolve_preset": "harmonization.loader"}
-
-
-def __getattr__(name: str):
-    if name in _MOVED:
-        import importlib
-
-        return getattr(importlib.import_module(_MOVED[name]), name)
-    raise AttributeError(f"module 'harmonization.hub' has no attribute {name!r}")
+__getattr__ = moved_names(__name__, {
+    "cache_dir": "harmonization.originals",
+    "convert_original": "harmonization.loader",
+    "resolve_preset": "harmonization.loader",
+})

@@ -16,18 +16,17 @@ import hashlib
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import keras
 
-from harmonization import mirrors, network, originals, presets, publish, zoo
+from harmonization import mirrors, network, presets, publish, zoo
 from harmonization.hub import HF_SCHEME, HubUnavailableError, download_preset, parse_hf_uri
 from harmonization.originals import cache_dir
 from harmonization.presets import PresetError, load_preset
 
-__all__ = ["cache_dir", "convert_original", "load_model", "resolve_entry", "resolve_preset"]
+__all__ = ["cache_dir", "convert_original", "load_entry", "load_model", "resolve_entry", "resolve_preset"]
 
 
 def load_model(
@@ -84,20 +83,28 @@ def load_model(
             "load_model: `name_or_path_or_uri` must be a str or path, got "
             f"{type(name_or_path_or_uri).__name__}."
         )
-    return load_preset(resolve_preset(name_or_path_or_uri, revision=revision), **variant)
+    return _load_resolved(resolve_preset(name_or_path_or_uri, revision=revision), **variant)
+
+
+def load_entry(entry: Mapping[str, Any], *, revision: str | None = None, **variant: Any) -> keras.Model:
+    """`load_model` of zoo `entry` (`harmonization.zoo.model_info(name)`), passed down without looking it up again."""
+    return _load_resolved(resolve_entry(entry, revision=revision), **variant)
+
+
+def _load_resolved(directory: Path, **variant: Any) -> keras.Model:
+    """Load a preset directory that resolution has just verified (checking it again would hash the weights twice)."""
+    return presets.load_verified_preset(directory, presets.read_metadata(directory), **variant)
 
 
 def _looks_like_path(text: str) -> bool:
     return text.startswith((".", "~", "/")) or os.sep in text or (os.altsep is not None and os.altsep in text)
 
 
-def resolve_preset(location: str | os.PathLike | Mapping[str, Any], *, revision: str | None = None) -> Path:
-    """Turn a local preset directory, an `hf://` URI, a zoo name or a zoo entry into a verified preset directory.
+def resolve_preset(location: str | os.PathLike, *, revision: str | None = None) -> Path:
+    """Turn a local preset directory, an `hf://` URI or a zoo name into a verified preset directory.
 
     A zoo name is looked up once; from there on its entry is passed down (`resolve_entry`).
     """
-    if isinstance(location, Mapping):
-        return resolve_entry(location, revision=revision)
     if isinstance(location, os.PathLike):
         location = os.fspath(location)
     if not isinstance(location, str) or not location.strip():
@@ -219,12 +226,8 @@ def convert_original(entry: Mapping[str, Any], *, reason: str = "", cause: BaseE
         if cached is not None:
             return cached
         _remove_stale_work(entry, target)
-        with tempfile.TemporaryDirectory(prefix=f".{entry['name']}.", dir=target.parent) as work:
-            original, how = originals.download_original(entry, work, reason=reason)
-            publish.build_preset(entry, original, target, source_url=source["url"])
-        if how == "none":  # trusted on first use: the digest the conversion recorded (no second read)
-            converted = presets.read_metadata(target)
-            originals.record_first_download(source["url"], converted["source_sha256"], converted["source_size"])
+        # Downloaded into `.NAME.*` beside the cache, where `_remove_stale_work` finds what a killed run left.
+        publish.build_preset_from_original(entry, target, reason=reason, work_dir=target.parent)
     return target
 
 

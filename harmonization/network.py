@@ -53,9 +53,9 @@ def attempts() -> int:
     return DEFAULT_ATTEMPTS
 
 
-def retry(call: Callable[[], T], *, transient: Callable[[BaseException], bool], tries: int | None = None) -> T:
-    """Run `call`, again after a short wait when it fails with a `transient` error, at most `tries` times."""
-    tries = attempts() if tries is None else tries
+def retry(call: Callable[[], T], *, transient: Callable[[BaseException], bool]) -> T:
+    """Run `call`, again after a short wait when it fails with a `transient` error, at most `attempts()` times."""
+    tries = attempts()
     for attempt in range(1, tries + 1):
         try:
             return call()

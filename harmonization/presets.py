@@ -26,7 +26,7 @@ from typing import Any, Mapping
 
 import keras
 
-from harmonization._io import library_versions, sha256_file
+from harmonization._io import library_versions, moved_names, sha256_file
 from harmonization._validation import check_int
 
 __all__ = [
@@ -39,6 +39,7 @@ __all__ = [
     "class_names",
     "is_preset_dir",
     "load_preset",
+    "load_verified_preset",
     "read_metadata",
     "save_preset",
     "sign_preset",
@@ -217,10 +218,7 @@ def save_preset(
             "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
             "parameter_count": int(model.count_params()),
             **library_versions(),
-            "files": {
-                name: {"size": (staging / name).stat().st_size, "sha256": sha256_file(staging / name)}
-                for name in CHECKED_FILES
-            },
+            "files": _files_of(staging),
         }
         (staging / METADATA_FILE).write_text(json.dumps(record, indent=2, sort_keys=True), encoding="utf-8")
         if directory.exists():
@@ -343,6 +341,12 @@ def _files_record(directory: Path, record: Mapping[str, Any]) -> dict[str, dict[
     return files
 
 
+def _files_of(directory: Path) -> dict[str, dict[str, Any]]:
+    """The `files` record of the preset files in `directory`: size and sha256 of each of `CHECKED_FILES`."""
+    return {name: {"size": (directory / name).stat().st_size, "sha256": sha256_file(directory / name)}
+            for name in CHECKED_FILES}
+
+
 def sign_preset(directory: str | os.PathLike) -> dict[str, Any]:
     """Record the size and sha256 of a trusted local preset's files in its `metadata.json`; return the metadata.
 
@@ -357,8 +361,7 @@ def sign_preset(directory: str | os.PathLike) -> dict[str, Any]:
                           f"a preset holds {list(REQUIRED_FILES)}).")
     record = read_metadata(directory)
     record.setdefault("format_version", PRESET_FORMAT_VERSION)
-    record["files"] = {name: {"size": (directory / name).stat().st_size, "sha256": sha256_file(directory / name)}
-                       for name in CHECKED_FILES}
+    record["files"] = _files_of(directory)
     staging = directory / (METADATA_FILE + ".partial")
     staging.write_text(json.dumps(record, indent=2, sort_keys=True), encoding="utf-8")
     os.replace(staging, directory / METADATA_FILE)
@@ -426,9 +429,26 @@ def load_preset(
     include_top: bool = True,
     preprocess: bool = True,
 ) -> keras.Model:
-    """Load a model from a local preset directory (see `load_model` for the arguments)."""
+    """Load a model from a local preset directory, once `verify_preset` passes (see `load_model` for the arguments)."""
     directory = Path(directory)
-    record = verify_preset(directory)
+    return load_verified_preset(directory, verify_preset(directory), num_classes=num_classes,
+                                include_top=include_top, preprocess=preprocess)
+
+
+def load_verified_preset(
+    directory: str | os.PathLike,
+    record: Mapping[str, Any],
+    *,
+    num_classes: int | None = None,
+    include_top: bool = True,
+    preprocess: bool = True,
+) -> keras.Model:
+    """Load the preset at `directory` for which `verify_preset` has just returned `record`.
+
+    For callers that verified the directory while finding it (`harmonization.loader`): checking every file's
+    sha256 again would read the weights a second time. Anyone else should call `load_preset`.
+    """
+    directory = Path(directory)
     config = _read_config(directory)
     model = _deserialize(config, directory)
     try:
@@ -477,11 +497,6 @@ def load_preset(
     return variant
 
 
-def __getattr__(name: str):
-    # `harmonization.presets.load_model` (0.1) is now `harmonization.loader.load_model`: the format module knows
-    # nothing of zoo names or the Hub. Resolved on use, so this module imports nothing above it.
-    if name == "load_model":
-        from harmonization.loader import load_model
-
-        return load_model
-    raise AttributeError(f"module 'harmonization.presets' has no attribute {name!r}")
+# `harmonization.presets.load_model` (0.1) is now `harmonization.loader.load_model`: the format module knows nothing
+# of zoo names or the Hub, and resolves the old name on use, importing nothing above it.
+__getattr__ = moved_names(__name__, {"load_model": "harmonization.loader"})

@@ -26,7 +26,7 @@ import numpy as np
 
 from harmonization import originals, presets, zoo
 from harmonization._io import is_repo_id
-from harmonization.convert import load_keras2_weights, read_keras2_h5, source_facts
+from harmonization.convert import Keras2File, load_keras2_weights, read_keras2_h5, source_facts
 from harmonization.model_card import TemplateNotFoundError, render_model_card
 
 __all__ = [
@@ -34,6 +34,7 @@ __all__ = [
     "PublishError",
     "PublishResult",
     "build_preset",
+    "build_preset_from_original",
     "build_publish_folder",
     "conversion_metadata",
     "convert",
@@ -75,7 +76,10 @@ class PublishResult:
     kept_hub_card: bool = False
 
 
-def _sample_images(model, count: int = 2, seed: int = 0) -> np.ndarray:
+_ROUND_TRIP_IMAGES = 2  # random images the reloaded preset must reproduce the logits of
+
+
+def _sample_images(model, count: int = _ROUND_TRIP_IMAGES, seed: int = 0) -> np.ndarray:
     shape = tuple(model.input_shape[1:])
     if any(d is None for d in shape):
         raise PublishError(f"Cannot check the round trip of a model with unknown input shape {model.input_shape}.")
@@ -137,15 +141,17 @@ class BuiltPreset:
         parameter_count: the converted model's parameters.
         round_trip_max_abs_diff: max |logit difference| after reloading, when `check_round_trip` was asked.
         card: True when a model card (README.md) was written.
+        metadata: what `metadata.json` records about the source and the entry (beside what `save_preset` adds).
     """
 
     path: Path
     parameter_count: int
     round_trip_max_abs_diff: float | None = None
     card: bool = False
+    metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
-def build_preset(entry: Mapping[str, Any], source: str | os.PathLike, out: str | os.PathLike, *,
+def build_preset(entry: Mapping[str, Any], source: str | os.PathLike | Keras2File, out: str | os.PathLike, *,
                  source_url: str | None = None, config: Mapping[str, Any] | None = None,
                  repo_id: str | None = None, check_round_trip: bool = False, card: bool = True,
                  require_card: bool = False) -> BuiltPreset:
@@ -153,7 +159,7 @@ def build_preset(entry: Mapping[str, Any], source: str | os.PathLike, out: str |
 
     Args:
         entry: a zoo entry (`harmonization.zoo.model_info(name)`).
-        source: the Keras-2 `.h5` file.
+        source: the Keras-2 `.h5` file, or that file already read (`harmonization.convert.read_keras2_h5`).
         out: the preset directory to write.
         source_url: where the file was published. Defaults to the entry's `source.url`.
         config: constructor arguments overriding the entry's architecture config (e.g. a smaller `image_size`).
@@ -167,21 +173,20 @@ def build_preset(entry: Mapping[str, Any], source: str | os.PathLike, out: str |
     Raises:
         harmonization.convert.ConversionError: the file does not fit the entry's architecture.
     """
-    keras2 = read_keras2_h5(source)
+    keras2 = source if isinstance(source, Keras2File) else read_keras2_h5(source)
     model = zoo.build(entry, **dict(config or {}))
     report = load_keras2_weights(model, keras2)
-    metadata = {"architecture": entry["name"], **source_facts(source, keras2),
-                **_entry_metadata(entry, source_url, model.output_shape[-1])}
+    metadata = {**source_facts(keras2.path, keras2), **_entry_metadata(entry, source_url, model.output_shape[-1])}
     folder = presets.save_preset(model, out, metadata=metadata)
     checks: dict[str, tuple[str, str]] = {}
     diff = None
     if check_round_trip:
         diff = _round_trip(model, Path(folder))
         checks["Preset round trip: max abs logit difference after reloading"] = (
-            f"{diff:.1e}", f"`harmonization publish`, {len(_sample_images(model))} random images")
+            f"{diff:.1e}", f"`harmonization publish`, {_ROUND_TRIP_IMAGES} random images")
         checks["Conversion from the original file"] = (
             f"{report.weights} of {keras2.weight_count} weights ({report.parameters:,} parameters) of "
-            f"{Path(source).name} (sha256 {metadata['source_sha256'][:12]}...) loaded by name",
+            f"{metadata['source_file']} (sha256 {metadata['source_sha256'][:12]}...) loaded by name",
             "`harmonization.convert`")
     text = None
     if card:
@@ -193,7 +198,24 @@ def build_preset(entry: Mapping[str, Any], source: str | os.PathLike, out: str |
                 raise
     if text is not None:
         (Path(folder) / presets.README_FILE).write_text(text, encoding="utf-8")
-    return BuiltPreset(Path(folder), model.count_params(), diff, text is not None)
+    return BuiltPreset(Path(folder), model.count_params(), diff, text is not None, metadata)
+
+
+def build_preset_from_original(entry: Mapping[str, Any], out: str | os.PathLike, *, reason: str = "",
+                               work_dir: str | os.PathLike | None = None, **options: Any) -> BuiltPreset:
+    """`build_preset` from zoo `entry`'s published original, downloaded and verified (`originals.download_original`).
+
+    The download goes to a temporary folder `.NAME.*` in `work_dir` (default: the system's), removed afterwards.
+    An original without a published sha256 that was seen here for the first time is trusted from now on, once
+    it has converted (its digest is recorded: `originals.record_first_download`). `options` go to `build_preset`.
+    """
+    with tempfile.TemporaryDirectory(prefix=f".{entry['name']}.", dir=work_dir) as work:
+        original, how = originals.download_original(entry, work, reason=reason)
+        built = build_preset(entry, original, out, **options)
+    if how == "none":
+        originals.record_first_download(entry["source"]["url"], built.metadata["source_sha256"],
+                                        built.metadata["source_size"])
+    return built
 
 
 def convert(source: str | os.PathLike, arch: str, *, config: Mapping[str, Any] | None = None,
@@ -216,7 +238,7 @@ def convert(source: str | os.PathLike, arch: str, *, config: Mapping[str, Any] |
     return model
 
 
-def convert_to_preset(source: str | os.PathLike, arch: str, out: str | os.PathLike, *,
+def convert_to_preset(source: str | os.PathLike | Keras2File, arch: str, out: str | os.PathLike, *,
                       config: Mapping[str, Any] | None = None, source_url: str | None = None,
                       model_card: bool = True) -> Path:
     """Convert `source` into `arch` (a zoo name or an architecture class) and save it as a preset at `out`.
@@ -228,10 +250,10 @@ def convert_to_preset(source: str | os.PathLike, arch: str, out: str | os.PathLi
     if zoo_name is not None:
         return build_preset(zoo.model_info(zoo_name), source, out, source_url=source_url, config=config,
                             card=model_card).path
-    keras2 = read_keras2_h5(source)
+    keras2 = source if isinstance(source, Keras2File) else read_keras2_h5(source)
     model = zoo.build_native(arch, config)
     load_keras2_weights(model, keras2)
-    metadata = conversion_metadata(source, arch, source_url=source_url, keras2=keras2,
+    metadata = conversion_metadata(keras2.path, arch, source_url=source_url, keras2=keras2,
                                    num_classes=model.output_shape[-1])
     return Path(presets.save_preset(model, out, metadata=metadata))
 
@@ -246,14 +268,11 @@ def build_publish_folder(name: str, folder: str | os.PathLike, *, source: str | 
         PublishError: the preset reloaded from disk does not give the logits of the model it was saved from.
     """
     entry = zoo.model_info(name)
-    with tempfile.TemporaryDirectory(prefix=f"harmonization-original-{entry['name']}-") as work:
-        how = None
-        if source is None:
-            source, how = originals.download_original(entry, work, reason="publishing")
-        built = build_preset(entry, source, folder, repo_id=repo_id, check_round_trip=True, require_card=True)
-        if how == "none":  # trusted on first use, now that it converted
-            recorded = presets.read_metadata(built.path)
-            originals.record_first_download(entry["source"]["url"], recorded["source_sha256"], recorded["source_size"])
+    options = {"repo_id": repo_id, "check_round_trip": True, "require_card": True}
+    if source is None:
+        built = build_preset_from_original(entry, folder, reason="publishing", **options)
+    else:
+        built = build_preset(entry, source, folder, **options)
     return built.path, built.round_trip_max_abs_diff
 
 

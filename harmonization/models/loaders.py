@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import keras
 
-from harmonization import loader, presets, zoo
+from harmonization import loader, zoo
 from harmonization.mirrors import PUBLISHED_MODELS_URL
 
 __all__ = [
@@ -41,7 +41,7 @@ HARMONIZED_LEVIT_SMALL_WEIGHTS = f"{PUBLISHED_MODELS_URL}/levit_small_harmonized
 def load_published(zoo_name: str) -> keras.Model:
     """Zoo model `zoo_name` as 0.0.9 returned it: the bare network, with the original file's output."""
     entry = zoo.model_info(zoo_name)
-    network = presets.load_preset(loader.resolve_entry(entry), preprocess=False)
+    network = loader.load_entry(entry, preprocess=False)
     if entry["output"]["original"] == "logits":
         return network
     # The published file's last layer applied a softmax; ours returns its logits.
