@@ -514,9 +514,8 @@ def from_tfrecords(
                 "`paths` as a tf.data.Dataset must yield serialized records (scalar tf.string); got "
                 f"{paths.element_spec}."
             )
-        records = paths
         # No file names: errors name the record's position in `paths`.
-        records = records.enumerate().map(
+        records = paths.enumerate().map(
             lambda index, record: (record, tf.constant("the `paths` dataset"), index)
         )
     else:
@@ -555,25 +554,31 @@ def _shard_records(filename: tf.Tensor, size: tf.Tensor) -> tf.data.Dataset:
         offset, count = state  # Bytes and records read so far.
         index, record = item  # index is -1 for the end marker.
 
-        def stopped_early():
-            message = tf.strings.join([
-                "ClickMe shard ", filename, " is corrupted or truncated: record ", tf.strings.as_string(count),
-                " (at byte ", tf.strings.as_string(offset), " of ", tf.strings.as_string(size), ") has a bad "
-                "length or CRC, or the file ends inside it; tf.data.TFRecordDataset cannot read past it. "
-                "Download the shard again (the clickme/skip_bad_records TFDS build skips such records).",
-            ])
-            with tf.control_dependencies([tf.debugging.Assert(False, [message])]):
-                return tf.identity(offset)
-
         complete = tf.logical_or(index >= 0, tf.equal(offset, size))
-        offset = tf.cond(complete, lambda: offset, stopped_early)
+        offset = _fail_unless(complete, offset, lambda: [
+            "ClickMe shard ", filename, " is corrupted or truncated: record ", tf.strings.as_string(count),
+            " (at byte ", tf.strings.as_string(offset), " of ", tf.strings.as_string(size), ") has a bad "
+            "length or CRC, or the file ends inside it; tf.data.TFRecordDataset cannot read past it. "
+            "Download the shard again (the clickme/skip_bad_records TFDS build skips such records).",
+        ])
         # Each record takes its length plus 16 bytes of framing (length, two CRCs).
         offset += tf.cast(tf.strings.length(record), tf.int64) + _TFRECORD_FRAMING_BYTES
-        return (offset, count + 1), (record, index)
+        return (offset, count + 1), (record, filename, index)
 
     zero = tf.constant(0, tf.int64)
     checked = records.concatenate(end_marker).scan((zero, zero), step)
-    return checked.filter(lambda record, index: index >= 0).map(lambda record, index: (record, filename, index))
+    return checked.filter(lambda record, source, index: index >= 0)
+
+
+def _fail_unless(ok: tf.Tensor, value: tf.Tensor, message_parts) -> tf.Tensor:
+    """`value`, or an InvalidArgumentError with the joined `message_parts()` when `ok` is false, per element of a
+    tf.data pipeline (the message is built only on failure: this runs for every record)."""
+
+    def fail():
+        with tf.control_dependencies([tf.debugging.Assert(False, [tf.strings.join(message_parts())])]):
+            return tf.identity(value)
+
+    return tf.cond(ok, lambda: value, fail)
 
 
 def _parse_published_record(record: tf.Tensor, source: tf.Tensor, index: tf.Tensor) -> dict:
@@ -581,17 +586,11 @@ def _parse_published_record(record: tf.Tensor, source: tf.Tensor, index: tf.Tens
     its label is not an ImageNet-1k class (one-hot encoding would silently give an all-zero row)."""
     example = tf.io.parse_single_example(record, PUBLISHED_FEATURES)
     label = example[LABEL]
-
-    def out_of_range():
-        message = tf.strings.join([
-            "ClickMe `label` ", tf.strings.as_string(label), " of record ", tf.strings.as_string(index), " in ",
-            source, f" is outside [0, {CLICKME_NUM_CLASSES}): ClickMe labels are ImageNet-1k class indices.",
-        ])
-        with tf.control_dependencies([tf.debugging.Assert(False, [message])]):
-            return tf.identity(label)
-
     in_range = tf.logical_and(label >= 0, label < CLICKME_NUM_CLASSES)
-    example[LABEL] = tf.cond(in_range, lambda: label, out_of_range)
+    example[LABEL] = _fail_unless(in_range, label, lambda: [
+        "ClickMe `label` ", tf.strings.as_string(label), " of record ", tf.strings.as_string(index), " in ",
+        source, f" is outside [0, {CLICKME_NUM_CLASSES}): ClickMe labels are ImageNet-1k class indices.",
+    ])
     return example
 
 

@@ -21,8 +21,6 @@ from tfds_clickme.clickme import published_shards
 #: A shard's path under the ClickMe base URL (the bucket's, or HARMONIZATION_CLICKME_URL's); `{folder}` is
 #: `train` or `val`, as in serre-lab/Harmonization 0.0.9 `load_clickme_train` / `load_clickme_val`.
 SHARD_PATH_TEMPLATE = "{folder}/{folder}-{index}.tfrecords"
-#: Where the harmonization authors publish the shards.
-PUBLISHED_URL_TEMPLATE = f"{mirrors.PUBLISHED_CLICKME_URL}/{SHARD_PATH_TEMPLATE}"
 # The published loader lists range(318) and range(17), but its own tests fetch `train-318` and
 # `val-17` (the smallest shard, 256 records). Our guess: shards 0..318 and 0..17 exist, the loader
 # misses one. Unverified, so the download probes both ends (0 and 1, 317 and 318; 0 and 1, 16 and

@@ -262,8 +262,6 @@ def test_truncated_download_is_never_taken_for_a_complete_file(tmp_path):
 
 
 def test_a_shard_that_stalls_mid_download_ends_in_a_clear_error(tmp_path, monkeypatch):
-    import time
-
     from harmonization import network
 
     monkeypatch.setenv("HARMONIZATION_NETWORK_TIMEOUT", "1")
