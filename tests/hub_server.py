@@ -445,3 +445,19 @@ def point_huggingface_hub_at(fake: FakeHub, monkeypatch, cache: Path, *, token: 
     else:
         monkeypatch.setenv("HF_TOKEN", token)
     monkeypatch.setenv("HARMONIZATION_CACHE", str(cache / "harmonization-cache"))
+
+
+def patch_zoo_entry(monkeypatch, name: str, *, url: str | None = None, config: dict | None = None) -> dict:
+    """Replace zoo entry `name`'s source URL and/or architecture config for this test (the registry is data).
+
+    Returns the patched registry ({model name: entry}), which `zoo` reads until `monkeypatch` undoes it.
+    """
+    from harmonization import zoo  # here, not at the top: the stand-in Hub itself needs nothing of the package
+
+    registry = {n: zoo.model_info(n) for n in zoo.list_models()}
+    if url is not None:
+        registry[name]["source"]["url"] = url
+    if config is not None:
+        registry[name]["architecture"]["config"] = config
+    monkeypatch.setattr(zoo, "_registry", lambda: registry)
+    return registry

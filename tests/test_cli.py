@@ -131,18 +131,25 @@ def test_explain_draws_the_chosen_saliency_method(preset_and_images, tmp_path, m
     assert used == [method] and out.is_file()
 
 
-def test_explain_and_evaluate_help_list_the_methods_without_tensorflow():
+def _stdout_without_tensorflow(body):
+    """Run `body` after `import sys, harmonization.cli as c` in a fresh interpreter; check that it exits 0 with
+    no TensorFlow or Keras module imported, and return what it printed."""
     import subprocess
 
-    script = ("import sys, harmonization.cli as c\n"
-              "for command in ('explain', 'evaluate'):\n"
-              "    try:\n        c.main([command, '--help'])\n    except SystemExit:\n        pass\n"
-              "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras'))\n"
+    script = ("import sys, harmonization.cli as c\n" + body
+              + "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras'))\n"
               "print('HEAVY', loaded)\n")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "HEAVY []" in result.stdout
-    text = " ".join(result.stdout.split())  # argparse wraps the help
+    return result.stdout
+
+
+def test_explain_and_evaluate_help_list_the_methods_without_tensorflow():
+    stdout = _stdout_without_tensorflow(
+        "for command in ('explain', 'evaluate'):\n"
+        "    try:\n        c.main([command, '--help'])\n    except SystemExit:\n        pass\n")
+    text = " ".join(stdout.split())  # argparse wraps the help
     for name in ("gradient_mean", "gradient_max_abs", "smoothgrad", "integrated_gradients"):
         assert text.count(name) >= 2, name  # in both commands' help
 
@@ -217,17 +224,9 @@ def test_a_case_changed_zoo_name_gets_a_suggestion(capsys):
     assert "Did you mean 'vgg16_harmonized'?" in capsys.readouterr().err
 
 
-def test_help_list_and_info_answer_without_tensorflow(tmp_path):
-    import subprocess
-
-    script = ("import sys, harmonization.cli as c\n"
-              "for argv in (['list'], ['info', 'vgg16_harmonized']):\n    assert c.main(argv) == 0\n"
-              "try:\n    c.main(['--help'])\nexcept SystemExit:\n    pass\n"
-              "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras'))\n"
-              "print('HEAVY', loaded)\n")
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert "HEAVY []" in result.stdout
+def test_help_list_and_info_answer_without_tensorflow():
+    _stdout_without_tensorflow("for argv in (['list'], ['info', 'vgg16_harmonized']):\n    assert c.main(argv) == 0\n"
+                               "try:\n    c.main(['--help'])\nexcept SystemExit:\n    pass\n")
 
 
 def test_commands_do_not_print_tensorflow_start_up_noise(preset_and_images, tmp_path):

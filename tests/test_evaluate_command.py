@@ -7,13 +7,11 @@ import json
 import keras
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 from PIL import Image
 
 import harmonization
-import tfds_clickme  # noqa: F401  (registers "clickme")
+from clickme_helpers import build_clickme, write_shards
 from harmonization import cli, zoo
-from tfds_clickme.clickme import published_shards
 
 NUM_VALIDATION = 5
 SIZE = 32
@@ -22,12 +20,8 @@ ZOO_NAME = "resnet50v2_harmonized"
 
 @pytest.fixture(scope="module")
 def clickme_dir(tmp_path_factory):
-    shards = tmp_path_factory.mktemp("evaluate_shards")
-    published_shards.write_shard(shards / "val-0.tfrecords", published_shards.synthetic_records(NUM_VALIDATION, seed=3))
-    data_dir = tmp_path_factory.mktemp("evaluate_tfds")
-    builder = tfds.builder("clickme", data_dir=str(data_dir))
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(shards)))
-    return data_dir
+    shards = write_shards(tmp_path_factory.mktemp("evaluate_shards"), {"val-0": NUM_VALIDATION}, seed=3, quality=90)
+    return build_clickme(tmp_path_factory.mktemp("evaluate_tfds"), shards)
 
 
 @pytest.fixture(scope="module")

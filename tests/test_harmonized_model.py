@@ -177,7 +177,7 @@ def test_wrapped_and_wrapper_models_save_and_reload(tmp_path):
     rewrapped.fit(dataset(), epochs=1, verbose=0)  # training resumes
 
 
-def test_compile_keeps_xla_off_unless_asked(monkeypatch):
+def test_compile_keeps_xla_off_unless_asked():
     # XLA would drop the step's label/token assertions; Keras's "auto" turns it on for GPUs.
     for asked, expected in (({}, False), ({"jit_compile": "auto"}, False), ({"jit_compile": True}, True)):
         hmodel = HarmonizedModel(small_cnn())

@@ -17,7 +17,8 @@ from harmonization.presets import PresetError, save_preset
 from harmonization.zoo import UnknownModelError
 
 sys.path.insert(0, str(Path(__file__).parent))  # the stand-in Hub lives next to the tests
-from hub_server import FakeHub, point_huggingface_hub_at  # noqa: E402
+from hub_server import FakeHub, patch_zoo_entry, point_huggingface_hub_at  # noqa: E402
+from test_convert import LEVIT_TINY  # noqa: E402  (the kecam LeViT fixture's config)
 
 REPO = "serre-lab/tiny_harmonized"
 ROOT = Path(__file__).resolve().parents[1]
@@ -187,8 +188,8 @@ def test_zoo_name_resolves_to_its_hub_repo(fake_hub, preset_dirs, images, monkey
     repo_id = model_info("vgg16_harmonized")["hub"]["repo_id"]
     # Not published yet, and the original cannot be fetched (here: a 404 where the bucket would be): the error
     # names the repo and the original file.
-    _patch_zoo_entry(monkeypatch, "vgg16_harmonized",
-                     url=fake_hub.endpoint + "/serrelab/prj_harmonization/models/vgg16_harmonized.h5")
+    patch_zoo_entry(monkeypatch, "vgg16_harmonized",
+                    url=fake_hub.endpoint + "/serrelab/prj_harmonization/models/vgg16_harmonized.h5")
     with pytest.raises(HubUnavailableError, match=f"{repo_id}.*does not exist.*vgg16_harmonized.h5.*HTTP 404"):
         load_model("vgg16_harmonized")
     fake_hub.add_preset(repo_id, dirs[0])  # published (stand-in weights: any preset serves the resolution path)
@@ -227,21 +228,7 @@ def test_environment_variables_are_honoured_by_the_cli(preset_dirs, tmp_path):
 # --- the fallback: the published original `.h5`, converted once and cached as a preset --------------------------
 
 FIXTURES = Path(__file__).parent / "fixtures" / "keras2"
-LEVIT_TINY = dict(image_size=96, patch_channel=16, out_channels=[24, 32, 32], num_heads=[2, 4, 4], depths=[2, 1, 1],
-                  key_dims=[4, 4, 4], num_classes=5)
 ORIGINAL_PATH = "/serrelab/prj_harmonization/models/levit_small_harmonized.h5"
-
-
-def _patch_zoo_entry(monkeypatch, name, *, url=None, config=None):
-    """Replace zoo entry `name`'s source URL and/or architecture config for this test (the registry is data)."""
-    from harmonization import zoo
-
-    registry = {n: zoo.model_info(n) for n in zoo.list_models()}
-    if url is not None:
-        registry[name]["source"]["url"] = url
-    if config is not None:
-        registry[name]["architecture"]["config"] = config
-    monkeypatch.setattr(zoo, "_registry", lambda: registry)
 
 
 @pytest.fixture
@@ -249,7 +236,7 @@ def original_on_the_bucket(fake_hub, monkeypatch):
     """levit128_harmonized's original (a kecam LeViT fixture) served at its bucket path by the local server."""
     data = (FIXTURES / "kecam_levit_weights.h5").read_bytes()
     url = fake_hub.add_static(ORIGINAL_PATH, data)
-    _patch_zoo_entry(monkeypatch, "levit128_harmonized", url=url, config=LEVIT_TINY)
+    patch_zoo_entry(monkeypatch, "levit128_harmonized", url=url, config=LEVIT_TINY)
     expected = np.load(FIXTURES / "kecam_levit_weights.npz")
     return fake_hub, data, expected["images"].astype("float32"), expected["logits"]
 

@@ -108,7 +108,7 @@ def _edit_metadata(path, edit):
     (path / "metadata.json").write_text(json.dumps(record))
 
 
-def test_a_preset_without_its_files_record_is_refused_until_signed(tmp_path, batch):
+def test_a_preset_without_its_files_record_is_refused_until_signed(tmp_path):
     # Weights replaced and the record dropped: nothing could be checked, so nothing is loaded.
     model = _small_model()
     path = save_preset(model, tmp_path / "p")
@@ -167,14 +167,12 @@ def test_corrupt_metadata_json_is_a_clear_error(tmp_path):
 
 def test_newer_format_version_is_refused(tmp_path):
     path = save_preset(_small_model(), tmp_path / "p")
-    record = json.loads((path / "metadata.json").read_text())
-    record["format_version"] = presets.PRESET_FORMAT_VERSION + 1
-    (path / "metadata.json").write_text(json.dumps(record))
+    _edit_metadata(path, lambda record: record.__setitem__("format_version", presets.PRESET_FORMAT_VERSION + 1))
     with pytest.raises(PresetError, match="Upgrade harmonization-hub"):
         load_model(path)
 
 
-def test_safe_mode_refuses_code_in_the_config(tmp_path, batch):
+def test_safe_mode_refuses_code_in_the_config(tmp_path):
     inputs = keras.Input((8, 8, 3))
     outputs = keras.layers.Lambda(lambda x: x * 2.0)(inputs)
     model = keras.Model(inputs, outputs)
@@ -311,9 +309,8 @@ def test_class_names_need_a_single_vector_output(tmp_path):
 
 def test_class_names_that_do_not_fit_the_model_are_a_preset_error(tmp_path):
     path = save_preset(_small_model(), tmp_path / "p", metadata={"class_names": NAMES})
-    record = json.loads((path / "metadata.json").read_text())
-    record["class_names"] = NAMES + ["yak"]
-    (path / "metadata.json").write_text(json.dumps(record))  # metadata.json is not hashed: editing it is allowed
+    # metadata.json is not hashed: editing it is allowed
+    _edit_metadata(path, lambda record: record.__setitem__("class_names", NAMES + ["yak"]))
     with pytest.raises(PresetError, match=r"'class_names' in .* must have one name per output.*expected 5 names, "
                                           r"got 6") as caught:
         load_model(path)

@@ -17,14 +17,13 @@ from harmonization.presets import read_metadata, verify_preset
 from harmonization.publish import PublishError, publish
 
 sys.path.insert(0, str(Path(__file__).parent))
-from hub_server import FakeHub, point_huggingface_hub_at  # noqa: E402
+from hub_server import FakeHub, patch_zoo_entry, point_huggingface_hub_at  # noqa: E402
+from test_convert import LEVIT_TINY  # noqa: E402  (the kecam LeViT fixture's config)
 
 FIXTURES = Path(__file__).parent / "fixtures" / "keras2"
 NAME = "levit128_harmonized"
 REPO = "test-org/levit128_harmonized"
 TOKEN = "hf_test_write_token"
-LEVIT_TINY = dict(image_size=96, patch_channel=16, out_channels=[24, 32, 32], num_heads=[2, 4, 4], depths=[2, 1, 1],
-                  key_dims=[4, 4, 4], num_classes=5)
 SOURCE = FIXTURES / "kecam_levit_weights.h5"
 PRESET_FILES = {"config.json", "model.weights.h5", "metadata.json", "README.md"}
 
@@ -32,10 +31,7 @@ PRESET_FILES = {"config.json", "model.weights.h5", "metadata.json", "README.md"}
 @pytest.fixture
 def tiny_zoo(monkeypatch):
     """The zoo, with levit128_harmonized's architecture shrunk to the kecam fixture's config."""
-    registry = {n: zoo.model_info(n) for n in zoo.list_models()}
-    registry[NAME]["architecture"]["config"] = LEVIT_TINY
-    monkeypatch.setattr(zoo, "_registry", lambda: registry)
-    return registry
+    return patch_zoo_entry(monkeypatch, NAME, config=LEVIT_TINY)
 
 
 @pytest.fixture

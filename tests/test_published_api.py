@@ -1,12 +1,12 @@
 """The published 0.0.9 API (harmonization.models/.evaluation/.training/.common) against the published formulas.
 
-Each function is compared with an independent implementation, written here from serre-lab/Harmonization 0.0.9's
+Each function is compared with an independent implementation, written from serre-lab/Harmonization 0.0.9's
 source (ffe1c49): NumPy/SciPy for the metrics, the kernel, the blur and the pyramid, and the published
-per-example tf.data parsing and nested-tape loss written out with plain TensorFlow ops. The published test
-suite itself runs unchanged in tests/test_published_suite.py.
+per-example tf.data parsing and nested-tape loss written out with plain TensorFlow ops (here, and shared with
+other tests in tests/published_reference.py). The published test suite itself runs unchanged in
+tests/test_published_suite.py.
 """
 
-import sys
 from pathlib import Path
 
 import keras
@@ -20,23 +20,17 @@ from harmonization import common, evaluation, training, zoo
 from harmonization.models import preprocess_input
 from harmonization.training.pyramid import pyramidal_representation
 
-sys.path.insert(0, str(Path(__file__).parent))
-from clickme_helpers import write_shards  # noqa: E402
-from hub_server import FakeHub, point_huggingface_hub_at  # noqa: E402
+from clickme_helpers import write_shards
+from hub_server import FakeHub, patch_zoo_entry, point_huggingface_hub_at
+from published_reference import (MEAN, STD, published_dice, published_harmonizer_gradients, published_iou,
+                                 published_kernel, published_metrics, published_parse, published_preprocess_input,
+                                 published_saliency)
+from test_convert import CASES, LEVIT_TINY
 
 FIXTURES = Path(__file__).parent / "fixtures" / "keras2"
-MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
 
 
-# --- independent implementations of the published formulas -----------------------------------------------------
-
-
-def published_kernel(size=10, sigma=10):
-    x = np.arange(-(size - 1) // 2, (size - 1) // 2 + 1)
-    y = np.arange((size - 1) // 2, -(size - 1) // 2 - 1, -1)
-    xs, ys = np.meshgrid(x, y)
-    kernel = np.exp(-(xs**2 + ys**2) / (2 * sigma**2)) / (2 * np.pi * sigma**2)
-    return kernel / kernel.sum()
+# --- float64 NumPy/SciPy references used only here (the shared ones are in tests/published_reference.py) ---------
 
 
 def same_correlation(image, kernel, stride=1):
@@ -48,18 +42,6 @@ def same_correlation(image, kernel, stride=1):
     return signal.correlate2d(padded, kernel, mode="valid")[::stride, ::stride]
 
 
-def published_dice(a, b, percentile=10):
-    a = (a > np.percentile(a, 100 - percentile, (0, 1))).astype(np.float32)
-    b = (b > np.percentile(b, 100 - percentile, (0, 1))).astype(np.float32)
-    return 2.0 * np.sum(a * b, dtype=np.float64) / (np.sum(a + b, dtype=np.float64) + 1e-9)
-
-
-def published_iou(a, b, percentile=10):
-    a = a > np.percentile(a, 100 - percentile, (0, 1))
-    b = b > np.percentile(b, 100 - percentile, (0, 1))
-    return np.sum(a & b) / (np.sum(a | b) + 1e-9)
-
-
 def binomial_pyramid(maps, levels):
     taps = np.array([1.0, 4.0, 6.0, 4.0, 1.0])
     kernel = np.outer(taps, taps) / 256.0
@@ -69,27 +51,12 @@ def binomial_pyramid(maps, levels):
     return pyramid
 
 
-def published_parse(record):
-    """serre-lab/Harmonization common/clickme_dataset.py `parse_clickme_prototype`, with plain TF ops."""
-    data = tf.io.parse_single_example(record, {
-        "image": tf.io.FixedLenFeature([], tf.string), "heatmap": tf.io.FixedLenFeature([], tf.string),
-        "label": tf.io.FixedLenFeature([], tf.int64)})
-    image = tf.cast(tf.reshape(tf.io.decode_jpeg(data["image"]), (256, 256, 3)), tf.float32)
-    image = tf.image.resize(image, (224, 224), method="bilinear")
-    heatmap = tf.cast(tf.reshape(tf.io.decode_jpeg(data["heatmap"]), (256, 256, 1)), tf.float32)
-    heatmap = tf.image.resize(heatmap, (64, 64), method="bilinear")
-    kernel = tf.constant(published_kernel()[:, :, None, None], tf.float32)
-    heatmap = tf.nn.conv2d(heatmap[None], kernel, [1, 1, 1, 1], "SAME")[0]
-    heatmap = tf.image.resize(heatmap, (224, 224), method="bilinear")
-    return image, heatmap, tf.one_hot(tf.cast(data["label"], tf.int32), 1000)
-
-
 # --- harmonization.models ----------------------------------------------------------------------------------------
 
 
 def test_preprocess_input_is_the_published_formula_and_the_zoo_models_own():
     images = np.random.default_rng(0).uniform(0, 255, (2, 8, 8, 3))
-    expected = (images / 255.0 - MEAN) / STD
+    expected = published_preprocess_input(images)
     ours = preprocess_input(images)
     assert isinstance(ours, np.ndarray) and ours.dtype == np.float64
     np.testing.assert_allclose(ours, expected, rtol=1e-12)
@@ -97,7 +64,7 @@ def test_preprocess_input_is_the_published_formula_and_the_zoo_models_own():
     assert isinstance(as_tensor, tf.Tensor) and as_tensor.dtype == tf.float32
     np.testing.assert_allclose(as_tensor.numpy(), expected, rtol=1e-5, atol=1e-5)
     uint8 = preprocess_input(tf.constant(images.astype(np.uint8)))  # 0.0.9 raised a dtype error here
-    np.testing.assert_allclose(uint8.numpy(), (images.astype(np.uint8) / 255.0 - MEAN) / STD, atol=1e-5)
+    np.testing.assert_allclose(uint8.numpy(), published_preprocess_input(images.astype(np.uint8)), atol=1e-5)
     # The same normalisation the zoo models apply inside (their `preprocessing` layer).
     layer = harmonization.architectures.ImageNetNormalization()
     np.testing.assert_allclose(np.asarray(layer(images.astype("float32"))), expected, atol=1e-5)
@@ -132,9 +99,7 @@ def models_mirror(monkeypatch, tmp_path):
 
 def _serve_fixture(fake, monkeypatch, zoo_name, fixture, config):
     """Serve `fixture` under its published file name on the mirror; shrink the zoo entry to its tiny config."""
-    registry = {n: zoo.model_info(n) for n in zoo.list_models()}
-    registry[zoo_name]["architecture"]["config"] = config
-    monkeypatch.setattr(zoo, "_registry", lambda: registry)
+    registry = patch_zoo_entry(monkeypatch, zoo_name, config=config)
     filename = registry[zoo_name]["source"]["url"].rsplit("/", 1)[-1]
     fake.add_static(f"/mirror/models/{filename}", (FIXTURES / f"{fixture}.h5").read_bytes())
     data = np.load(FIXTURES / f"{fixture}.npz")
@@ -144,7 +109,7 @@ def _serve_fixture(fake, monkeypatch, zoo_name, fixture, config):
 def test_load_efficientnet_returns_the_bare_network_with_the_published_softmax(models_mirror, monkeypatch):
     path, images, probabilities = _serve_fixture(
         models_mirror, monkeypatch, "efficientnet_b0_harmonized", "efficientnet_b0_full_model",
-        dict(image_size=32, width_coefficient=0.25, depth_coefficient=0.3, num_classes=5))
+        CASES["efficientnet_b0_full_model"][1])
     model = harmonization.models.load_EfficientNetB0()
     assert not any(isinstance(layer, harmonization.architectures.ImageNetNormalization)
                    for layer in model._flatten_layers())
@@ -158,9 +123,7 @@ def test_load_efficientnet_returns_the_bare_network_with_the_published_softmax(m
 
 def test_load_levit_returns_the_bare_network_with_logits(models_mirror, monkeypatch):
     path, images, logits = _serve_fixture(
-        models_mirror, monkeypatch, "levit128_harmonized", "kecam_levit_weights",
-        dict(image_size=96, patch_channel=16, out_channels=[24, 32, 32], num_heads=[2, 4, 4], depths=[2, 1, 1],
-             key_dims=[4, 4, 4], num_classes=5))
+        models_mirror, monkeypatch, "levit128_harmonized", "kecam_levit_weights", LEVIT_TINY)
     model = harmonization.models.load_LeViT_small()
     np.testing.assert_allclose(np.asarray(model(preprocess_input(images).astype("float32"))), logits, atol=1e-4)
     assert model.input_shape == (None, 96, 96, 3)
@@ -250,15 +213,9 @@ def test_evaluate_clickme_is_the_published_protocol(shards):
     # Independently: xplique's Saliency is max over channels of |d sum(model(x) * labels) / dx|.
     expected = {"spearman": [], "dice": [], "iou": []}
     for images, maps, labels in dataset:
-        x = tf.constant(preprocess_input(images.numpy()), tf.float32)
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            score = tf.reduce_sum(model(x) * labels, -1)
-        saliency = tf.reduce_max(tf.abs(tape.gradient(score, x)), -1).numpy()
-        for s, h in zip(saliency.astype(np.float32), maps.numpy()[..., 0]):
-            expected["spearman"].append(stats.spearmanr(s.ravel(), h.ravel())[0])
-            expected["dice"].append(published_dice(s, h))
-            expected["iou"].append(published_iou(s, h))
+        saliency = published_saliency(model, preprocess_input(images.numpy()), labels)
+        for key, values in zip(("spearman", "dice", "iou"), published_metrics(saliency, maps.numpy()[..., 0])):
+            expected[key].extend(values)
     np.testing.assert_allclose(scores["spearman"], expected["spearman"], atol=1e-5)
     # A pixel at the 90th percentile may change sides with float rounding of the gradient: a few pixels in 5,000.
     np.testing.assert_allclose(scores["dice"], expected["dice"], atol=2e-3)
@@ -324,41 +281,6 @@ def test_pyramid_and_pyramidal_mse_are_the_published_ones():
     assert ours.shape == () and float(ours) == pytest.approx(expected, rel=1e-5)
 
 
-def published_harmonizer_gradients(model, images, tokens, labels, true_heatmaps, lambda_weights=1e-5):
-    """serre-lab/Harmonization training/loss.py `harmonizer_loss`, written out with plain TF ops (Keras 3 paths)."""
-    def cut(maps):
-        maps = maps - tf.reduce_mean(maps, (1, 2), keepdims=True)
-        return tf.nn.relu(maps / (tf.math.reduce_std(maps, (1, 2), keepdims=True) + 1e-5))
-
-    taps = np.array([1.0, 4.0, 6.0, 4.0, 1.0])
-    kernel = tf.constant((np.outer(taps, taps) / 256.0)[:, :, None, None], tf.float32)
-
-    def pyramid(maps):
-        levels = [maps[..., None]]
-        for _ in range(5):
-            levels.append(tf.nn.conv2d(levels[-1], kernel, [1, 2, 2, 1], "SAME"))
-        return levels
-
-    with tf.GradientTape() as tape:
-        with tf.GradientTape() as inner:
-            inner.watch(images)
-            y_pred = model(images, training=True)
-            score = tf.reduce_sum(y_pred * labels, -1)
-        saliency = cut(tf.reduce_mean(inner.gradient(score, images), -1))
-        human = cut(true_heatmaps)
-        human = human / (tf.reduce_max(human, (1, 2), keepdims=True) + 1e-6) * (
-            tf.stop_gradient(tf.reduce_max(saliency, (1, 2), keepdims=True)) + 1e-6)
-        ps, ph = pyramid(saliency), pyramid(human)
-        harmonization_term = tf.reduce_mean([tf.reduce_mean(tf.square(ps[i] - ph[i]) * tokens[:, None, None, None])
-                                             for i in range(5)])
-        cce = tf.reduce_mean(keras.losses.CategoricalCrossentropy(
-            from_logits=True, reduction=None, label_smoothing=0.1)(labels, y_pred))
-        decayed = [v for v in model.trainable_variables
-                   if not any(s in v.path for s in ("bn/", "normalization", "embed", "Norm", "norm", "class_token"))]
-        loss = cce + lambda_weights * tf.add_n([tf.nn.l2_loss(v) for v in decayed]) + harmonization_term
-    return tape.gradient(loss, model.trainable_variables)
-
-
 def test_harmonizer_loss_returns_the_published_gradients():
     keras.utils.set_random_seed(1)
     model = keras.Sequential([keras.Input((32, 32, 3)), keras.layers.Conv2D(4, 3, activation="tanh"),
@@ -369,7 +291,7 @@ def test_harmonizer_loss_returns_the_published_gradients():
     labels = tf.constant(rng.uniform(size=(4, 5)), tf.float32)  # soft labels, as the published test uses
     heatmaps = tf.constant(rng.uniform(size=(4, 32, 32)), tf.float32)
     ours = training.harmonizer_loss(model, images, tokens, labels, heatmaps)
-    theirs = published_harmonizer_gradients(model, images, tokens, labels, heatmaps)
+    theirs = published_harmonizer_gradients(model, images, heatmaps, labels, tokens=tokens)
     assert len(ours) == len(model.trainable_variables)
     for g_ours, g_theirs in zip(ours, theirs):
         np.testing.assert_allclose(g_ours.numpy(), g_theirs.numpy(), rtol=1e-4, atol=1e-6)

@@ -1,4 +1,5 @@
-"""Our ClickMe evaluation against the published one (serre-lab/Harmonization), rewritten here from its formulas.
+"""Our ClickMe evaluation against the published one (serre-lab/Harmonization), rewritten from its formulas
+(tests/published_reference.py).
 
 `evaluate_clickme(model, preprocess_inputs=preprocess_input)` with xplique's `Saliency`:
 `parse_clickme_prototype` (common/clickme_dataset.py) reads each record, `Saliency` takes
@@ -14,62 +15,14 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
-from scipy import stats
 
 import tfds_clickme  # noqa: F401  (registers "clickme")
 from harmonization import data, evaluation
 from clickme_helpers import build_clickme, write_shards
+from published_reference import published_metrics, published_parse, published_preprocess_input, published_saliency
 
 NUM_VALIDATION = 5  # odd: a batch size of 2 leaves a remainder
 BATCH_SIZE = 2
-
-
-# ------------------------------------------------------------------------------------------------
-# The published protocol, from its formulas (plain TF and NumPy, nothing from `harmonization`).
-# ------------------------------------------------------------------------------------------------
-
-
-def published_kernel(size=10, sigma=10):
-    """common/blur.py `gaussian_kernel`: its asymmetric grid, x = -5..4 and y = 4..-5 for size 10."""
-    xs, ys = np.meshgrid(
-        np.arange(-(size - 1) // 2, (size - 1) // 2 + 1), np.arange((size - 1) // 2, -(size - 1) // 2 - 1, -1)
-    )
-    kernel = np.exp(-(xs**2 + ys**2) / (2 * sigma**2)) / (2 * np.pi * sigma**2)
-    return tf.constant((kernel / kernel.sum())[:, :, None, None], tf.float32)
-
-
-def published_parse(record):
-    """common/clickme_dataset.py `parse_clickme_prototype`."""
-    features = {
-        "image": tf.io.FixedLenFeature([], tf.string, default_value=""),
-        "heatmap": tf.io.FixedLenFeature([], tf.string, default_value=""),
-        "label": tf.io.FixedLenFeature([], tf.int64, default_value=0),
-    }
-    example = tf.io.parse_single_example(record, features)
-    image = tf.cast(tf.reshape(tf.io.decode_jpeg(example["image"]), (256, 256, 3)), tf.float32)
-    image = tf.image.resize(image, (224, 224), method="bilinear")
-    heatmap = tf.cast(tf.reshape(tf.io.decode_jpeg(example["heatmap"]), (256, 256, 1)), tf.float32)
-    heatmap = tf.image.resize(heatmap, (64, 64), method="bilinear")
-    heatmap = tf.nn.conv2d(heatmap[None], published_kernel(), [1, 1, 1, 1], "SAME")[0]
-    heatmap = tf.image.resize(heatmap, (224, 224), method="bilinear")
-    return image, heatmap, tf.one_hot(tf.cast(example["label"], tf.int32), 1000)
-
-
-def published_preprocess(images):
-    """models/preprocess.py `preprocess_input`."""
-    return (images / 255.0 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
-
-
-def published_metrics(saliency, heatmaps, percentile=10):
-    """evaluation/metrics.py: per-image Spearman, Dice and IoU, EPSILON = 1e-9."""
-    spearman, dice, iou = [], [], []
-    for a, b in zip(np.asarray(saliency, np.float32), np.asarray(heatmaps, np.float32)):
-        spearman.append(stats.spearmanr(a.flatten(), b.flatten())[0])
-        a = (a > np.percentile(a, 100 - percentile, (0, 1))).astype(np.float32)
-        b = (b > np.percentile(b, 100 - percentile, (0, 1))).astype(np.float32)
-        dice.append(2.0 * np.sum(a * b) / (np.sum(a + b) + 1e-9))
-        iou.append(np.sum(np.logical_and(a, b)) / (np.sum(np.logical_or(a, b)) + 1e-9))
-    return np.array(spearman), np.array(dice), np.array(iou)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -119,11 +72,7 @@ def published_saliency_explainer(model):
     """xplique `Saliency` on `preprocess_input(images)`: max over channels of |d logit_label / d input|."""
 
     def explain(images, labels):
-        inputs = tf.convert_to_tensor(published_preprocess(images), tf.float32)
-        with tf.GradientTape() as tape:
-            tape.watch(inputs)
-            score = tf.reduce_sum(model(inputs) * tf.one_hot(labels, 1000), axis=-1)
-        return tf.reduce_max(tf.abs(tape.gradient(score, inputs)), axis=-1).numpy()
+        return published_saliency(model, published_preprocess_input(images), tf.one_hot(labels, 1000))
 
     return explain
 

@@ -12,9 +12,9 @@ from harmonization import second_order
 from harmonization.architectures import ViT, VGG
 from harmonization.saliency_input import SoftmaxOutputError, resolve_saliency_input
 from architecture_helpers import perturb_weights, random_images
+from published_reference import (MEAN, STD, published_harmonizer_gradients, published_input_gradients,
+                                 published_preprocess_input, published_saliency)
 
-MEAN = np.array([0.485, 0.456, 0.406])
-STD = np.array([0.229, 0.224, 0.225])
 NUM_CLASSES = 5
 TINY = {
     "vgg": (VGG, dict(image_size=32, block_convs=[1, 1, 1, 1, 1], block_filters=[4, 4, 4, 4, 4], fc_units=8)),
@@ -22,49 +22,10 @@ TINY = {
 }
 
 
-# ------------------------------------------------------------------ the published formulas, written out
-def published_preprocess_input(images):
-    """serre-lab/Harmonization `models/preprocess.py`, in float64."""
-    return ((np.asarray(images, np.float64) / 255.0 - MEAN) / STD).astype(np.float32)
-
-
-def published_standardize_cut(maps, epsilon=1e-5):
-    maps = maps - tf.reduce_mean(maps, (1, 2), keepdims=True)
-    return tf.nn.relu(maps / (tf.math.reduce_std(maps, (1, 2), keepdims=True) + epsilon))
-
-
-def published_pyramid(maps, levels):
-    taps = np.array([1.0, 4.0, 6.0, 4.0, 1.0])
-    kernel = tf.constant((np.outer(taps, taps) / 256.0)[:, :, None, None], tf.float32)
-    pyramid = [maps]
-    for _ in range(levels):
-        maps = tf.nn.conv2d(maps, kernel, 2, "SAME")
-        pyramid.append(maps)
-    return pyramid
-
-
-def published_step_gradients(network, x, heatmaps, onehot, lambda_weights=1e-5):
-    """`harmonizer_loss` of the published training code: nested tapes on the bare network at x."""
-    x = tf.constant(x)
-    with tf.GradientTape() as tape:
-        with tf.GradientTape() as inner:
-            inner.watch(x)
-            y_pred = network(x, training=True)
-            score = tf.reduce_sum(y_pred * onehot, -1)
-        sa = tf.reduce_mean(inner.gradient(score, x), -1)
-        sa = published_standardize_cut(sa)
-        hm = published_standardize_cut(heatmaps)
-        hm = hm / (tf.reduce_max(hm, (1, 2), keepdims=True) + 1e-6) * (
-            tf.stop_gradient(tf.reduce_max(sa, (1, 2), keepdims=True)) + 1e-6
-        )
-        pa, pb = published_pyramid(sa[..., None], 5), published_pyramid(hm[..., None], 5)
-        harmonization_term = tf.reduce_mean([tf.reduce_mean(tf.square(pa[i] - pb[i])) for i in range(5)])
-        cce = keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=0.1)(onehot, y_pred)
-        words = ("bn/", "normalization", "embed", "Norm", "norm", "class_token")
-        decayed = [v for v in network.trainable_variables if not any(w in v.path for w in words)]
-        weight_loss = tf.add_n([tf.nn.l2_loss(v) for v in decayed])
-        loss = cce + lambda_weights * weight_loss + harmonization_term
-    return tape.gradient(loss, network.trainable_variables)
+# ------------------------------------------------------------------ the published formulas (published_reference)
+def published_preprocess_input_f32(images):
+    """The published `preprocess_input` computed in float64, fed to the network as float32."""
+    return published_preprocess_input(np.asarray(images, np.float64)).astype(np.float32)
 
 
 def build_pair(key, seed=0):
@@ -99,7 +60,7 @@ def test_zoo_step_equals_the_published_step_on_the_bare_network(key):
     images, heatmaps, labels = batch(full.input_shape[1])
     onehot = tf.one_hot(labels, NUM_CLASSES)
     with second_order.exact_moments():  # exact second order on both sides (tested in test_second_order)
-        want = published_step_gradients(bare, published_preprocess_input(images), heatmaps, onehot)
+        want = published_harmonizer_gradients(bare, published_preprocess_input_f32(images), heatmaps, onehot)
 
     hmodel = harmonization.HarmonizedModel(full)
     assert hmodel.saliency_input.layers == ("preprocessing",)
@@ -125,7 +86,7 @@ def test_raw_input_gradients_would_differ_from_the_published_step():
     full, bare = build_pair("vgg")
     images, heatmaps, labels = batch(32)
     onehot = tf.one_hot(labels, NUM_CLASSES)
-    want = published_step_gradients(bare, published_preprocess_input(images), heatmaps, onehot)
+    want = published_harmonizer_gradients(bare, published_preprocess_input_f32(images), heatmaps, onehot)
     hmodel = harmonization.HarmonizedModel(full, saliency_input="input")
     assert "own input" in repr(hmodel.saliency_input)
     hmodel.compile(optimizer=keras.optimizers.SGD(1.0))
@@ -140,12 +101,9 @@ def test_raw_input_gradients_would_differ_from_the_published_step():
 def test_evaluation_maps_equal_the_published_saliency_on_the_bare_network(key):
     full, bare = build_pair(key)
     images, heatmaps, labels = batch(full.input_shape[1])
-    x = tf.constant(published_preprocess_input(images))
-    with tf.GradientTape() as tape:
-        tape.watch(x)
-        score = tf.reduce_sum(bare(x) * tf.one_hot(labels, NUM_CLASSES), -1)
-    gradient = tape.gradient(score, x)
-    want = tf.reduce_max(tf.abs(gradient), -1).numpy()  # xplique Saliency
+    x, onehot = published_preprocess_input_f32(images), tf.one_hot(labels, NUM_CLASSES)
+    gradient = published_input_gradients(bare, x, onehot)
+    want = published_saliency(bare, x, onehot)  # xplique Saliency
     got = harmonization.saliency_map(full, images, labels).numpy()
     assert relative_difference(got, want) < 1e-5
     training_map = harmonization.input_gradients(full, images, labels).numpy()

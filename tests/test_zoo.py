@@ -218,8 +218,6 @@ def test_metrics_without_baseline_or_with_a_missing_key_are_rejected():
 
 
 def test_imagenet_class_names_ship_with_the_package():
-    from importlib import resources
-
     names = zoo.imagenet_class_names()
     assert len(names) == 1000 and all(isinstance(n, str) and n.strip() == n and n for n in names)
     assert names[0] == "tench" and names[1] == "goldfish" and names[999] == "toilet tissue"
