@@ -42,6 +42,8 @@ setup(
         # TFDS 4.9 on Python 3.11 imports these but does not declare them.
         "importlib_resources",
         "dill",
+        # `harmonization train` writes TensorBoard event files (tf.summary's implementation lives there).
+        "tensorboard>=2.21,<2.22",
         "huggingface_hub>=0.24",
         "h5py",
         "numpy",

@@ -16,7 +16,7 @@ _os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 # and `info` do not pay for importing TensorFlow (~3 s). Everything below is what the package exposes.
 _SUBMODULES = frozenset((
     "architectures", "batch", "convert", "data", "layers", "loader", "losses", "metrics", "mirrors", "model_card",
-    "saliency", "saliency_input", "saliency_methods", "second_order", "synthetic",
+    "recipes", "run_dir", "saliency", "saliency_input", "saliency_methods", "second_order", "synthetic", "trainer",
     # The published 0.0.9 API, as its `harmonization/__init__.py` exposed it (thin layers over the native code).
     "common", "evaluation", "models", "training",
 ))
@@ -41,6 +41,7 @@ _NAMES = {
     "SoftmaxOutputError": "harmonization.saliency_input",
     "exact_moments": "harmonization.second_order",
     "list_models": "harmonization.zoo",
+    "train": "harmonization.trainer",
     "model_info": "harmonization.zoo",
 }
 __all__ = sorted((*_SUBMODULES, *_NAMES))

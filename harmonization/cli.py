@@ -1,4 +1,5 @@
-"""The `harmonization` command: browse the zoo, download, convert, publish, predict, explain, evaluate, quickstart.
+"""The `harmonization` command: browse the zoo, download, convert, publish, predict, explain, evaluate, train,
+quickstart.
 
 Heavy imports (TensorFlow, Keras) happen inside the subcommands, so `harmonization --help` and
 `harmonization list` answer at once.
@@ -220,6 +221,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from harmonization import trainer
+
+    return trainer.main(args)
+
+
 def _cmd_quickstart(args: argparse.Namespace, rest: list[str]) -> int:
     from harmonization import quickstart
 
@@ -230,7 +237,8 @@ def _cmd_quickstart(args: argparse.Namespace, rest: list[str]) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="harmonization",
-        description="Harmonized vision models: list the zoo, download, convert, publish, predict, explain, evaluate.",
+        description="Harmonized vision models: list the zoo, download, convert, publish, predict, explain, evaluate, "
+                    "train.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     from harmonization import evaluate_command as ev  # its defaults and argument types (standard library only)
@@ -306,6 +314,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=ev.SALIENCY_METHODS, default=ev.DEFAULT_SALIENCY_METHOD, metavar="NAME",
                    help=ev.METHOD_HELP)
     p.set_defaults(func=_cmd_evaluate)
+
+    from harmonization import recipes  # the shipped recipes' names (standard library only)
+
+    p = sub.add_parser(
+        "train", help="train (or resume) a harmonized model from a recipe; save it as a preset and evaluate it",
+        description="Train a harmonized model from a recipe. Re-running the same command resumes the run "
+                    "directory (also after a kill); a directory of another recipe or model is refused.",
+    )
+    p.add_argument("--recipe", required=True, metavar="RECIPE",
+                   help=f"a shipped recipe ({', '.join(recipes.list_recipes())}) or a recipe JSON file")
+    p.add_argument("--model", default=None, metavar="NAME_OR_PATH",
+                   help="zoo name, hf://org/repo[@revision], preset directory or quickstart_cnn "
+                        "(default: the recipe's model.source)")
+    p.add_argument("--data-dir", default=None, metavar="DIR", help="TFDS data directory (default: TFDS's)")
+    p.add_argument("--imagenet-dir", default=None, metavar="DIR",
+                   help="folder with ILSVRC2012_img_{train,val}.tar, for recipes that mix in ImageNet")
+    p.add_argument("--out", default=None, metavar="RUN_DIR",
+                   help="run directory (default: ./harmonization_runs/RECIPE)")
+    p.add_argument("--epochs", type=ev.positive_int, default=None, metavar="N", help="override the recipe's epochs")
+    p.add_argument("--batch-size", type=ev.positive_int, default=None, metavar="N",
+                   help="override the recipe's global batch size")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe key, e.g. --set optimizer.learning_rate=0.01 (repeatable)")
+    p.add_argument("--strategy", choices=("default", "mirrored", "multiworker"), default="default",
+                   help="default: one device; mirrored: this machine's GPUs; multiworker: workers from TF_CONFIG")
+    p.add_argument("--verbose", type=int, choices=(0, 1, 2), default=1,
+                   help="Keras progress: 0 none, 1 bars, 2 one line per epoch (default: 1)")
+    p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser(
         "quickstart", help="run the quickstart (arguments are passed on)", add_help=False, prefix_chars="\0"

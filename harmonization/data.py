@@ -383,13 +383,15 @@ def _pipeline(
     seed: int | None,
     shuffle_buffer: int,
     drop_remainder: bool,
+    reshuffle_each_iteration: bool = True,
 ) -> tf.data.Dataset:
     """Shuffle (training) -> decode/crop per example -> batch -> heatmaps per batch -> prefetch."""
     training = preprocessor.training
     if training and shuffle_buffer > 1:
-        examples = examples.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-    # One random int64 per example seeds its augmentation: reproducible with `seed`, new every epoch.
-    seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
+        examples = examples.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=reshuffle_each_iteration)
+    # One random int64 per example seeds its augmentation: reproducible with `seed`, new every epoch (every
+    # iteration of the dataset) unless `reshuffle_each_iteration` is False.
+    seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=reshuffle_each_iteration)
     examples = tf.data.Dataset.zip(examples, seeds)
     deterministic = seed is not None or not training
     examples = examples.map(
@@ -426,6 +428,7 @@ def load_clickme(
     crop_scale: Sequence[float] = DEFAULT_CROP_SCALE,
     crop_ratio: Sequence[float] = DEFAULT_CROP_RATIO,
     blur: bool = True,
+    reshuffle_each_iteration: bool = True,
 ) -> tf.data.Dataset:
     """ClickMe (or any TFDS dataset with its features) as batches for `HarmonizedModel.fit`.
 
@@ -454,6 +457,10 @@ def load_clickme(
             Defaults to (0.08, 1.0).
         crop_ratio: (min, max) aspect ratio of the random crop. Defaults to (3/4, 4/3).
         blur: bool. Blur the heatmaps as published. Defaults to True.
+        reshuffle_each_iteration: bool. A new order and new augmentations each time the dataset is iterated
+            (each epoch of a `fit` over it). False: every iteration repeats the first, so that a dataset made
+            for one epoch is a pure function of `seed` (`harmonization train` builds one per epoch and may
+            iterate it twice). Defaults to True.
 
     Returns:
         A `tf.data.Dataset` of dicts {"image", "heatmap", "label", "token"} (see the module docstring).
@@ -474,13 +481,13 @@ def load_clickme(
             f"Dataset {name!r} lacks the ClickMe features {missing} (it has {sorted(features)}); "
             "`load_clickme` needs `image`, `heatmap` and `label`."
         )
-    examples = _tfds_examples(builder, split, training, seed, (IMAGE, HEATMAP))
+    examples = _tfds_examples(builder, split, training, seed, (IMAGE, HEATMAP), reshuffle_each_iteration)
     preprocessor = _Preprocessor(
         image_size, training, with_heatmaps=True, crop_scale=crop_scale, crop_ratio=crop_ratio,
         blur=blur, source_shape=features[IMAGE].shape, jpeg=_is_jpeg_feature(features[IMAGE]),
     )
     drop = training if drop_remainder is None else bool(drop_remainder)
-    return _pipeline(examples, preprocessor, batch_size, seed, shuffle_buffer, drop)
+    return _pipeline(examples, preprocessor, batch_size, seed, shuffle_buffer, drop, reshuffle_each_iteration)
 
 
 def from_tfrecords(
@@ -609,6 +616,7 @@ def load_imagenet(
     crop_scale: Sequence[float] = DEFAULT_CROP_SCALE,
     crop_ratio: Sequence[float] = DEFAULT_CROP_RATIO,
     center_crop_fraction: float = 0.875,
+    reshuffle_each_iteration: bool = True,
 ) -> tf.data.Dataset:
     """ImageNet-1k (TFDS `imagenet2012`) as batches without human maps: zero heatmaps, token 0.
 
@@ -620,19 +628,20 @@ def load_imagenet(
     Args:
         manual_dir: path. Where the ImageNet archives are. Defaults to TFDS's manual directory.
         center_crop_fraction: float in (0, 1]. Evaluation crop. Defaults to 0.875.
+        reshuffle_each_iteration: bool. As in `load_clickme`. Defaults to True.
         Other arguments: as in `load_clickme`.
     """
     _check_common_args(batch_size, image_size, shuffle_buffer, crop_scale, crop_ratio)
     if not 0 < center_crop_fraction <= 1:
         raise ValueError(f"`center_crop_fraction` must be in (0, 1]; got {center_crop_fraction!r}.")
     builder = _tfds_builder("imagenet2012", data_dir, download, split, manual_dir=manual_dir)
-    examples = _tfds_examples(builder, split, training, seed, (IMAGE,))
+    examples = _tfds_examples(builder, split, training, seed, (IMAGE,), reshuffle_each_iteration)
     preprocessor = _Preprocessor(
         image_size, training, with_heatmaps=False, crop_scale=crop_scale, crop_ratio=crop_ratio,
         eval_crop_fraction=center_crop_fraction, jpeg=_is_jpeg_feature(builder.info.features[IMAGE]),
     )
     drop = training if drop_remainder is None else bool(drop_remainder)
-    return _pipeline(examples, preprocessor, batch_size, seed, shuffle_buffer, drop)
+    return _pipeline(examples, preprocessor, batch_size, seed, shuffle_buffer, drop, reshuffle_each_iteration)
 
 
 def mix_datasets(
@@ -642,10 +651,12 @@ def mix_datasets(
     *,
     batch_size: int | None = None,
     seed: int | None = None,
+    reshuffle_each_iteration: bool = True,
 ) -> tf.data.Dataset:
     """Mix examples with human maps (ClickMe) and without (e.g. ImageNet), as in the published training.
 
-    Each output example comes from `clickme` with probability `clickme_fraction` (published: 0.2)
+    Each output example comes from `clickme` with probability `clickme_fraction` (default 0.2, ours: the
+    published package has no mixing code)
     and from `imagenet` otherwise. Examples from `imagenet` get an all-zero map and `token` 0
     (only cross-entropy applies to them); those from `clickme` keep their token (1 by default).
     The mix stops when either input runs out, so that the fraction holds: `.repeat()` the inputs
@@ -659,6 +670,7 @@ def mix_datasets(
         batch_size: int or None. Output batch size. Defaults to the (static) batch size of
             `clickme` when it is batched; unbatched inputs give an unbatched output by default.
         seed: int or None. Makes the draw reproducible.
+        reshuffle_each_iteration: bool. A new draw each time the dataset is iterated. Defaults to True.
 
     Returns:
         A `tf.data.Dataset` of dicts {"image", "heatmap", "label", "token"}.
@@ -702,7 +714,7 @@ def mix_datasets(
         weights=[float(clickme_fraction), 1.0 - float(clickme_fraction)],
         seed=seed,
         stop_on_empty_dataset=True,
-        rerandomize_each_iteration=True,
+        rerandomize_each_iteration=reshuffle_each_iteration,
     )
     if batch_size is not None:
         mixed = mixed.batch(batch_size, drop_remainder=True)
@@ -730,6 +742,18 @@ def _standardise_fn(has_maps: bool):
 # --------------------------------------------------------------------------------------------
 # TFDS plumbing and argument checks.
 # --------------------------------------------------------------------------------------------
+
+
+def prepared_builder(
+    name: str, split: str, data_dir: str | os.PathLike | None = None, *, download: bool = True,
+    manual_dir: str | os.PathLike | None = None,
+):
+    """The prepared TFDS builder of dataset `name` (built first if `download`), with `split` checked.
+
+    Its `info` gives what a training run must know before it starts (classes, split sizes), so that a bad
+    name, split or directory fails before anything trains; the loaders above use the same builder.
+    """
+    return _tfds_builder(name, data_dir, download, split, manual_dir=manual_dir)
 
 
 def _tfds_builder(name: str, data_dir, download: bool, split: str, manual_dir=None):
@@ -798,7 +822,8 @@ def _check_split_selects_examples(split: str, split_infos, name: str) -> None:
             )
 
 
-def _tfds_examples(builder, split: str, training: bool, seed: int | None, encoded: Sequence[str]):
+def _tfds_examples(builder, split: str, training: bool, seed: int | None, encoded: Sequence[str],
+                   reshuffle_each_iteration: bool = True):
     """Examples of a prepared builder, with the image features left encoded (decoded later)."""
     import tensorflow_datasets as tfds
 
@@ -810,7 +835,7 @@ def _tfds_examples(builder, split: str, training: bool, seed: int | None, encode
     }
     read_config = tfds.ReadConfig(
         shuffle_seed=seed,
-        shuffle_reshuffle_each_iteration=True,
+        shuffle_reshuffle_each_iteration=reshuffle_each_iteration,
         try_autocache=not training,
     )
     return builder.as_dataset(split=split, shuffle_files=training, decoders=decoders, read_config=read_config)

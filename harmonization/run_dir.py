@@ -1,0 +1,208 @@
+"""A training run's directory: what started it, its checkpoints and its history, each written atomically.
+
+    RUN_DIR/
+      run.json                 the recipe that fixes what the checkpoints mean (refused if another one comes)
+      checkpoints/step-000120/ state.weights.h5 (weights + optimizer), random_state.npz, state.json
+      history.json, history.csv one row per finished epoch
+      tensorboard/             TensorBoard event files
+      preset/                  the final model, as a preset (with its card data and the recipe in its metadata)
+      evaluation/              `harmonization evaluate` on the preset
+
+A checkpoint is written into a hidden `.tmp-*` folder and renamed into place: a kill at any moment leaves
+either a whole checkpoint or none, and a run resumes from the newest whole one (left-over `.tmp-*` folders
+are removed). Files are replaced the same way (`write_atomic`). Standard library only.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from harmonization import recipes
+
+RUN_FILE = "run.json"
+CHECKPOINTS = "checkpoints"
+STATE_FILE = "state.json"
+WEIGHTS_FILE = "state.weights.h5"
+RANDOM_STATE_FILE = "random_state.npz"
+HISTORY_JSON = "history.json"
+HISTORY_CSV = "history.csv"
+TENSORBOARD = "tensorboard"
+PRESET = "preset"
+EVALUATION = "evaluation"
+
+_CHECKPOINT_NAME = re.compile(r"^step-(\d+)$")
+_TEMPORARY_PREFIX = ".tmp-"
+
+
+class RunDirError(ValueError):
+    """A run directory that cannot be used for this run (another recipe's, or not a run directory)."""
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # not every platform opens directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: str | os.PathLike, text: str) -> None:
+    """Replace `path` with `text` all at once: a reader (or a kill) sees the old file or the new, never half."""
+    path = Path(path)
+    temporary = path.with_name(f"{_TEMPORARY_PREFIX}{path.name}.{os.getpid()}")
+    with open(temporary, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+    _fsync_dir(path.parent)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A whole checkpoint: its folder and `state.json` (step, epoch, step_in_epoch, history)."""
+
+    path: Path
+    state: dict[str, Any]
+
+    @property
+    def step(self) -> int:
+        return int(self.state["step"])
+
+
+class RunDirectory:
+    """The run directory of one recipe: claims it, lists and writes checkpoints, writes the history."""
+
+    def __init__(self, path: str | os.PathLike, recipe: Mapping[str, Any]):
+        self.path = Path(path).expanduser()
+        self.recipe = dict(recipe)
+        self.checkpoints = self.path / CHECKPOINTS
+
+    # ------------------------------------------------------------------ identity
+    def claim(self, *, write: bool = True) -> bool:
+        """Check that this directory is new, empty, or this recipe's run; record the recipe when `write`.
+
+        Returns True when the directory already held this run (a resume). A directory started by another
+        recipe or model (a key outside `recipes.RESUMABLE_CHANGES` differs), or a non-empty folder that is not
+        a run directory, is refused with the differences: its checkpoints would not mean what this run expects.
+        """
+        run_file = self.path / RUN_FILE
+        if run_file.is_file():
+            try:
+                recorded = json.loads(run_file.read_text(encoding="utf-8"))
+                old = recorded["identity"]
+            except (ValueError, KeyError, TypeError) as error:
+                raise RunDirError(f"{run_file} is not a run record ({error}); use another --out.") from None
+            new = recipes.identity(self.recipe)
+            if old != new:
+                changes = recipes.differences(old, new)
+                raise RunDirError(
+                    f"Run directory {self.path} belongs to another run (recipe {old.get('name')!r}, model "
+                    f"{(old.get('model') or {}).get('source')!r}); this one differs in: {'; '.join(changes)}. "
+                    "Resume it with the same settings (only epochs, evaluation and checkpoint may change), or "
+                    "choose another --out."
+                )
+            if write:
+                self._record(recorded.get("created"))
+            return True
+        if self.path.exists():
+            if not self.path.is_dir():
+                raise RunDirError(f"--out {str(self.path)!r} is a file; a run directory is a folder.")
+            if any(self.path.iterdir()):
+                raise RunDirError(
+                    f"--out {str(self.path)!r} is not empty and is not a run directory (it has no {RUN_FILE}); "
+                    "choose a new or empty folder, so that nothing there is overwritten."
+                )
+        if write:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self._record(None)
+        return False
+
+    def _record(self, created: str | None) -> None:
+        record = {
+            "identity": recipes.identity(self.recipe),
+            "identity_hash": recipes.identity_hash(self.recipe),
+            "recipe": self.recipe,
+            "created": created or time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        write_atomic(self.path / RUN_FILE, json.dumps(record, indent=2) + "\n")
+
+    # ------------------------------------------------------------------ checkpoints
+    def remove_partial(self) -> None:
+        """Delete what a killed run left half-written (`.tmp-*` folders and files)."""
+        for folder in (self.path, self.checkpoints):
+            if folder.is_dir():
+                for item in folder.iterdir():
+                    if item.name.startswith(_TEMPORARY_PREFIX):
+                        shutil.rmtree(item, ignore_errors=True) if item.is_dir() else item.unlink(missing_ok=True)
+
+    def list_checkpoints(self) -> list[Checkpoint]:
+        """Whole checkpoints, oldest first (a folder without a readable state.json is not one)."""
+        found = []
+        if self.checkpoints.is_dir():
+            for item in self.checkpoints.iterdir():
+                if _CHECKPOINT_NAME.match(item.name) and (item / STATE_FILE).is_file():
+                    try:
+                        state = json.loads((item / STATE_FILE).read_text(encoding="utf-8"))
+                    except ValueError:
+                        continue
+                    found.append(Checkpoint(item, state))
+        return sorted(found, key=lambda c: c.step)
+
+    def latest_checkpoint(self) -> Checkpoint | None:
+        checkpoints = self.list_checkpoints()
+        return checkpoints[-1] if checkpoints else None
+
+    def write_checkpoint(self, step: int, state: Mapping[str, Any], write_files: Callable[[Path], None],
+                         keep: int) -> Checkpoint:
+        """Write a checkpoint atomically: `write_files(folder)` fills a temporary folder, `state.json` goes in
+        last, then the folder is renamed to `checkpoints/step-NNNNNN`; all but the newest `keep` are deleted."""
+        self.checkpoints.mkdir(parents=True, exist_ok=True)
+        final = self.checkpoints / f"step-{step:06d}"
+        temporary = self.checkpoints / f"{_TEMPORARY_PREFIX}{final.name}.{os.getpid()}"
+        shutil.rmtree(temporary, ignore_errors=True)
+        temporary.mkdir()
+        write_files(temporary)
+        state = {**state, "step": int(step)}
+        with open(temporary / STATE_FILE, "w", encoding="utf-8") as handle:
+            handle.write(json.dumps(state, indent=2))
+            handle.flush()
+            os.fsync(handle.fileno())
+        for item in temporary.iterdir():  # the weights file too, before the rename publishes it
+            if item.is_file():
+                with open(item, "rb") as handle:
+                    os.fsync(handle.fileno())
+        if final.exists():  # the same step again (a resumed run re-reaching it): the new one replaces it
+            shutil.rmtree(final)
+        os.replace(temporary, final)
+        _fsync_dir(self.checkpoints)
+        for old in self.list_checkpoints()[:-keep]:
+            shutil.rmtree(old.path, ignore_errors=True)
+        return Checkpoint(final, state)
+
+    # ------------------------------------------------------------------ history
+    def write_history(self, history: list[Mapping[str, Any]]) -> None:
+        """history.json and history.csv, one row per finished epoch (from the checkpoint's state)."""
+        write_atomic(self.path / HISTORY_JSON, json.dumps(list(history), indent=2) + "\n")
+        columns: list[str] = []
+        for row in history:
+            columns += [key for key in row if key not in columns]
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(history)
+        write_atomic(self.path / HISTORY_CSV, buffer.getvalue())

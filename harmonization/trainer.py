@@ -1,0 +1,593 @@
+"""`harmonization.train(recipe)` and `harmonization train`: a harmonized training run from a recipe, resumable.
+
+One code path for the command and for Python. The run:
+
+1. reads the recipe (`harmonization.recipes`), checks the data folders, claims the run directory
+   (`harmonization.run_dir`: a directory of another recipe or model is refused);
+2. creates the distribution strategy (`default`, `mirrored`, or `multiworker` from `TF_CONFIG`) before any
+   other TensorFlow work, seeds everything, and makes ops deterministic when the recipe says so;
+3. opens the data (ClickMe through TFDS, mixed with ImageNet when `data.clickme_fraction` < 1) and builds the
+   model, and checks that they agree (classes, image size) before anything trains;
+4. resumes from the newest whole checkpoint in the run directory, if any, then fits epoch by epoch with
+   `HarmonizedModel`; a checkpoint (weights, optimizer, random state, step, history) is written every
+   `checkpoint.every_steps` steps and at the end of each epoch, with history.json/csv and TensorBoard logs;
+5. saves the model as a preset (the recipe in its metadata) and runs `harmonization evaluate` on it.
+
+**Resuming is exact.** Epoch `e`'s data is a pure function of (seed, e): its own seeded shuffle and
+augmentation. A run resumed at step `s` of epoch `e` rebuilds epoch `e`'s data and skips its first `s`
+batches, restores the weights, the optimizer's state (with its step count, hence the learning rate) and the
+layers' random-generator state. With `deterministic` (TensorFlow's op determinism) the resumed run ends with
+exactly the weights of an uninterrupted one; without it, to float noise. The price of the replay is reading
+(not training on) the skipped batches again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from harmonization import data as data_lib
+from harmonization import loader, recipes, run_dir, zoo
+from harmonization.cli_common import input_size
+from harmonization.harmonized_model import HarmonizedModel
+from harmonization.presets import save_preset
+
+STRATEGIES = ("default", "mirrored", "multiworker")
+DEFAULT_OUT_ROOT = "harmonization_runs"
+#: Built-in models a recipe can name besides the zoo: the quickstart's small CNN.
+BUILTIN_MODELS = ("quickstart_cnn",)
+
+
+@dataclass
+class TrainResult:
+    """What a run produced; the same facts are in the run directory."""
+
+    run_dir: Path
+    recipe: dict[str, Any]
+    steps: int  # global steps trained in all (this call and earlier ones)
+    steps_per_epoch: int
+    resumed_from_step: int | None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    preset: Path | None = None
+    evaluation: dict[str, Any] | None = None
+    is_chief: bool = True
+
+
+# ---------------------------------------------------------------------------------------------- set-up
+def _resolve_recipe(recipe, overrides: Iterable[str], model: str | None, epochs: int | None,
+                    batch_size: int | None) -> dict[str, Any]:
+    if isinstance(recipe, Mapping):
+        resolved = recipes.apply_overrides(recipes.from_dict(recipe), overrides)
+    else:
+        resolved = recipes.load_recipe(recipe, overrides)
+    resolved = recipes.with_settings(resolved, epochs=epochs, batch_size=batch_size)
+    if model is not None:
+        resolved["model"]["source"] = str(model)
+    return resolved
+
+
+def _check_folder(path, option: str, why: str) -> str | None:
+    if path is None:
+        return None
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{option} {str(path)!r} is not a directory{why}.")
+    return str(folder.resolve())
+
+
+def _make_strategy(name: str) -> tf.distribute.Strategy:
+    """The strategy, created first: MultiWorkerMirroredStrategy must come before any other TensorFlow op."""
+    if name not in STRATEGIES:
+        raise ValueError(f"`strategy` must be one of {', '.join(STRATEGIES)}; got {name!r}.")
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if name == "multiworker":
+        if not os.environ.get("TF_CONFIG"):
+            raise ValueError(
+                "--strategy multiworker reads the cluster from the TF_CONFIG environment variable, which is not "
+                'set; e.g. TF_CONFIG=\'{"cluster": {"worker": ["host1:port", "host2:port"]}, "task": {"type": '
+                '"worker", "index": 0}}\' on the first worker.'
+            )
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
+def _is_chief(strategy: tf.distribute.Strategy) -> bool:
+    """The worker that writes the run directory: the `chief` task, or worker 0 of a cluster without one."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) or resolver is None:
+        return True
+    task_type, task_id = resolver.task_type, resolver.task_id
+    if task_type in (None, "chief"):
+        return True
+    return task_type == "worker" and task_id == 0 and "chief" not in resolver.cluster_spec().as_dict()
+
+
+@dataclass
+class _Data:
+    """The opened data: what the checks and the step count need, and how to make each epoch's batches."""
+
+    clickme: str
+    num_classes: int
+    class_names: list[str] | None
+    train_examples: int
+    imagenet_examples: int | None
+
+
+def _open_data(recipe, data_dir, imagenet_dir, download: bool) -> _Data:
+    spec = recipe["data"]
+    clickme = data_lib.prepared_builder(spec["clickme"], spec["train_split"], data_dir, download=download)
+    data_lib.prepared_builder(spec["clickme"], spec["eval_split"], data_dir, download=False)  # the split exists
+    label = clickme.info.features["label"]
+    imagenet_examples = None
+    if spec["clickme_fraction"] < 1:
+        imagenet = data_lib.prepared_builder("imagenet2012", "train", data_dir, download=download,
+                                             manual_dir=imagenet_dir)
+        imagenet_examples = imagenet.info.splits["train"].num_examples
+        if imagenet.info.features["label"].num_classes != label.num_classes:
+            raise ValueError(
+                f"ClickMe dataset {spec['clickme']!r} has {label.num_classes} classes and imagenet2012 "
+                f"{imagenet.info.features['label'].num_classes}: the mix needs one label space."
+            )
+    names = list(getattr(label, "names", None) or []) or None
+    return _Data(spec["clickme"], int(label.num_classes), names,
+                 int(clickme.info.splits[spec["train_split"]].num_examples), imagenet_examples)
+
+
+def _steps_per_epoch(recipe, data: _Data) -> int:
+    """The recipe's, or one pass over the training data: ClickMe's split alone, or ImageNet's in a mix."""
+    if recipe["steps_per_epoch"] is not None:
+        return int(recipe["steps_per_epoch"])
+    fraction = recipe["data"]["clickme_fraction"]
+    if fraction < 1:
+        examples = data.imagenet_examples / (1.0 - fraction)  # ImageNet examples are (1 - f) of each batch
+    else:
+        examples = data.train_examples
+    steps = int(examples // recipe["batch_size"])
+    if steps < 1:
+        raise ValueError(
+            f"`batch_size` {recipe['batch_size']} is larger than the {data.train_examples} training examples of "
+            f"{data.clickme!r} {recipe['data']['train_split']!r}: an epoch would have no full batch."
+        )
+    return steps
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return (seed * 1_000_003 + epoch) % (2**31 - 1)
+
+
+def _passes(make_pass, examples_needed: float, examples: int) -> tf.data.Dataset:
+    """Enough passes over a split for one epoch, pass `i` made by `make_pass(i)` with its own seed (a new order
+    and new augmentations each), then repeated should a mix draw more than expected."""
+    count = int(math.ceil(examples_needed / max(1, examples))) + 1
+    dataset = make_pass(0)
+    for index in range(1, count):
+        dataset = dataset.concatenate(make_pass(index))
+    return dataset.repeat()
+
+
+def _epoch_batches(recipe, data: _Data, data_dir, imagenet_dir, epoch: int, skip: int,
+                   steps_per_epoch: int) -> tf.data.Dataset:
+    """Epoch `epoch`'s global batches, a pure function of (seed, epoch), without the first `skip`.
+
+    Every random choice (order, crops, flips, the ClickMe/ImageNet draw) is seeded from (seed, epoch, pass), and
+    iterating the dataset again repeats it: Keras iterates it twice under tf.distribute, and a resumed run
+    rebuilds it to skip what was trained.
+    """
+    spec = recipe["data"]
+    batch, fraction = recipe["batch_size"], spec["clickme_fraction"]
+    seed = _epoch_seed(recipe["seed"], epoch)
+    common = dict(image_size=spec["image_size"], data_dir=data_dir, name=spec["clickme"], download=False)
+    # Mixed, ClickMe comes as single examples (the mix batches); alone, as the epoch's global batches.
+    batched = 1 if fraction < 1 else batch
+
+    def clickme_pass(index: int) -> tf.data.Dataset:
+        pass_seed = _epoch_seed(seed, index + 1)
+        if spec["augment"]:
+            batches = data_lib.load_clickme(
+                spec["train_split"], batch, training=True, seed=pass_seed, shuffle_buffer=spec["shuffle_buffer"],
+                crop_scale=spec["crop_scale"], drop_remainder=True, reshuffle_each_iteration=False, **common,
+            )
+            return batches if batched == batch else batches.unbatch().batch(batched, drop_remainder=True)
+        return (data_lib.load_clickme(spec["train_split"], 256, training=False, **common).unbatch()
+                .shuffle(spec["shuffle_buffer"], seed=pass_seed, reshuffle_each_iteration=False)
+                .batch(batched, drop_remainder=True))
+
+    needed = steps_per_epoch * batch
+    clickme = _passes(clickme_pass, needed * fraction, data.train_examples)
+    if fraction == 1:
+        return clickme.skip(skip)  # endless: `fit` takes the epoch's remaining steps from it
+
+    def imagenet_pass(index: int) -> tf.data.Dataset:
+        return data_lib.load_imagenet(
+            "train", batch, spec["image_size"], training=spec["augment"], data_dir=data_dir, manual_dir=imagenet_dir,
+            seed=_epoch_seed(seed, index + 1), shuffle_buffer=spec["shuffle_buffer"], crop_scale=spec["crop_scale"],
+            download=False, drop_remainder=True, reshuffle_each_iteration=False,
+        )
+
+    imagenet = _passes(imagenet_pass, needed * (1 - fraction), data.imagenet_examples)
+    mixed = data_lib.mix_datasets(clickme.unbatch(), imagenet.unbatch(), fraction, batch_size=batch, seed=seed,
+                                  reshuffle_each_iteration=False)
+    return mixed.skip(skip)
+
+
+def _distributed(make_batches, distribution: tf.distribute.Strategy, batch_size: int, multiworker: bool):
+    """The global batches of `make_batches()`, each split across all replicas of all workers in order.
+
+    On one worker Keras splits each global batch across the local replicas itself. Across workers, TensorFlow's
+    automatic sharding hands out whole elements (or files), so a worker's replicas would not see the slice of
+    the global batch they see on one machine; here every worker reads the same global batches and keeps its
+    own contiguous slice of each, so that the step is the one-device step (the global batch, in order).
+    """
+    if not multiworker:
+        return make_batches().prefetch(tf.data.AUTOTUNE)
+
+    def per_worker(context: tf.distribute.InputContext) -> tf.data.Dataset:
+        per_replica = context.get_per_replica_batch_size(batch_size)
+        local = per_replica * (context.num_replicas_in_sync // context.num_input_pipelines)
+        start = context.input_pipeline_id * local
+        batches = make_batches().map(lambda batch: {key: value[start:start + local] for key, value in batch.items()})
+        batches = batches.unbatch().batch(per_replica, drop_remainder=True)
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+        return batches.with_options(options).prefetch(tf.data.AUTOTUNE)
+
+    return distribution.distribute_datasets_from_function(per_worker)
+
+
+def _shard_by_data(batches: tf.data.Dataset, multiworker: bool) -> tf.data.Dataset:
+    """Across workers, split each global batch by element (every worker reads the same order). TensorFlow's
+    default shards by file, which fails for datasets with fewer files than workers and would change the order."""
+    if not multiworker:
+        return batches
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return batches.with_options(options)
+
+
+def _validation_batches(recipe, data_dir, multiworker: bool):
+    spec, evaluation = recipe["data"], recipe["evaluation"]
+    batches = data_lib.load_clickme(spec["eval_split"], evaluation["batch_size"], image_size=spec["image_size"],
+                                    training=False, data_dir=data_dir, name=spec["clickme"], download=False)
+    if evaluation["limit"] is not None:
+        batches = batches.unbatch().take(evaluation["limit"]).batch(evaluation["batch_size"])
+    return _shard_by_data(batches, multiworker)
+
+
+def _build_model(recipe, num_classes: int) -> keras.Model:
+    """The recipe's model, with `num_classes` outputs; clear errors when it cannot be that."""
+    source, weights = recipe["model"]["source"], recipe["model"]["weights"]
+    image_size = recipe["data"]["image_size"]
+    if source in BUILTIN_MODELS:
+        if weights != "random":
+            raise ValueError(f"model.source {source!r} has no pretrained weights; use model.weights=random.")
+        # Imported here: the quickstart is a command module above this one's layer only in name (no cycle).
+        from harmonization.quickstart import quickstart_model
+
+        return quickstart_model(num_classes, image_size, recipe["seed"])
+    zoo_name = zoo.canonical_name(source)
+    if weights == "random":
+        if zoo_name is None:
+            raise ValueError(
+                f"model.weights=random builds a zoo architecture or {', '.join(BUILTIN_MODELS)}; {source!r} is "
+                f"neither (zoo: {', '.join(zoo.list_models())}). For a preset or hf:// model use "
+                "model.weights=pretrained."
+            )
+        return zoo.build(zoo.model_info(zoo_name), image_size=image_size, num_classes=num_classes)
+    model = loader.load_model(source)
+    outputs = model.output_shape[-1]
+    if outputs != num_classes:
+        raise ValueError(
+            f"Model {source!r} has {outputs} classes and the data {recipe['data']['clickme']!r} has {num_classes}: "
+            "the labels would index the wrong logits. Train a model with that many classes, or a dataset whose "
+            "labels are the model's."
+        )
+    if keras.mixed_precision.global_policy().name != "float32":
+        if zoo_name is None:
+            raise ValueError(
+                f"precision {recipe['precision']!r} with pretrained weights needs a zoo model (rebuilt under the "
+                f"policy, then given the weights); {source!r} is not one. Use precision=float32."
+            )
+        rebuilt = zoo.build(zoo.model_info(zoo_name), image_size=input_size(model), num_classes=num_classes)
+        rebuilt.set_weights(model.get_weights())
+        model = rebuilt
+    return model
+
+
+def _check_model_fits_data(model: keras.Model, recipe, num_classes: int) -> None:
+    size = input_size(model)
+    if size != recipe["data"]["image_size"]:
+        raise ValueError(
+            f"Model {recipe['model']['source']!r} takes {size}x{size} images and data.image_size is "
+            f"{recipe['data']['image_size']}; set --set data.image_size={size}."
+        )
+    outputs = model.output_shape[-1]
+    if outputs != num_classes:
+        raise ValueError(f"Model {recipe['model']['source']!r} has {outputs} classes; the data has {num_classes}.")
+
+
+def _learning_rate(recipe, steps_per_epoch: int):
+    """The learning rate, a schedule of the optimizer's step count (restored with it on resume)."""
+    peak = recipe["optimizer"]["learning_rate"]
+    schedule = recipe["schedule"]
+    total = recipe["epochs"] * steps_per_epoch
+    warmup = int(round(schedule["warmup_epochs"] * steps_per_epoch))
+    if schedule["name"] == "constant" and not warmup:
+        return peak
+    if schedule["name"] == "step":
+        boundaries = list(range(schedule["step_epochs"] * steps_per_epoch, total, schedule["step_epochs"] * steps_per_epoch))
+        values = [peak * schedule["step_gamma"] ** i for i in range(len(boundaries) + 1)]
+        return keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values) if boundaries else peak
+    if schedule["name"] == "cosine":
+        return keras.optimizers.schedules.CosineDecay(
+            0.0 if warmup else peak, decay_steps=max(1, total - warmup), alpha=schedule["final_fraction"],
+            warmup_target=peak if warmup else None, warmup_steps=warmup,
+        )
+    # constant after a linear warm-up
+    return keras.optimizers.schedules.CosineDecay(0.0, decay_steps=1, alpha=1.0, warmup_target=peak,
+                                                  warmup_steps=warmup)
+
+
+def _optimizer(recipe, steps_per_epoch: int) -> keras.optimizers.Optimizer:
+    spec = recipe["optimizer"]
+    rate = _learning_rate(recipe, steps_per_epoch)
+    clip = {"clipnorm": spec["clipnorm"]} if spec["clipnorm"] is not None else {}
+    if spec["name"] == "sgd":
+        return keras.optimizers.SGD(rate, momentum=spec["momentum"], nesterov=spec["nesterov"], **clip)
+    if spec["name"] == "adamw":
+        return keras.optimizers.AdamW(rate, weight_decay=spec["weight_decay"], **clip)
+    return keras.optimizers.Adam(rate, **clip)
+
+
+def _random_state_variables(model: keras.Model) -> list:
+    """Variables that are not weights but change what training does: the layers' random-generator states."""
+    weights = {id(v) for v in model.weights}
+    return [v for v in model.variables if id(v) not in weights]
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+class _Checkpointer(keras.callbacks.Callback):
+    """Writes a checkpoint every `every` steps and at each epoch's end (the chief only), and the history."""
+
+    def __init__(self, run: run_dir.RunDirectory, trainer: HarmonizedModel, *, epoch: int, first_step: int,
+                 steps_per_epoch: int, recipe, history: list, write: bool):
+        super().__init__()
+        self.run, self.trainer, self.epoch = run, trainer, epoch
+        self.first_step, self.steps_per_epoch = first_step, steps_per_epoch
+        self.every, self.keep = recipe["checkpoint"]["every_steps"], recipe["checkpoint"]["keep"]
+        self.history, self.write = history, write
+
+    def _save(self, step: int) -> None:
+        if not self.write:
+            return
+
+        def files(folder: Path) -> None:
+            self.trainer.save_weights(str(folder / run_dir.WEIGHTS_FILE))
+            states = _random_state_variables(self.trainer.model)
+            np.savez(folder / run_dir.RANDOM_STATE_FILE,
+                     **{f"v{i}": np.asarray(v.numpy()) for i, v in enumerate(states)})
+
+        state = {"epoch": step // self.steps_per_epoch, "step_in_epoch": step % self.steps_per_epoch,
+                 "steps_per_epoch": self.steps_per_epoch, "history": self.history}
+        self.run.write_checkpoint(step, state, files, self.keep)
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = self.first_step + batch + 1
+        if step % self.every == 0 and step % self.steps_per_epoch:  # the epoch's end is saved with its logs
+            self._save(step)
+
+    def on_epoch_end(self, epoch, logs=None):
+        row = {"epoch": epoch + 1, **{k: float(np.mean(v)) for k, v in (logs or {}).items()}}
+        self.history.append(row)
+        self._save((epoch + 1) * self.steps_per_epoch)
+        if self.write:
+            self.run.write_history(self.history)
+
+
+def _restore(trainer: HarmonizedModel, checkpoint: run_dir.Checkpoint) -> None:
+    trainer.optimizer.build(trainer.trainable_variables)
+    trainer.load_weights(str(checkpoint.path / run_dir.WEIGHTS_FILE))
+    states = _random_state_variables(trainer.model)
+    with np.load(checkpoint.path / run_dir.RANDOM_STATE_FILE) as saved:
+        if len(saved.files) != len(states):
+            raise run_dir.RunDirError(
+                f"Checkpoint {checkpoint.path} holds {len(saved.files)} random-generator states and the model has "
+                f"{len(states)}: it is not this model's."
+            )
+        for i, variable in enumerate(states):
+            variable.assign(saved[f"v{i}"])
+
+
+# ---------------------------------------------------------------------------------------------- the run
+def train(
+    recipe: str | os.PathLike | Mapping[str, Any] = "quickstart",
+    *,
+    model: str | None = None,
+    data_dir: str | os.PathLike | None = None,
+    imagenet_dir: str | os.PathLike | None = None,
+    out: str | os.PathLike | None = None,
+    epochs: int | None = None,
+    batch_size: int | None = None,
+    overrides: Sequence[str] = (),
+    strategy: str = "default",
+    download: bool = True,
+    callbacks: Sequence[keras.callbacks.Callback] = (),
+    verbose: int = 1,
+) -> TrainResult:
+    """Train (or resume) a harmonized model from a recipe; save it as a preset and score it.
+
+    Args:
+        recipe: a shipped recipe's name (`harmonization.recipes.list_recipes()`), a recipe file, or a dict.
+        model: overrides the recipe's `model.source` (zoo name, hf:// URI, preset directory, quickstart_cnn).
+        data_dir: TFDS data directory holding ClickMe (and ImageNet). Defaults to TFDS's.
+        imagenet_dir: the folder with ImageNet's archives (TFDS manual_dir), needed when the recipe mixes in
+            ImageNet (`data.clickme_fraction` < 1) and imagenet2012 is not prepared yet.
+        out: the run directory. Defaults to ./harmonization_runs/RECIPE_NAME. Running again with the same
+            settings resumes it (also after a kill); a directory of another recipe or model is refused.
+        epochs, batch_size: override the recipe's. `epochs` may grow between runs of one directory.
+        overrides: "key=value" recipe overrides (`--set`), e.g. "optimizer.learning_rate=0.01".
+        strategy: "default" (one device), "mirrored" (the local GPUs) or "multiworker" (workers from TF_CONFIG).
+        download: build the datasets when `data_dir` lacks them (ClickMe downloads; the generated dataset is
+            made locally). Under "multiworker" datasets must be prepared first.
+        callbacks: more Keras callbacks for each epoch's `fit`.
+        verbose: Keras progress: 0 none, 1 bars, 2 one line per epoch.
+
+    Returns:
+        A `TrainResult`: the run directory, the recipe, steps, history, preset and evaluation.
+    """
+    resolved = _resolve_recipe(recipe, overrides, model, epochs, batch_size)
+    fraction = resolved["data"]["clickme_fraction"]
+    data_dir = _check_folder(data_dir, "--data-dir", " (the TFDS data directory; omit it for TFDS's default)")
+    imagenet_dir = _check_folder(imagenet_dir, "--imagenet-dir", " (the folder with ImageNet's archives)")
+    if fraction < 1 and imagenet_dir is None and data_dir is None:
+        raise FileNotFoundError(
+            f"Recipe {resolved['name']!r} mixes ImageNet into training (data.clickme_fraction {fraction:g}): pass "
+            "--imagenet-dir with ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar (or --data-dir where "
+            "imagenet2012 is prepared), or --set data.clickme_fraction=1 to train on ClickMe alone."
+        )
+    out = Path(out) if out is not None else Path(DEFAULT_OUT_ROOT) / resolved["name"]
+    run = run_dir.RunDirectory(out, resolved)
+    run.claim(write=False)  # a bad --out fails before TensorFlow starts anything
+
+    distribution = _make_strategy(strategy)
+    multiworker = isinstance(distribution, tf.distribute.MultiWorkerMirroredStrategy)
+    chief = _is_chief(distribution)
+    replicas = distribution.num_replicas_in_sync
+    if resolved["batch_size"] % replicas:
+        raise ValueError(f"`batch_size` {resolved['batch_size']} must be a multiple of the {replicas} replicas "
+                         "(the global batch is split evenly).")
+    resumed = run.claim(write=chief)
+    if chief:
+        run.remove_partial()
+
+    keras.utils.set_random_seed(resolved["seed"])
+    if resolved["deterministic"]:
+        tf.config.experimental.enable_op_determinism()
+    previous_policy = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(resolved["precision"])
+    try:
+        return _run(resolved, run, distribution, chief, multiworker, resumed, data_dir, imagenet_dir,
+                    download and not multiworker, callbacks, verbose)
+    finally:
+        keras.mixed_precision.set_global_policy(previous_policy)
+
+
+def _say(chief: bool, text: str) -> None:
+    if chief:
+        print(text, flush=True)
+
+
+def _run(recipe, run, distribution, chief, multiworker, resumed, data_dir, imagenet_dir, download, callbacks,
+         verbose) -> TrainResult:
+    data = _open_data(recipe, data_dir, imagenet_dir, download)
+    steps_per_epoch = _steps_per_epoch(recipe, data)
+    total_steps = recipe["epochs"] * steps_per_epoch
+    with distribution.scope():
+        network = _build_model(recipe, data.num_classes)
+        _check_model_fits_data(network, recipe, data.num_classes)
+        trainer = HarmonizedModel(network, **recipe["harmonizer"])
+        trainer.compile(optimizer=_optimizer(recipe, steps_per_epoch))
+        checkpoint = run.latest_checkpoint()
+        history: list[dict[str, Any]] = []
+        start = 0
+        if checkpoint is not None:
+            if checkpoint.state.get("steps_per_epoch") != steps_per_epoch:
+                raise run_dir.RunDirError(
+                    f"{checkpoint.path} was written with {checkpoint.state.get('steps_per_epoch')} steps per epoch "
+                    f"and this run has {steps_per_epoch}: the data position would not match."
+                )
+            _restore(trainer, checkpoint)
+            start, history = checkpoint.step, list(checkpoint.state.get("history", []))
+    _say(chief, f"Run {run.path}: recipe {recipe['name']!r}, model {recipe['model']['source']!r} "
+                f"({recipe['model']['weights']} weights), {data.num_classes} classes, {recipe['epochs']} epochs x "
+                f"{steps_per_epoch} steps of {recipe['batch_size']} images, {distribution.num_replicas_in_sync} "
+                f"replica(s); saliency at {trainer.saliency_input.description}")
+    if checkpoint is not None:
+        _say(chief, f"Resuming from {checkpoint.path.name}: epoch {start // steps_per_epoch + 1}, step "
+                    f"{start % steps_per_epoch} of {steps_per_epoch} done")
+    validation = _validation_batches(recipe, data_dir, multiworker) if recipe["evaluation"]["each_epoch"] else None
+    board = keras.callbacks.TensorBoard(str(run.path / run_dir.TENSORBOARD)) if chief else None
+    for epoch in range(start // steps_per_epoch, recipe["epochs"]):
+        skip = start - epoch * steps_per_epoch if epoch == start // steps_per_epoch else 0
+        batches = _distributed(
+            lambda: _epoch_batches(recipe, data, data_dir, imagenet_dir, epoch, skip, steps_per_epoch), distribution,
+            recipe["batch_size"], multiworker,
+        )
+        checkpointer = _Checkpointer(run, trainer, epoch=epoch, first_step=epoch * steps_per_epoch + skip,
+                                     steps_per_epoch=steps_per_epoch, recipe=recipe, history=history, write=chief)
+        trainer.fit(batches, epochs=epoch + 1, initial_epoch=epoch, steps_per_epoch=steps_per_epoch - skip,
+                    validation_data=validation, callbacks=[checkpointer, *([board] if board else []), *callbacks],
+                    verbose=verbose if chief else 0, shuffle=False)  # shuffled by its seed, above
+    result = TrainResult(run.path, recipe, max(start, total_steps), steps_per_epoch,
+                         checkpoint.step if checkpoint is not None else None, history, is_chief=chief)
+    if not chief:
+        return result
+    result.preset = _save_final_preset(run, network, recipe, data, result)
+    if recipe["evaluation"]["final"]:
+        result.evaluation = _evaluate(run, recipe, data_dir)
+    return result
+
+
+def _save_final_preset(run, network, recipe, data: _Data, result: TrainResult) -> Path:
+    """The trained network as a preset, written beside and renamed into place (a kill leaves the old or none)."""
+    final = run.path / run_dir.PRESET
+    temporary = run.path / f".tmp-{run_dir.PRESET}.{os.getpid()}"
+    metadata = {
+        "name": f"{recipe['name']}_run",
+        "description": f"Trained by `harmonization train` with recipe {recipe['name']!r}.",
+        "recipe": recipe,
+        "training": {"steps": result.steps, "steps_per_epoch": result.steps_per_epoch,
+                     "history": result.history, "dataset": recipe["data"]["clickme"]},
+    }
+    if data.class_names is not None and len(data.class_names) == network.output_shape[-1]:
+        metadata["class_names"] = data.class_names
+    save_preset(network, temporary, metadata=metadata)
+    if final.exists():  # a re-run that reached the end again replaces it
+        shutil.rmtree(final)
+    os.replace(temporary, final)
+    print(f"Preset: {final}", flush=True)
+    return final
+
+
+def _evaluate(run, recipe, data_dir) -> dict[str, Any]:
+    """`harmonization evaluate` on the final preset, into RUN_DIR/evaluation."""
+    # Imported here: the evaluate command is a module of the command layer, used by the run's last step only.
+    from harmonization import evaluate_command
+
+    args = argparse.Namespace(
+        model=str(run.path / run_dir.PRESET), data_dir=data_dir, dataset=recipe["data"]["clickme"],
+        split=recipe["data"]["eval_split"], batch_size=recipe["evaluation"]["batch_size"],
+        limit=recipe["evaluation"]["limit"], out=str(run.path / run_dir.EVALUATION), download=False,
+        method=evaluate_command.DEFAULT_SALIENCY_METHOD,
+    )
+    return evaluate_command.run(args)
+
+
+def main(args: argparse.Namespace) -> int:
+    """`harmonization train` (cli.py parses the arguments)."""
+    result = train(
+        args.recipe, model=args.model, data_dir=args.data_dir, imagenet_dir=args.imagenet_dir, out=args.out,
+        epochs=args.epochs, batch_size=args.batch_size, overrides=args.set or (), strategy=args.strategy,
+        verbose=args.verbose,
+    )
+    if result.is_chief:
+        print(f"Run directory: {result.run_dir} ({result.steps} steps"
+              + (f", resumed from step {result.resumed_from_step}" if result.resumed_from_step is not None else "")
+              + ")")
+    sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit("Use `harmonization train` (harmonization.cli).")

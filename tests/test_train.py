@@ -1,0 +1,189 @@
+"""`harmonization train` run as users run it: the command in a fresh process, killed and resumed, on 2 workers.
+
+Training runs in subprocesses: a recipe's `deterministic` turns on TensorFlow's op determinism for the whole
+process, and a kill must be a real SIGKILL. The data is the quickstart's generated dataset (`quick` config),
+built once per session into a shared TFDS folder.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from harmonization import run_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICK = ["--set", "data.clickme=clickme_synthetic/quick", "--batch-size", "16", "--set", "checkpoint.every_steps=5",
+         "--set", "evaluation.limit=40", "--verbose", "2"]
+STEPS_PER_EPOCH = 200 // 16  # the quick config's 200 training images
+
+
+def _env(extra=None):
+    return {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3", **(extra or {})}
+
+
+def command(*args, env=None, timeout=400):
+    """`harmonization train ...` in a fresh process; (returncode, output)."""
+    process = subprocess.run(
+        [sys.executable, "-m", "harmonization", "train", *args], env=_env(env), cwd=ROOT,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout,
+    )
+    return process.returncode, process.stdout
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tfds")
+    code = ("import tensorflow_datasets as tfds, tfds_clickme, sys; "
+            "tfds.builder('clickme_synthetic/quick', data_dir=sys.argv[1]).download_and_prepare()")
+    subprocess.run([sys.executable, "-c", code, str(folder)], env=_env(), check=True, timeout=300,
+                   capture_output=True)
+    return folder
+
+
+def preset_weights(preset: Path) -> dict:
+    with h5py.File(preset / "model.weights.h5", "r") as file:
+        arrays = {}
+        file.visititems(lambda name, item: arrays.__setitem__(name, item[()]) if isinstance(item, h5py.Dataset)
+                        else None)
+    return arrays
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    first, second = preset_weights(a), preset_weights(b)
+    assert first.keys() == second.keys() and first
+    for name in first:
+        np.testing.assert_array_equal(first[name], second[name], err_msg=name)
+
+
+@pytest.mark.slow
+def test_a_run_writes_checkpoints_logs_a_preset_with_its_recipe_and_an_evaluation(data_dir, tmp_path):
+    out = tmp_path / "run"
+    code, output = command("--recipe", "quickstart", "--data-dir", str(data_dir), "--out", str(out),
+                           "--epochs", "2", *QUICK)
+    assert code == 0, output[-3000:]
+    history = json.loads((out / run_dir.HISTORY_JSON).read_text())
+    assert [row["epoch"] for row in history] == [1, 2]
+    for row in history:
+        assert np.isfinite([row["loss"], row["harmonization"], row["val_spearman"]]).all()
+    assert (out / run_dir.HISTORY_CSV).read_text().splitlines()[0].startswith("epoch,")
+    assert list((out / run_dir.TENSORBOARD).rglob("events.out.tfevents.*"))
+    # The final step's checkpoint is there (and only `keep` of them).
+    checkpoints = sorted(p.name for p in (out / run_dir.CHECKPOINTS).iterdir())
+    assert checkpoints[-1] == f"step-{2 * STEPS_PER_EPOCH:06d}" and len(checkpoints) == 2
+    metadata = json.loads((out / run_dir.PRESET / "metadata.json").read_text())
+    assert metadata["recipe"]["name"] == "quickstart" and metadata["recipe"]["batch_size"] == 16
+    assert metadata["recipe"]["data"]["clickme"] == "clickme_synthetic/quick"
+    assert metadata["training"]["steps"] == 2 * STEPS_PER_EPOCH
+    assert len(metadata["class_names"]) == 10
+    results = json.loads((out / run_dir.EVALUATION / "results.json").read_text())
+    assert results["data"]["num_images"] == 40 and np.isfinite(results["scores"]["spearman"])
+    assert "Preset:" in output and "Run directory:" in output
+
+    # Re-running the finished run trains nothing more; another recipe's settings are refused before training.
+    code, output = command("--recipe", "quickstart", "--data-dir", str(data_dir), "--out", str(out),
+                           "--epochs", "2", *QUICK, "--set", "optimizer.learning_rate=0.5")
+    assert code == 1 and "optimizer.learning_rate: 0.002 -> 0.5" in output, output[-2000:]
+    assert "Epoch" not in output
+
+
+KILLED_RUN = """
+import os, signal, sys
+import keras
+import harmonization
+
+class KillAt(keras.callbacks.Callback):
+    '''SIGKILL this process (no clean-up of any kind) after global step {kill_at}.'''
+    def __init__(self):
+        super().__init__()
+        self.step = {first}
+    def on_train_batch_end(self, batch, logs=None):
+        self.step += 1
+        if self.step == {kill_at}:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+harmonization.train("quickstart", data_dir=sys.argv[1], out=sys.argv[2], epochs=3, batch_size=16,
+                    overrides=["data.clickme=clickme_synthetic/quick", "checkpoint.every_steps=5",
+                               "evaluation.limit=40"], callbacks=[KillAt()], verbose=2)
+"""
+
+
+@pytest.mark.slow
+def test_a_run_killed_mid_epoch_resumes_to_the_weights_of_an_uninterrupted_run(data_dir, tmp_path):
+    args = ["--recipe", "quickstart", "--data-dir", str(data_dir), "--epochs", "3", *QUICK]
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    code, output = command(*args, "--out", str(whole))
+    assert code == 0, output[-3000:]
+
+    # Killed at step 18 of 36: epoch 2's 6th step, 3 steps after the checkpoint of step 15.
+    kill_at = STEPS_PER_EPOCH + 6
+    script = KILLED_RUN.format(kill_at=kill_at, first=0)
+    killed = subprocess.run([sys.executable, "-c", script, str(data_dir), str(resumed)], env=_env(), cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=400)
+    assert killed.returncode == -signal.SIGKILL, killed.stdout[-3000:]
+    latest = run_dir.RunDirectory(resumed, {}).latest_checkpoint()
+    assert latest.step == 15 and 0 < latest.state["step_in_epoch"] < STEPS_PER_EPOCH  # mid-epoch
+    assert not (resumed / run_dir.PRESET).exists()
+
+    code, output = command(*args, "--out", str(resumed))  # the same command again
+    assert code == 0, output[-3000:]
+    assert "Resuming from step-000015: epoch 2, step 3 of 12 done" in output
+    assert_same_weights(whole / run_dir.PRESET, resumed / run_dir.PRESET)
+    history = json.loads((resumed / run_dir.HISTORY_JSON).read_text())
+    assert [row["epoch"] for row in history] == [1, 2, 3]
+
+
+def _free_ports(count):
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+@pytest.mark.slow
+def test_two_local_workers_train_through_the_command(data_dir, tmp_path):
+    workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
+    out = tmp_path / "multiworker"
+    args = ["--recipe", "quickstart", "--data-dir", str(data_dir), "--out", str(out), "--epochs", "1",
+            "--strategy", "multiworker", *QUICK]
+    processes = []
+    for index in range(2):
+        tf_config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
+        processes.append(subprocess.Popen(
+            [sys.executable, "-m", "harmonization", "train", *args], env=_env({"TF_CONFIG": json.dumps(tf_config)}),
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        ))
+    outputs = []
+    for process in processes:
+        try:
+            outputs.append(process.communicate(timeout=400)[0])
+        except subprocess.TimeoutExpired:
+            for p in processes:
+                p.kill()
+            pytest.fail("a worker did not finish in 400 s")
+    for process, output in zip(processes, outputs):
+        assert process.returncode == 0, output[-3000:]
+    # Worker 0 (the chief) wrote the run; the global batch of 16 was split over the 2 workers' replicas.
+    assert "2 replica(s)" in outputs[0] and "Preset:" in outputs[0]
+    assert "Preset:" not in outputs[1]
+    history = json.loads((out / run_dir.HISTORY_JSON).read_text())
+    assert len(history) == 1 and np.isfinite(history[0]["loss"])
+    # The same training as on one device: the same global batches in the same order, each split between the
+    # workers, gradients summed across them (to float noise: Adam's first steps amplify the summation order's).
+    single = tmp_path / "single"
+    code, output = command(*[a for a in args if a not in ("--strategy", "multiworker")][:-len(QUICK)], *QUICK,
+                           "--out", str(single))
+    assert code == 0, output[-3000:]
+    first, second = preset_weights(out / run_dir.PRESET), preset_weights(single / run_dir.PRESET)
+    for name in first:
+        np.testing.assert_allclose(first[name], second[name], rtol=0, atol=5e-5, err_msg=name)
