@@ -140,6 +140,17 @@ def test_a_run_killed_mid_epoch_resumes_to_the_weights_of_an_uninterrupted_run(d
     assert [row["epoch"] for row in history] == [1, 2, 3]
 
 
+@pytest.mark.slow
+def test_mixed_bfloat16_is_a_recipe_setting(data_dir, tmp_path):
+    out = tmp_path / "bf16"
+    code, output = command("--recipe", "quickstart", "--data-dir", str(data_dir), "--out", str(out), "--epochs", "1",
+                           *QUICK, "--set", "precision=mixed_bfloat16", "--set", "evaluation.final=false")
+    assert code == 0, output[-3000:]
+    history = json.loads((out / run_dir.HISTORY_JSON).read_text())
+    assert np.isfinite([history[0]["loss"], history[0]["harmonization"]]).all()
+    assert '"mixed_bfloat16"' in (out / run_dir.PRESET / "config.json").read_text()  # the layers computed in bf16
+
+
 def _free_ports(count):
     sockets = [socket.socket() for _ in range(count)]
     for s in sockets:
@@ -187,3 +198,61 @@ def test_two_local_workers_train_through_the_command(data_dir, tmp_path):
     first, second = preset_weights(out / run_dir.PRESET), preset_weights(single / run_dir.PRESET)
     for name in first:
         np.testing.assert_allclose(first[name], second[name], rtol=0, atol=5e-5, err_msg=name)
+
+
+# ------------------------------------------------------------------ the data of an epoch (fast, in-process)
+SIZE = 8
+
+
+def _fake_split(offset, count, with_maps):
+    """A loader of `count` examples whose images hold their id (offset + i), ordered by `seed`, batched."""
+
+    def load(split, batch_size, image_size=SIZE, training=False, *, seed=None, drop_remainder=None, **_):
+        import tensorflow as tf
+
+        order = np.random.default_rng(seed if training or seed is not None else 0).permutation(count) + offset
+        examples = {"image": np.repeat(order.astype("float32"), SIZE * SIZE * 3).reshape(count, SIZE, SIZE, 3),
+                    "label": (order % 10).astype("int64")}
+        if with_maps:
+            examples["heatmap"] = np.ones((count, SIZE, SIZE, 1), "float32")
+            examples["token"] = np.ones(count, "float32")
+        return tf.data.Dataset.from_tensor_slices(examples).batch(batch_size, drop_remainder=bool(drop_remainder))
+
+    return load
+
+
+def _ids(dataset, steps):
+    return [batch["image"].numpy()[:, 0, 0, 0].astype(int).tolist() for batch in dataset.take(steps)]
+
+
+@pytest.mark.parametrize("fraction", [1.0, 0.5])
+def test_an_epochs_batches_are_a_pure_function_of_seed_and_epoch(monkeypatch, fraction):
+    from harmonization import recipes, trainer
+
+    monkeypatch.setattr(trainer.data_lib, "load_clickme", _fake_split(0, 24, with_maps=True))
+    monkeypatch.setattr(trainer.data_lib, "load_imagenet", _fake_split(1000, 24, with_maps=False))
+    recipe = recipes.load_recipe("quickstart", [f"data.clickme_fraction={fraction}", "data.augment=true",
+                                                f"data.image_size={SIZE}", "batch_size=4", "steps_per_epoch=15"])
+    data = trainer._Data("fake", 10, None, train_examples=24, imagenet_examples=24)
+    steps = recipe["steps_per_epoch"]
+
+    def epoch(e, skip=0):
+        return trainer._epoch_batches(recipe, data, None, None, e, skip, steps)
+
+    first = epoch(0)
+    ids = _ids(first, steps)
+    assert _ids(first, steps) == ids  # iterated again (Keras does, under tf.distribute): the same batches
+    assert _ids(epoch(0), steps) == ids  # rebuilt (a resumed run does): the same batches
+    assert _ids(epoch(0, skip=5), steps - 5) == ids[5:]  # resumed mid-epoch: the rest, in order
+    assert _ids(epoch(1), steps) != ids  # the next epoch: another order
+    clickme = [i for batch in ids for i in batch if i < 1000]
+    # 15 steps of 4 need more than one pass over 24 ClickMe examples: the next pass has its own order.
+    if fraction == 1:
+        assert sorted(clickme[:24]) == list(range(24)) and clickme[24:48] != clickme[:24]
+    else:
+        imagenet = [i for batch in ids for i in batch if i >= 1000]
+        assert clickme and imagenet  # both sources, each example's token says which
+        for batch in first.take(steps):
+            from_clickme = batch["image"].numpy()[:, 0, 0, 0] < 1000
+            np.testing.assert_array_equal(batch["token"].numpy(), from_clickme.astype("float32"))
+            assert (batch["heatmap"].numpy()[~from_clickme] == 0).all()
