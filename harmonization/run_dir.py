@@ -158,7 +158,8 @@ class RunDirectory:
                 if _CHECKPOINT_NAME.match(item.name) and (item / STATE_FILE).is_file():
                     try:
                         state = json.loads((item / STATE_FILE).read_text(encoding="utf-8"))
-                    except ValueError:
+                        int(state["step"])
+                    except (ValueError, KeyError, TypeError):  # not written by us: not a checkpoint
                         continue
                     found.append(Checkpoint(item, state))
         return sorted(found, key=lambda c: c.step)

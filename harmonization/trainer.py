@@ -467,17 +467,13 @@ def train(
     if resolved["batch_size"] % replicas:
         raise ValueError(f"`batch_size` {resolved['batch_size']} must be a multiple of the {replicas} replicas "
                          "(the global batch is split evenly).")
-    resumed = run.claim(write=chief)
-    if chief:
-        run.remove_partial()
-
     keras.utils.set_random_seed(resolved["seed"])
     if resolved["deterministic"]:
         tf.config.experimental.enable_op_determinism()
     previous_policy = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy(resolved["precision"])
     try:
-        return _run(resolved, run, distribution, chief, multiworker, resumed, data_dir, imagenet_dir,
+        return _run(resolved, run, distribution, chief, multiworker, data_dir, imagenet_dir,
                     download and not multiworker, callbacks, verbose)
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
@@ -488,7 +484,7 @@ def _say(chief: bool, text: str) -> None:
         print(text, flush=True)
 
 
-def _run(recipe, run, distribution, chief, multiworker, resumed, data_dir, imagenet_dir, download, callbacks,
+def _run(recipe, run, distribution, chief, multiworker, data_dir, imagenet_dir, download, callbacks,
          verbose) -> TrainResult:
     data = _open_data(recipe, data_dir, imagenet_dir, download)
     steps_per_epoch = _steps_per_epoch(recipe, data)
@@ -496,6 +492,10 @@ def _run(recipe, run, distribution, chief, multiworker, resumed, data_dir, image
     with distribution.scope():
         network = _build_model(recipe, data.num_classes)
         _check_model_fits_data(network, recipe, data.num_classes)
+        # Only now is the run recorded: a run refused by a check above leaves --out as it was, free for the fix.
+        run.claim(write=chief)
+        if chief:
+            run.remove_partial()
         trainer = HarmonizedModel(network, **recipe["harmonizer"])
         trainer.compile(optimizer=_optimizer(recipe, steps_per_epoch))
         checkpoint = run.latest_checkpoint()

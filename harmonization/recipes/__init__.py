@@ -85,7 +85,10 @@ class Field:
         elif self.types == (int,):
             ok = isinstance(value, int) and not isinstance(value, bool)
         elif float in self.types:
-            ok = _is_number(value) and math.isfinite(float(value))
+            try:
+                ok = _is_number(value) and math.isfinite(float(value))
+            except OverflowError:  # a JSON integer beyond float's range
+                ok = False
             value = float(value) if ok else value
         else:
             ok = isinstance(value, str) and (self.choices is None or value in self.choices)
@@ -256,7 +259,9 @@ def _check_consistent(recipe: Mapping[str, Any], where: str) -> None:
 
 def from_dict(data: Mapping[str, Any], where: str = "recipe") -> dict[str, Any]:
     """A complete, checked recipe from a (partial) dict: missing keys take their defaults."""
-    version = data.get("recipe_version", RECIPE_VERSION) if isinstance(data, Mapping) else None
+    if not isinstance(data, Mapping):
+        raise RecipeError(f"{where} must be a JSON object of recipe keys; got {type(data).__name__} {data!r:.80}.")
+    version = data.get("recipe_version", RECIPE_VERSION)
     if version != RECIPE_VERSION:
         raise RecipeError(f"{where}: `recipe_version` is {version!r}; this version of harmonization reads "
                           f"recipe_version {RECIPE_VERSION}.")
@@ -288,6 +293,9 @@ def load_recipe(name_or_path: str | os.PathLike, overrides: Iterable[str] = ()) 
         where = f"recipe {text!r}"
         raw = (_shipped() / f"{text}.json").read_text(encoding="utf-8")
     elif path.suffix == ".json" or path.exists():
+        if path.is_dir():
+            raise RecipeError(f"Recipe {text!r} is a directory; pass a recipe JSON file or a shipped recipe's name "
+                              f"({', '.join(list_recipes())}).")
         if not path.is_file():
             raise RecipeError(f"Recipe file {text!r} does not exist. Shipped recipes: {', '.join(list_recipes())}.")
         where = f"recipe file {text!r}"
@@ -311,8 +319,12 @@ def parse_override(text: str) -> tuple[str, Any]:
     key = key.strip()
     if not sep or not key:
         raise RecipeError(f"--set {text!r}: expected KEY=VALUE, e.g. --set optimizer.learning_rate=0.01.")
+    if key == "sources":
+        raise RecipeError(f"--set {text!r}: `sources` is free text about the values; edit it in a recipe file.")
     if key not in _FIELDS:
         raise RecipeError(f"--set {text!r}: unknown recipe key `{key}`.{_closest(key)}")
+    if _FIELDS[key].types == (str,) and not _FIELDS[key].nullable:
+        return key, value  # a text key takes the text as typed (`--set name=1` is the name "1")
     try:
         parsed = json.loads(value)
     except json.JSONDecodeError:
@@ -341,6 +353,8 @@ def with_settings(recipe: Mapping[str, Any], **settings: Any) -> dict[str, Any]:
     """`recipe` with top-level keys replaced (the command's --epochs, --batch-size), checked."""
     result = copy.deepcopy(dict(recipe))
     for key, value in settings.items():
+        if key not in _FIELDS or "." in key:
+            raise RecipeError(f"Unknown top-level recipe key `{key}`.{_closest(key)}")
         if value is not None:
             result[key] = _FIELDS[key].check(value, key)
     _check_consistent(result, "recipe")
