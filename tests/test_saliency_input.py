@@ -54,15 +54,19 @@ def relative_difference(a, b):
 
 
 # ------------------------------------------------------------------ the step
+# The published weight decay, and one large enough that its gradient (added after the tape, to save memory:
+# HarmonizedModel._add_weight_decay_gradients) is a visible part of the step.
+@pytest.mark.parametrize("lambda_weights", [1e-5, 0.05])
 @pytest.mark.parametrize("key", sorted(TINY))
-def test_zoo_step_equals_the_published_step_on_the_bare_network(key):
+def test_zoo_step_equals_the_published_step_on_the_bare_network(key, lambda_weights):
     full, bare = build_pair(key)
     images, heatmaps, labels = batch(full.input_shape[1])
     onehot = tf.one_hot(labels, NUM_CLASSES)
     with second_order.exact_moments():  # exact second order on both sides (tested in test_second_order)
-        want = published_harmonizer_gradients(bare, published_preprocess_input_f32(images), heatmaps, onehot)
+        want = published_harmonizer_gradients(bare, published_preprocess_input_f32(images), heatmaps, onehot,
+                                              lambda_weights=lambda_weights)
 
-    hmodel = harmonization.HarmonizedModel(full)
+    hmodel = harmonization.HarmonizedModel(full, lambda_weights=lambda_weights)
     assert hmodel.saliency_input.layers == ("preprocessing",)
     assert "'preprocessing' (ImageNetNormalization)" in repr(hmodel.saliency_input)
     lr = 0.5
