@@ -326,7 +326,9 @@ def _learning_rate(recipe, steps_per_epoch: int):
     if schedule["name"] == "constant" and not warmup:
         return peak
     if schedule["name"] == "step":
-        boundaries = list(range(schedule["step_epochs"] * steps_per_epoch, total, schedule["step_epochs"] * steps_per_epoch))
+        every = schedule["step_epochs"] * steps_per_epoch
+        # Keras keeps a value up to and including its boundary: the decayed rate starts at step `every` itself.
+        boundaries = [step - 1 for step in range(every, total, every)]
         values = [peak * schedule["step_gamma"] ** i for i in range(len(boundaries) + 1)]
         return keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values) if boundaries else peak
     if schedule["name"] == "cosine":
@@ -513,7 +515,11 @@ def _run(recipe, run, distribution, chief, multiworker, data_dir, imagenet_dir, 
                 f"({recipe['model']['weights']} weights), {data.num_classes} classes, {recipe['epochs']} epochs x "
                 f"{steps_per_epoch} steps of {recipe['batch_size']} images, {distribution.num_replicas_in_sync} "
                 f"replica(s); saliency at {trainer.saliency_input.description}")
-    if checkpoint is not None:
+    finished = start >= total_steps
+    if finished and checkpoint is not None:
+        _say(chief, f"The run has trained its {recipe['epochs']} epochs ({start} steps): nothing to train "
+                    "(raise --epochs to train on).")
+    elif checkpoint is not None:
         _say(chief, f"Resuming from {checkpoint.path.name}: epoch {start // steps_per_epoch + 1}, step "
                     f"{start % steps_per_epoch} of {steps_per_epoch} done")
     validation = _validation_batches(recipe, data_dir, multiworker) if recipe["evaluation"]["each_epoch"] else None
@@ -533,10 +539,28 @@ def _run(recipe, run, distribution, chief, multiworker, data_dir, imagenet_dir, 
                          checkpoint.step if checkpoint is not None else None, history, is_chief=chief)
     if not chief:
         return result
-    result.preset = _save_final_preset(run, network, recipe, data, result)
+    preset, scores = run.path / run_dir.PRESET, run.path / run_dir.EVALUATION / "results.json"
+    reused = finished and _preset_steps(preset) == result.steps  # a finished run, run again: its outputs stand
+    if reused:
+        result.preset = preset
+        print(f"Preset: {preset}", flush=True)
+    else:
+        result.preset = _save_final_preset(run, network, recipe, data, result)
     if recipe["evaluation"]["final"]:
-        result.evaluation = _evaluate(run, recipe, data_dir)
+        if reused and scores.is_file():
+            result.evaluation = json.loads(scores.read_text(encoding="utf-8"))
+            print(f"Evaluation: {scores}", flush=True)
+        else:
+            result.evaluation = _evaluate(run, recipe, data_dir)
     return result
+
+
+def _preset_steps(preset: Path) -> int | None:
+    """The training steps a run's preset was saved after, or None without a readable one."""
+    try:
+        return int(json.loads((preset / "metadata.json").read_text(encoding="utf-8"))["training"]["steps"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _save_final_preset(run, network, recipe, data: _Data, result: TrainResult) -> Path:

@@ -87,7 +87,14 @@ def test_a_run_writes_checkpoints_logs_a_preset_with_its_recipe_and_an_evaluatio
     assert results["data"]["num_images"] == 40 and np.isfinite(results["scores"]["spearman"])
     assert "Preset:" in output and "Run directory:" in output
 
-    # Re-running the finished run trains nothing more; another recipe's settings are refused before training.
+    # Re-running the finished run trains nothing more and keeps its outputs.
+    stamp = (out / run_dir.PRESET / "model.weights.h5").stat().st_mtime_ns
+    code, again = command("--recipe", "quickstart", "--data-dir", str(data_dir), "--out", str(out), "--epochs", "2",
+                          *QUICK)
+    assert code == 0, again[-3000:]
+    assert "nothing to train" in again and "Epoch" not in again and "Scoring" not in again
+    assert (out / run_dir.PRESET / "model.weights.h5").stat().st_mtime_ns == stamp
+    # Another recipe's settings are refused before training.
     code, output = command("--recipe", "quickstart", "--data-dir", str(data_dir), "--out", str(out),
                            "--epochs", "2", *QUICK, "--set", "optimizer.learning_rate=0.5")
     assert code == 1 and "optimizer.learning_rate: 0.002 -> 0.5" in output, output[-2000:]
@@ -256,3 +263,51 @@ def test_an_epochs_batches_are_a_pure_function_of_seed_and_epoch(monkeypatch, fr
             from_clickme = batch["image"].numpy()[:, 0, 0, 0] < 1000
             np.testing.assert_array_equal(batch["token"].numpy(), from_clickme.astype("float32"))
             assert (batch["heatmap"].numpy()[~from_clickme] == 0).all()
+
+
+# ------------------------------------------------------------------ the learning rate and the optimizer
+def _rates(recipe, steps_per_epoch, steps):
+    from harmonization import trainer
+
+    schedule = trainer._learning_rate(recipe, steps_per_epoch)
+    return np.array([float(schedule(step)) if callable(schedule) else schedule for step in steps])
+
+
+@pytest.mark.parametrize("name, warmup", [("cosine", 2.0), ("cosine", 0.0), ("step", 0.0), ("constant", 1.0),
+                                          ("constant", 0.0)])
+def test_the_learning_rate_follows_its_formula(name, warmup):
+    """Against the schedules written out in float64: linear warm-up from 0, then cosine to final_fraction x peak,
+    a step decay every step_epochs, or constant."""
+    from harmonization import recipes
+
+    recipe = recipes.load_recipe("quickstart", [f"schedule.name={name}", f"schedule.warmup_epochs={warmup}",
+                                                "schedule.final_fraction=0.1", "schedule.step_epochs=3",
+                                                "schedule.step_gamma=0.5", "optimizer.learning_rate=0.4",
+                                                "epochs=8"])
+    per_epoch, peak = 10, 0.4
+    steps = np.arange(0, 80)
+    w, total = int(warmup * per_epoch), 80
+    if name == "cosine":
+        t = np.clip((steps - w) / (total - w), 0, 1)
+        want = peak * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * t)))
+    elif name == "step":
+        want = peak * 0.5 ** (steps // 30)
+    else:
+        want = np.full(steps.shape, peak)
+    if w:
+        want = np.where(steps < w, peak * steps / w, want)
+    np.testing.assert_allclose(_rates(recipe, per_epoch, steps), want, rtol=1e-5, atol=1e-7)
+
+
+def test_the_recipes_optimizer_is_built_as_written():
+    import keras
+
+    from harmonization import recipes, trainer
+
+    sgd = trainer._optimizer(recipes.load_recipe("resnet50v2_harmonized"), 100)
+    assert isinstance(sgd, keras.optimizers.SGD) and sgd.nesterov and sgd.momentum == pytest.approx(0.9)
+    adam = trainer._optimizer(recipes.load_recipe("vit_b16_harmonized"), 100)
+    assert type(adam) is keras.optimizers.Adam and adam.clipnorm == pytest.approx(1.0)
+    adamw = trainer._optimizer(recipes.load_recipe("quickstart", ["optimizer.name=adamw",
+                                                                  "optimizer.weight_decay=0.02"]), 100)
+    assert isinstance(adamw, keras.optimizers.AdamW) and adamw.weight_decay == pytest.approx(0.02)
