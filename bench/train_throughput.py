@@ -83,7 +83,8 @@ def child(kind: str, epochs: int, data_dir: str) -> dict:
         model = quickstart_model(data.num_classes, recipe["data"]["image_size"], recipe["seed"])
         model.compile(optimizer=keras.optimizers.Adam(recipe["optimizer"]["learning_rate"]),
                       loss=keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=0.1),
-                      metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")])
+                      metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
+                      jit_compile=False)  # as HarmonizedModel compiles by default: XLA is not what is compared
         for epoch in range(epochs):
             batches = trainer._epoch_batches(recipe, data, data_dir, None, epoch, 0, steps).map(
                 lambda b: (b["image"], tf.one_hot(b["label"], data.num_classes)))

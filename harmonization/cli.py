@@ -16,6 +16,8 @@ from harmonization.cli_common import import_tensorflow_quietly, input_size
 
 # Commands that answer from the zoo's JSON entries: TensorFlow is not imported at all.
 _WITHOUT_TENSORFLOW = frozenset(("list", "info"))
+# Commands that check their own arguments first and import TensorFlow themselves.
+_TENSORFLOW_LATER = frozenset(("train",))
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -222,6 +224,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from harmonization import recipes
+
+    # A bad recipe or --set is reported at once, before TensorFlow's few seconds of start-up.
+    recipes.with_settings(recipes.load_recipe(args.recipe, args.set or ()), epochs=args.epochs,
+                          batch_size=args.batch_size)
+    import_tensorflow_quietly()
     from harmonization import trainer
 
     return trainer.main(args)
@@ -331,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--imagenet-dir", default=None, metavar="DIR",
                    help="folder with ILSVRC2012_img_{train,val}.tar, for recipes that mix in ImageNet")
     p.add_argument("--out", default=None, metavar="RUN_DIR",
-                   help="run directory (default: ./harmonization_runs/RECIPE)")
+                   help="run directory (default: ./harmonization_runs/NAME, the recipe's name)")
     p.add_argument("--epochs", type=ev.positive_int, default=None, metavar="N", help="override the recipe's epochs")
     p.add_argument("--batch-size", type=ev.positive_int, default=None, metavar="N",
                    help="override the recipe's global batch size")
@@ -359,7 +367,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _cmd_quickstart(argparse.Namespace(command="quickstart"), argv[1:])
     args = parser.parse_args(argv)
     try:
-        if args.command not in _WITHOUT_TENSORFLOW:
+        if args.command not in _WITHOUT_TENSORFLOW | _TENSORFLOW_LATER:
             import_tensorflow_quietly()
         return args.func(args)
     except (KeyError, ValueError, OSError) as error:

@@ -2,7 +2,7 @@
 
     RUN_DIR/
       run.json                 the recipe that fixes what the checkpoints mean (refused if another one comes)
-      checkpoints/step-000120/ state.weights.h5 (weights + optimizer), random_state.npz, state.json
+      checkpoints/step-000120/ state.weights.h5 (weights + optimizer), random_state.npz, metrics.npz, state.json
       history.json, history.csv one row per finished epoch
       tensorboard/             TensorBoard event files
       preset/                  the final model, as a preset (with its card data and the recipe in its metadata)
@@ -10,12 +10,16 @@
 
 A checkpoint is written into a hidden `.tmp-*` folder and renamed into place: a kill at any moment leaves
 either a whole checkpoint or none, and a run resumes from the newest whole one (left-over `.tmp-*` folders
-are removed). Files are replaced the same way (`write_atomic`). Standard library only.
+are removed). Files are replaced the same way (`write_atomic`). While a run trains, its chief holds an advisory
+lock on `RUN_DIR/.lock`: a second run on the same directory (a job requeued while the first still runs) is
+refused instead of overwriting the first's checkpoints. Standard library only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
 import io
 import json
 import os
@@ -33,6 +37,8 @@ CHECKPOINTS = "checkpoints"
 STATE_FILE = "state.json"
 WEIGHTS_FILE = "state.weights.h5"
 RANDOM_STATE_FILE = "random_state.npz"
+METRICS_FILE = "metrics.npz"
+LOCK_FILE = ".lock"
 HISTORY_JSON = "history.json"
 HISTORY_CSV = "history.csv"
 TENSORBOARD = "tensorboard"
@@ -84,6 +90,18 @@ class Checkpoint:
         return int(self.state["step"])
 
 
+def _is_partial(name: str) -> bool:
+    return name.startswith(_TEMPORARY_PREFIX) or (name.startswith(".") and name.endswith(".partial"))
+
+
+def _discard(folder: Path) -> None:
+    """Delete a checkpoint folder so that a kill midway leaves no part of it that looks whole: it is renamed
+    to a `.tmp-*` name first (one atomic step), then deleted (`remove_partial` finishes a killed deletion)."""
+    doomed = folder.with_name(f"{_TEMPORARY_PREFIX}old-{folder.name}.{os.getpid()}")
+    os.replace(folder, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
 class RunDirectory:
     """The run directory of one recipe: claims it, lists and writes checkpoints, writes the history."""
 
@@ -122,7 +140,8 @@ class RunDirectory:
         if self.path.exists():
             if not self.path.is_dir():
                 raise RunDirError(f"--out {str(self.path)!r} is a file; a run directory is a folder.")
-            if any(self.path.iterdir()):
+            # A `.tmp-*` entry is a record being written (another worker's, this instant): not someone's files.
+            if any(not _is_partial(item.name) and item.name != LOCK_FILE for item in self.path.iterdir()):
                 raise RunDirError(
                     f"--out {str(self.path)!r} is not empty and is not a run directory (it has no {RUN_FILE}); "
                     "choose a new or empty folder, so that nothing there is overwritten."
@@ -142,12 +161,29 @@ class RunDirectory:
         write_atomic(self.path / RUN_FILE, json.dumps(record, indent=2) + "\n")
 
     # ------------------------------------------------------------------ checkpoints
+    @contextlib.contextmanager
+    def lock(self):
+        """Hold the run directory for this process (an advisory `flock`, released when it ends, also by a kill)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        with open(self.path / LOCK_FILE, "a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise RunDirError(
+                    f"Run directory {self.path} is in use by another running `harmonization train` (it holds "
+                    f"{self.path / LOCK_FILE}); wait for it to end, or choose another --out."
+                ) from None
+            try:
+                yield self
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
     def remove_partial(self) -> None:
-        """Delete what a killed run left half-written (`.tmp-*` folders and files)."""
+        """Delete what a killed run left half-written (`.tmp-*` entries, `save_preset`'s `.preset.*.partial`)."""
         for folder in (self.path, self.checkpoints):
             if folder.is_dir():
                 for item in folder.iterdir():
-                    if item.name.startswith(_TEMPORARY_PREFIX):
+                    if _is_partial(item.name):
                         shutil.rmtree(item, ignore_errors=True) if item.is_dir() else item.unlink(missing_ok=True)
 
     def list_checkpoints(self) -> list[Checkpoint]:
@@ -187,12 +223,12 @@ class RunDirectory:
             if item.is_file():
                 with open(item, "rb") as handle:
                     os.fsync(handle.fileno())
-        if final.exists():  # the same step again (a resumed run re-reaching it): the new one replaces it
-            shutil.rmtree(final)
+        if final.exists():  # the same step written again (a run started over): moved aside whole, then deleted
+            _discard(final)
         os.replace(temporary, final)
         _fsync_dir(self.checkpoints)
         for old in self.list_checkpoints()[:-keep]:
-            shutil.rmtree(old.path, ignore_errors=True)
+            _discard(old.path)
         return Checkpoint(final, state)
 
     # ------------------------------------------------------------------ history

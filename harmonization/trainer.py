@@ -17,13 +17,16 @@ One code path for the command and for Python. The run:
 augmentation. A run resumed at step `s` of epoch `e` rebuilds epoch `e`'s data and skips its first `s`
 batches, restores the weights, the optimizer's state (with its step count, hence the learning rate) and the
 layers' random-generator state. With `deterministic` (TensorFlow's op determinism) the resumed run ends with
-exactly the weights of an uninterrupted one; without it, to float noise. The price of the replay is reading
-(not training on) the skipped batches again.
+exactly the weights of an uninterrupted one; without it, not bit for bit, as two runs with non-deterministic
+kernels differ. The price of the replay is reading (not training on) the skipped batches again. Raising
+`epochs` extends a run, but its schedule is then laid over the new total (a cosine decay restarts from where
+the longer curve is), so it is no longer the run it would have been.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -62,6 +65,7 @@ class TrainResult:
     preset: Path | None = None
     evaluation: dict[str, Any] | None = None
     is_chief: bool = True
+    trained_steps: int = 0  # by this call
 
 
 # ---------------------------------------------------------------------------------------------- set-up
@@ -156,10 +160,11 @@ def _steps_per_epoch(recipe, data: _Data) -> int:
         examples = data.train_examples
     steps = int(examples // recipe["batch_size"])
     if steps < 1:
-        raise ValueError(
-            f"`batch_size` {recipe['batch_size']} is larger than the {data.train_examples} training examples of "
-            f"{data.clickme!r} {recipe['data']['train_split']!r}: an epoch would have no full batch."
-        )
+        what = (f"the {data.imagenet_examples} ImageNet training examples at a ClickMe share of {fraction:g}"
+                if fraction < 1 else f"the {data.train_examples} training examples of {data.clickme!r} "
+                f"{recipe['data']['train_split']!r}")
+        raise ValueError(f"`batch_size` {recipe['batch_size']} is larger than {what}: an epoch would have no full "
+                         "batch.")
     return steps
 
 
@@ -256,13 +261,22 @@ def _shard_by_data(batches: tf.data.Dataset, multiworker: bool) -> tf.data.Datas
     return batches.with_options(options)
 
 
-def _validation_batches(recipe, data_dir, multiworker: bool):
+def _validation_batches(recipe, data_dir, replicas: int, multiworker: bool):
     spec, evaluation = recipe["data"], recipe["evaluation"]
-    batches = data_lib.load_clickme(spec["eval_split"], evaluation["batch_size"], image_size=spec["image_size"],
-                                    training=False, data_dir=data_dir, name=spec["clickme"], download=False)
-    if evaluation["limit"] is not None:
-        batches = batches.unbatch().take(evaluation["limit"]).batch(evaluation["batch_size"])
-    return _shard_by_data(batches, multiworker)
+    size, limit = evaluation["batch_size"], evaluation["limit"]
+    batches = data_lib.load_clickme(spec["eval_split"], size, image_size=spec["image_size"], training=False,
+                                    data_dir=data_dir, name=spec["clickme"], download=False)
+    if replicas > 1:
+        # Split across replicas, a short last batch could leave one an empty slice (a NaN mean): batches are
+        # whole multiples of the replica count, and the remainder is not scored.
+        size = min(size, limit or size) // replicas * replicas
+        if size == 0:
+            raise ValueError(f"`evaluation.limit` {limit} is less than the {replicas} replicas: each needs an image.")
+        return _shard_by_data(batches.unbatch().take(-1 if limit is None else limit)
+                              .batch(size, drop_remainder=True), multiworker)
+    if limit is not None:
+        batches = batches.unbatch().take(limit).batch(size)
+    return batches
 
 
 def _build_model(recipe, num_classes: int) -> keras.Model:
@@ -359,18 +373,31 @@ def _random_state_variables(model: keras.Model) -> list:
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
-class _Checkpointer(keras.callbacks.Callback):
-    """Writes a checkpoint every `every` steps and at each epoch's end (the chief only), and the history."""
+def _metric_values(trainer: HarmonizedModel) -> list[np.ndarray]:
+    """The running totals of the epoch's metrics (loss, accuracy, ... so far). Under tf.distribute they are
+    summed across replicas when read, a collective: every worker reads them, the chief alone writes them."""
+    return [np.asarray(v.numpy()) for v in trainer.metrics_variables]
 
-    def __init__(self, run: run_dir.RunDirectory, trainer: HarmonizedModel, *, epoch: int, first_step: int,
-                 steps_per_epoch: int, recipe, history: list, write: bool):
+
+class _Checkpointer(keras.callbacks.Callback):
+    """Writes a checkpoint every `every` steps and at each epoch's end (the chief only), and the history.
+
+    A mid-epoch checkpoint also holds the epoch's running metric totals (sums: totals and counts), which a run
+    resumed there adds back after its first step (Keras builds some metrics during that step), so that the
+    epoch's logged loss and accuracy are those of the whole epoch, as in an uninterrupted run.
+    """
+
+    def __init__(self, run: run_dir.RunDirectory, trainer: HarmonizedModel, *, first_step: int,
+                 steps_per_epoch: int, recipe, history: list, write: bool, metrics: dict | None = None):
         super().__init__()
-        self.run, self.trainer, self.epoch = run, trainer, epoch
+        self.run, self.trainer = run, trainer
         self.first_step, self.steps_per_epoch = first_step, steps_per_epoch
         self.every, self.keep = recipe["checkpoint"]["every_steps"], recipe["checkpoint"]["keep"]
-        self.history, self.write = history, write
+        self.history, self.write, self.metrics = history, write, metrics
 
-    def _save(self, step: int) -> None:
+
+    def _save(self, step: int, with_metrics: bool) -> None:
+        metrics = _metric_values(self.trainer) if with_metrics else []
         if not self.write:
             return
 
@@ -379,25 +406,63 @@ class _Checkpointer(keras.callbacks.Callback):
             states = _random_state_variables(self.trainer.model)
             np.savez(folder / run_dir.RANDOM_STATE_FILE,
                      **{f"v{i}": np.asarray(v.numpy()) for i, v in enumerate(states)})
+            np.savez(folder / run_dir.METRICS_FILE, **{f"m{i}": value for i, value in enumerate(metrics)})
 
         state = {"epoch": step // self.steps_per_epoch, "step_in_epoch": step % self.steps_per_epoch,
                  "steps_per_epoch": self.steps_per_epoch, "history": self.history}
         self.run.write_checkpoint(step, state, files, self.keep)
 
     def on_train_batch_end(self, batch, logs=None):
+        if batch == 0 and self.metrics is not None:  # resumed mid-epoch: the steps trained before the kill
+            now = _metric_values(self.trainer)
+            if len(now) == len(self.metrics):
+                for variable, value, saved in zip(self.trainer.metrics_variables, now, self.metrics.values()):
+                    variable.assign(value + saved)
         step = self.first_step + batch + 1
         if step % self.every == 0 and step % self.steps_per_epoch:  # the epoch's end is saved with its logs
-            self._save(step)
+            self._save(step, with_metrics=True)
 
     def on_epoch_end(self, epoch, logs=None):
         row = {"epoch": epoch + 1, **{k: float(np.mean(v)) for k, v in (logs or {}).items()}}
         self.history.append(row)
-        self._save((epoch + 1) * self.steps_per_epoch)
+        self._save((epoch + 1) * self.steps_per_epoch, with_metrics=False)
         if self.write:
             self.run.write_history(self.history)
 
 
-def _restore(trainer: HarmonizedModel, checkpoint: run_dir.Checkpoint) -> None:
+class _Progress(keras.callbacks.ProgbarLogger):
+    """Keras's progress bar, headed "Epoch e/N" with the run's N (each epoch is its own `fit` call)."""
+
+    def __init__(self, epochs: int):
+        super().__init__()
+        self.run_epochs = epochs
+
+    def set_params(self, params):
+        super().set_params(params)
+        self.epochs = self.run_epochs
+
+
+def _agree_on_start(distribution: tf.distribute.Strategy, start: int, run: run_dir.RunDirectory) -> None:
+    """Across workers, the same step to resume from, or an error on every worker (not a hang in a collective).
+
+    Each worker reads the newest checkpoint in the run directory itself: on a folder that is not shared, the
+    chief would resume while the others start over.
+    """
+    # The sum over all replicas equals start x replicas on every worker exactly when all starts are equal.
+    values = distribution.run(lambda: tf.constant(float(start), tf.float64))
+    total = float(distribution.reduce(tf.distribute.ReduceOp.SUM, values, axis=None))
+    if total != start * distribution.num_replicas_in_sync:
+        mean = total / distribution.num_replicas_in_sync
+        raise run_dir.RunDirError(
+            f"The workers found different checkpoints in {run.path} (this one resumes from step {start}, the "
+            f"workers' mean is {mean:g}): the run directory must be one folder that every worker reads (a shared "
+            "filesystem)."
+        )
+
+
+def _restore(trainer: HarmonizedModel, checkpoint: run_dir.Checkpoint) -> dict | None:
+    """Weights, optimizer state and random state from `checkpoint`; returns its metric totals (mid-epoch; added
+    back by `_Checkpointer` after the first step, when every metric exists)."""
     trainer.optimizer.build(trainer.trainable_variables)
     trainer.load_weights(str(checkpoint.path / run_dir.WEIGHTS_FILE))
     states = _random_state_variables(trainer.model)
@@ -409,6 +474,10 @@ def _restore(trainer: HarmonizedModel, checkpoint: run_dir.Checkpoint) -> None:
             )
         for i, variable in enumerate(states):
             variable.assign(saved[f"v{i}"])
+    if not checkpoint.state.get("step_in_epoch"):
+        return None
+    with np.load(checkpoint.path / run_dir.METRICS_FILE) as saved:
+        return {name: saved[name] for name in sorted(saved.files, key=lambda n: int(n[1:]))}
 
 
 # ---------------------------------------------------------------------------------------------- the run
@@ -447,6 +516,10 @@ def train(
 
     Returns:
         A `TrainResult`: the run directory, the recipe, steps, history, preset and evaluation.
+
+    Process-wide effects, as for any TensorFlow training script: the recipe's seed is set for Python, NumPy and
+    TensorFlow (`keras.utils.set_random_seed`), and with `deterministic` TensorFlow's op determinism stays on
+    for the rest of the process (TensorFlow has no public way to turn it off). The precision policy is restored.
     """
     resolved = _resolve_recipe(recipe, overrides, model, epochs, batch_size)
     fraction = resolved["data"]["clickme_fraction"]
@@ -475,8 +548,9 @@ def train(
     previous_policy = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy(resolved["precision"])
     try:
-        return _run(resolved, run, distribution, chief, multiworker, data_dir, imagenet_dir,
-                    download and not multiworker, callbacks, verbose)
+        with contextlib.ExitStack() as held:  # the run directory's lock, once taken
+            return _run(resolved, run, distribution, chief, multiworker, data_dir, imagenet_dir,
+                        download and not multiworker, callbacks, verbose, held)
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
 
@@ -487,30 +561,41 @@ def _say(chief: bool, text: str) -> None:
 
 
 def _run(recipe, run, distribution, chief, multiworker, data_dir, imagenet_dir, download, callbacks,
-         verbose) -> TrainResult:
+         verbose, held: contextlib.ExitStack) -> TrainResult:
     data = _open_data(recipe, data_dir, imagenet_dir, download)
     steps_per_epoch = _steps_per_epoch(recipe, data)
     total_steps = recipe["epochs"] * steps_per_epoch
     with distribution.scope():
         network = _build_model(recipe, data.num_classes)
         _check_model_fits_data(network, recipe, data.num_classes)
-        # Only now is the run recorded: a run refused by a check above leaves --out as it was, free for the fix.
-        run.claim(write=chief)
-        if chief:
-            run.remove_partial()
-        trainer = HarmonizedModel(network, **recipe["harmonizer"])
+        trainer = HarmonizedModel(network, **recipe["harmonizer"])  # refuses a saliency method that cannot train
         trainer.compile(optimizer=_optimizer(recipe, steps_per_epoch))
+        # Only now is the run recorded: a run refused by a check above leaves --out as it was, free for the fix.
+        if chief:
+            held.enter_context(run.lock())  # one run at a time on this directory, until this one ends
+            run.claim(write=True)
+            run.remove_partial()
         checkpoint = run.latest_checkpoint()
         history: list[dict[str, Any]] = []
-        start = 0
+        start, metrics = 0, None
         if checkpoint is not None:
             if checkpoint.state.get("steps_per_epoch") != steps_per_epoch:
                 raise run_dir.RunDirError(
                     f"{checkpoint.path} was written with {checkpoint.state.get('steps_per_epoch')} steps per epoch "
                     f"and this run has {steps_per_epoch}: the data position would not match."
                 )
-            _restore(trainer, checkpoint)
+            if checkpoint.step > total_steps:
+                raise run_dir.RunDirError(
+                    f"{run.path} has trained {checkpoint.step} steps, more than the {recipe['epochs']} epochs of "
+                    f"{steps_per_epoch} steps asked for now; run it with --epochs {checkpoint.step // steps_per_epoch}"
+                    " or more, or choose another --out."
+                )
+            metrics = _restore(trainer, checkpoint)
             start, history = checkpoint.step, list(checkpoint.state.get("history", []))
+    if multiworker:
+        _agree_on_start(distribution, start, run)
+    if chief and history:
+        run.write_history(history)  # the files may lag the checkpoint after a kill between the two writes
     _say(chief, f"Run {run.path}: recipe {recipe['name']!r}, model {recipe['model']['source']!r} "
                 f"({recipe['model']['weights']} weights), {data.num_classes} classes, {recipe['epochs']} epochs x "
                 f"{steps_per_epoch} steps of {recipe['batch_size']} images, {distribution.num_replicas_in_sync} "
@@ -522,21 +607,32 @@ def _run(recipe, run, distribution, chief, multiworker, data_dir, imagenet_dir, 
     elif checkpoint is not None:
         _say(chief, f"Resuming from {checkpoint.path.name}: epoch {start // steps_per_epoch + 1}, step "
                     f"{start % steps_per_epoch} of {steps_per_epoch} done")
-    validation = _validation_batches(recipe, data_dir, multiworker) if recipe["evaluation"]["each_epoch"] else None
-    board = keras.callbacks.TensorBoard(str(run.path / run_dir.TENSORBOARD)) if chief else None
+    validation = (_validation_batches(recipe, data_dir, distribution.num_replicas_in_sync, multiworker)
+                  if recipe["evaluation"]["each_epoch"] else None)
+    board = (keras.callbacks.TensorBoard(str(run.path / run_dir.TENSORBOARD), write_graph=False) if chief
+             else None)
+    progress = _Progress(recipe["epochs"])
     for epoch in range(start // steps_per_epoch, recipe["epochs"]):
         skip = start - epoch * steps_per_epoch if epoch == start // steps_per_epoch else 0
         batches = _distributed(
             lambda: _epoch_batches(recipe, data, data_dir, imagenet_dir, epoch, skip, steps_per_epoch), distribution,
             recipe["batch_size"], multiworker,
         )
-        checkpointer = _Checkpointer(run, trainer, epoch=epoch, first_step=epoch * steps_per_epoch + skip,
-                                     steps_per_epoch=steps_per_epoch, recipe=recipe, history=history, write=chief)
+        checkpointer = _Checkpointer(run, trainer, first_step=epoch * steps_per_epoch + skip,
+                                     steps_per_epoch=steps_per_epoch, recipe=recipe, history=history, write=chief,
+                                     metrics=metrics if skip else None)
+        # Each epoch is its own `fit` (its own data): user callbacks see on_train_begin/end once per epoch.
         trainer.fit(batches, epochs=epoch + 1, initial_epoch=epoch, steps_per_epoch=steps_per_epoch - skip,
-                    validation_data=validation, callbacks=[checkpointer, *([board] if board else []), *callbacks],
+                    validation_data=validation,
+                    callbacks=[checkpointer, progress, *([board] if board else []), *callbacks],
                     verbose=verbose if chief else 0, shuffle=False)  # shuffled by its seed, above
+        if trainer.stop_training:  # a callback (e.g. EarlyStopping) asked to stop: the run ends here
+            _say(chief, f"Stopped after epoch {epoch + 1} by a callback.")
+            total_steps = (epoch + 1) * steps_per_epoch
+            break
     result = TrainResult(run.path, recipe, max(start, total_steps), steps_per_epoch,
-                         checkpoint.step if checkpoint is not None else None, history, is_chief=chief)
+                         checkpoint.step if checkpoint is not None else None, history, is_chief=chief,
+                         trained_steps=max(0, total_steps - start))
     if not chief:
         return result
     preset, scores = run.path / run_dir.PRESET, run.path / run_dir.EVALUATION / "results.json"
@@ -545,14 +641,26 @@ def _run(recipe, run, distribution, chief, multiworker, data_dir, imagenet_dir, 
         result.preset = preset
         print(f"Preset: {preset}", flush=True)
     else:
+        shutil.rmtree(run.path / run_dir.EVALUATION, ignore_errors=True)  # scores of an older preset
         result.preset = _save_final_preset(run, network, recipe, data, result)
     if recipe["evaluation"]["final"]:
-        if reused and scores.is_file():
-            result.evaluation = json.loads(scores.read_text(encoding="utf-8"))
+        result.evaluation = _reusable_scores(scores, recipe) if reused else None
+        if result.evaluation is not None:
             print(f"Evaluation: {scores}", flush=True)
         else:
             result.evaluation = _evaluate(run, recipe, data_dir)
     return result
+
+
+def _reusable_scores(path: Path, recipe) -> dict[str, Any] | None:
+    """The final scores already written for this preset with these settings, or None (then it is scored again)."""
+    try:
+        scores = json.loads(path.read_text(encoding="utf-8"))
+        asked = {"dataset": recipe["data"]["clickme"], "split": recipe["data"]["eval_split"],
+                 "limit": recipe["evaluation"]["limit"], "batch_size": recipe["evaluation"]["batch_size"]}
+        return scores if all(scores["data"][key] == value for key, value in asked.items()) else None
+    except (OSError, ValueError, KeyError, TypeError):  # none, half-written by a kill, or not ours
+        return None
 
 
 def _preset_steps(preset: Path) -> int | None:
@@ -564,9 +672,9 @@ def _preset_steps(preset: Path) -> int | None:
 
 
 def _save_final_preset(run, network, recipe, data: _Data, result: TrainResult) -> Path:
-    """The trained network as a preset, written beside and renamed into place (a kill leaves the old or none)."""
+    """The trained network as a preset (`save_preset` stages it beside and swaps it in: a kill leaves the old
+    preset or the new one)."""
     final = run.path / run_dir.PRESET
-    temporary = run.path / f".tmp-{run_dir.PRESET}.{os.getpid()}"
     metadata = {
         "name": f"{recipe['name']}_run",
         "description": f"Trained by `harmonization train` with recipe {recipe['name']!r}.",
@@ -576,10 +684,7 @@ def _save_final_preset(run, network, recipe, data: _Data, result: TrainResult) -
     }
     if data.class_names is not None and len(data.class_names) == network.output_shape[-1]:
         metadata["class_names"] = data.class_names
-    save_preset(network, temporary, metadata=metadata)
-    if final.exists():  # a re-run that reached the end again replaces it
-        shutil.rmtree(final)
-    os.replace(temporary, final)
+    save_preset(network, final, metadata=metadata)
     print(f"Preset: {final}", flush=True)
     return final
 
@@ -606,9 +711,10 @@ def main(args: argparse.Namespace) -> int:
         verbose=args.verbose,
     )
     if result.is_chief:
+        resumed = result.resumed_from_step is not None and result.trained_steps
         print(f"Run directory: {result.run_dir} ({result.steps} steps"
-              + (f", resumed from step {result.resumed_from_step}" if result.resumed_from_step is not None else "")
-              + ")")
+              + (f", {result.trained_steps} of them now, resumed from step {result.resumed_from_step}" if resumed
+                 else "") + ")")
     sys.stdout.flush()
     return 0
 

@@ -43,6 +43,9 @@ def test_the_wheel_installs_no_generic_top_level_name(wheel):
     entries = sorted(n for n in names if n.startswith("harmonization/models/entries/") and n.endswith(".json"))
     assert [Path(n).stem for n in entries] == sorted(p.stem for p in (ROOT / "models").glob("*.json"))
     assert "harmonization/imagenet_classes.txt" in names and "harmonization/MODEL_CARD.md" in names
+    # The shipped recipes (`harmonization train --recipe NAME`) are package data too.
+    recipes = sorted(n for n in names if n.startswith("harmonization/recipes/") and n.endswith(".json"))
+    assert [Path(n).name for n in recipes] == sorted(p.name for p in (ROOT / "harmonization/recipes").glob("*.json"))
 
 
 def test_a_working_directory_with_its_own_models_and_tests_packages_changes_nothing(wheel, tmp_path):

@@ -133,8 +133,8 @@ def test_a_set_without_equals_or_of_an_unknown_key_is_refused():
                                  "Did you mean `optimizer.learning_rate`?")
     with pytest.raises(RecipeError, match=r"unknown recipe key `bs`\. Did you mean `batch_size`\?"):
         recipes.parse_override("bs=32")
-    with pytest.raises(RecipeError, match=r"unknown recipe key `optimizer`\."):  # a section is not a value
-        recipes.parse_override('optimizer={"name": "adam"}')
+    with pytest.raises(RecipeError, match=r"`optimizer` is a section; set one of its keys \(optimizer\.name, "):
+        recipes.parse_override('optimizer={"name": "adam"}')  # a section is not a value
 
 
 @pytest.mark.parametrize("version", [0, 2, "1", None])

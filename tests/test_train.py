@@ -2,7 +2,7 @@
 
 Training runs in subprocesses: a recipe's `deterministic` turns on TensorFlow's op determinism for the whole
 process, and a kill must be a real SIGKILL. The data is the quickstart's generated dataset (`quick` config),
-built once per session into a shared TFDS folder.
+built once per module into a shared TFDS folder.
 """
 
 import json
@@ -118,13 +118,14 @@ class KillAt(keras.callbacks.Callback):
 
 harmonization.train("quickstart", data_dir=sys.argv[1], out=sys.argv[2], epochs=3, batch_size=16,
                     overrides=["data.clickme=clickme_synthetic/quick", "checkpoint.every_steps=5",
-                               "evaluation.limit=40"], callbacks=[KillAt()], verbose=2)
+                               "evaluation.limit=40", "data.augment=true"], callbacks=[KillAt()], verbose=2)
 """
 
 
 @pytest.mark.slow
 def test_a_run_killed_mid_epoch_resumes_to_the_weights_of_an_uninterrupted_run(data_dir, tmp_path):
-    args = ["--recipe", "quickstart", "--data-dir", str(data_dir), "--epochs", "3", *QUICK]
+    # With augmentation (random crops and flips, as the zoo recipes train), to replay them too.
+    args = ["--recipe", "quickstart", "--data-dir", str(data_dir), "--epochs", "3", *QUICK, "--set", "data.augment=true"]
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     code, output = command(*args, "--out", str(whole))
     assert code == 0, output[-3000:]
@@ -143,7 +144,9 @@ def test_a_run_killed_mid_epoch_resumes_to_the_weights_of_an_uninterrupted_run(d
     assert code == 0, output[-3000:]
     assert "Resuming from step-000015: epoch 2, step 3 of 12 done" in output
     assert_same_weights(whole / run_dir.PRESET, resumed / run_dir.PRESET)
+    # The same logs too: the killed epoch's row covers its whole epoch (its running totals were checkpointed).
     history = json.loads((resumed / run_dir.HISTORY_JSON).read_text())
+    assert history == json.loads((whole / run_dir.HISTORY_JSON).read_text())
     assert [row["epoch"] for row in history] == [1, 2, 3]
 
 
@@ -311,3 +314,68 @@ def test_the_recipes_optimizer_is_built_as_written():
     adamw = trainer._optimizer(recipes.load_recipe("quickstart", ["optimizer.name=adamw",
                                                                   "optimizer.weight_decay=0.02"]), 100)
     assert isinstance(adamw, keras.optimizers.AdamW) and adamw.weight_decay == pytest.approx(0.02)
+
+
+def test_a_real_augmented_epoch_is_the_same_each_time_it_is_read(data_dir):
+    """The zoo recipes' path (random resized crops and flips on the real pipeline), not a stand-in."""
+    from harmonization import recipes, trainer
+
+    recipe = recipes.load_recipe("quickstart", ["data.clickme=clickme_synthetic/quick", "data.augment=true",
+                                                "batch_size=16"])
+    data = trainer._open_data(recipe, str(data_dir), None, download=False)
+    steps = trainer._steps_per_epoch(recipe, data)
+
+    def images(epoch, skip=0):
+        batches = trainer._epoch_batches(recipe, data, str(data_dir), None, epoch, skip, steps)
+        return [batch["image"].numpy() for batch in batches.take(steps - skip)]
+
+    first = images(0)
+    np.testing.assert_array_equal(np.stack(images(0)), np.stack(first))
+    np.testing.assert_array_equal(np.stack(images(0, skip=4)), np.stack(first[4:]))
+    assert not np.array_equal(np.stack(images(1)), np.stack(first))
+
+
+def test_a_restored_checkpoint_continues_with_the_same_dropout_masks(tmp_path):
+    """Dropout's random-generator state is not in Keras's weights file; the checkpoint keeps it."""
+    import keras
+
+    import harmonization
+    from harmonization import recipes, trainer
+
+    def make():
+        keras.utils.set_random_seed(3)
+        inputs = keras.Input((8, 8, 3))
+        x = keras.layers.Rescaling(1 / 255.0)(inputs)
+        x = keras.layers.Dropout(0.5)(keras.layers.Flatten()(x))
+        model = keras.Model(inputs, keras.layers.Dense(4)(x))
+        hmodel = harmonization.HarmonizedModel(model)
+        hmodel.compile(optimizer=keras.optimizers.SGD(0.1))
+        return hmodel
+
+    rng = np.random.default_rng(0)
+    batch = {"image": rng.uniform(0, 255, (6, 8, 8, 3)).astype("float32"),
+             "heatmap": rng.uniform(0, 1, (6, 8, 8, 1)).astype("float32"), "label": rng.integers(0, 4, 6)}
+    first = make()
+    first.train_on_batch(batch)
+    assert trainer._random_state_variables(first.model)  # the Dropout layer's generator state
+    recipe = recipes.defaults()
+    run = run_dir.RunDirectory(tmp_path, recipe)
+    saver = trainer._Checkpointer(run, first, first_step=0, steps_per_epoch=10, recipe=recipe, history=[],
+                                  write=True)
+    saver._save(1, with_metrics=True)
+    first.train_on_batch(batch)
+
+    second = make()
+    second.build((None, 8, 8, 3))
+    trainer._restore(second, run.latest_checkpoint())
+    second.train_on_batch(batch)
+    for a, b in zip(first.model.get_weights(), second.model.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+    # Without the generator state, the same step draws other masks and ends elsewhere.
+    third = make()
+    third.build((None, 8, 8, 3))
+    third.optimizer.build(third.trainable_variables)
+    third.load_weights(str(run.latest_checkpoint().path / run_dir.WEIGHTS_FILE))
+    third.train_on_batch(batch)
+    assert not np.allclose(first.model.get_weights()[0], third.model.get_weights()[0], rtol=1e-6, atol=1e-7)

@@ -8,7 +8,7 @@ which are our documented defaults: the published package (serre-lab/Harmonizatio
 the data pipeline, not the optimizer, schedule, epochs or initialisation of its models.
 
 Everything here is the standard library, so that `harmonization train --help` and recipe errors come at once,
-before TensorFlow is imported. `SCHEMA` is the one list of keys: a recipe file may leave out a key (its
+before TensorFlow is imported (the command checks the recipe first). `SCHEMA` is the one list of keys: a recipe file may leave out a key (its
 default applies), and an unknown key, a value of the wrong type and a `--set` that does not parse are
 refused with the key, what was expected and what came.
 """
@@ -252,9 +252,12 @@ def _check_consistent(recipe: Mapping[str, Any], where: str) -> None:
     if not 0 < low <= high <= 1:
         raise RecipeError(f"{where}: `data.crop_scale` must be [low, high] with 0 < low <= high <= 1; got "
                           f"{recipe['data']['crop_scale']!r}.")
+    if recipe["schedule"]["name"] == "step" and recipe["schedule"]["warmup_epochs"] > 0:
+        raise RecipeError(f"{where}: `schedule.warmup_epochs` applies to the cosine and constant schedules, not to "
+                          "`step`; set it to 0, or use schedule.name=cosine.")
     if recipe["schedule"]["warmup_epochs"] >= recipe["epochs"] and recipe["schedule"]["warmup_epochs"] > 0:
         raise RecipeError(f"{where}: `schedule.warmup_epochs` ({recipe['schedule']['warmup_epochs']:g}) must be "
-                          f"less than `epochs` ({recipe['epochs']}).")
+                          f"less than `epochs` ({recipe['epochs']}); e.g. --set schedule.warmup_epochs=0.")
 
 
 def from_dict(data: Mapping[str, Any], where: str = "recipe") -> dict[str, Any]:
@@ -322,6 +325,10 @@ def parse_override(text: str) -> tuple[str, Any]:
     if key == "sources":
         raise RecipeError(f"--set {text!r}: `sources` is free text about the values; edit it in a recipe file.")
     if key not in _FIELDS:
+        sections = sorted({k.split(".")[0] for k in KEYS if "." in k})
+        if key in sections:
+            keys = ", ".join(k for k in KEYS if k.startswith(key + "."))
+            raise RecipeError(f"--set {text!r}: `{key}` is a section; set one of its keys ({keys}).")
         raise RecipeError(f"--set {text!r}: unknown recipe key `{key}`.{_closest(key)}")
     if _FIELDS[key].types == (str,) and not _FIELDS[key].nullable:
         return key, value  # a text key takes the text as typed (`--set name=1` is the name "1")
