@@ -509,3 +509,15 @@ def test_a_step_folder_whose_state_is_not_ours_is_not_a_checkpoint(tmp_path):
         (tmp_path / run_dir.CHECKPOINTS / name).mkdir(parents=True)
         (tmp_path / run_dir.CHECKPOINTS / name / run_dir.STATE_FILE).write_text(state)
     assert run.latest_checkpoint() is None
+
+
+def test_one_run_at_a_time_holds_a_run_directory(tmp_path):
+    """A second run on the same directory (a job requeued while the first still runs) is refused, not mixed in."""
+    first = RunDirectory(tmp_path / "run", recipes.defaults())
+    with first.lock():
+        with pytest.raises(RunDirError, match=r"is in use by another running `harmonization train`"):
+            with RunDirectory(tmp_path / "run", recipes.defaults()).lock():
+                pass
+    with RunDirectory(tmp_path / "run", recipes.defaults()).lock():  # released when the first ended
+        pass
+    assert RunDirectory(tmp_path / "run", recipes.defaults()).claim() is False  # the lock file is no one's data

@@ -94,7 +94,15 @@ def test_a_run_writes_checkpoints_logs_a_preset_with_its_recipe_and_an_evaluatio
     assert code == 0, again[-3000:]
     assert "nothing to train" in again and "Epoch" not in again and "Scoring" not in again
     assert (out / run_dir.PRESET / "model.weights.h5").stat().st_mtime_ns == stamp
-    # Another recipe's settings are refused before training.
+    # Asked for other final scores (evaluation may change on a finished run), it scores again; never stale ones.
+    code, again = command("--recipe", "quickstart", "--data-dir", str(data_dir), "--out", str(out), "--epochs", "2",
+                          *QUICK, "--set", "evaluation.limit=20")
+    assert code == 0 and "Scoring" in again, again[-3000:]
+    assert json.loads((out / run_dir.EVALUATION / "results.json").read_text())["data"]["num_images"] == 20
+    # Fewer epochs than it trained is refused (its checkpoints hold more), as is another recipe's settings.
+    code, fewer = command("--recipe", "quickstart", "--data-dir", str(data_dir), "--out", str(out), "--epochs", "1",
+                          *QUICK)
+    assert code == 1 and f"has trained {2 * STEPS_PER_EPOCH} steps, more than the 1 epochs" in fewer, fewer[-2000:]
     code, output = command("--recipe", "quickstart", "--data-dir", str(data_dir), "--out", str(out),
                            "--epochs", "2", *QUICK, "--set", "optimizer.learning_rate=0.5")
     assert code == 1 and "optimizer.learning_rate: 0.002 -> 0.5" in output, output[-2000:]
