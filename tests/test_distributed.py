@@ -2,13 +2,14 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from network_helpers import free_ports
 
 SCRIPT = Path(__file__).with_name("distributed_script.py")
 ROOT = SCRIPT.parent.parent
@@ -46,16 +47,6 @@ def test_mirrored_step_equals_single_device_step(tmp_path):
             assert np.abs(mirrored - single).max() <= 1e-3 * update
     for key in ("loss", "cross_entropy", "harmonization"):
         np.testing.assert_allclose(data[f"mirrored_log_{key}"], data[f"single_log_{key}"], rtol=1e-5)
-
-
-def free_ports(count):
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 @pytest.mark.slow

@@ -8,7 +8,6 @@ built once per module into a shared TFDS folder.
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ import numpy as np
 import pytest
 
 from harmonization import run_dir
+from network_helpers import free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ["--set", "data.clickme=clickme_synthetic/quick", "--batch-size", "16", "--set", "checkpoint.every_steps=5",
@@ -169,19 +169,9 @@ def test_mixed_bfloat16_is_a_recipe_setting(data_dir, tmp_path):
     assert '"mixed_bfloat16"' in (out / run_dir.PRESET / "config.json").read_text()  # the layers computed in bf16
 
 
-def _free_ports(count):
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 @pytest.mark.slow
 def test_two_local_workers_train_through_the_command(data_dir, tmp_path):
-    workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
+    workers = [f"127.0.0.1:{port}" for port in free_ports(2)]
     out = tmp_path / "multiworker"
     args = ["--recipe", "quickstart", "--data-dir", str(data_dir), "--out", str(out), "--epochs", "1",
             "--strategy", "multiworker", *QUICK]
