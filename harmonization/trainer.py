@@ -120,7 +120,7 @@ def _is_chief(strategy: tf.distribute.Strategy) -> bool:
 
 @dataclass
 class _Data:
-    """The opened data: what the checks and the step count need, and how to make each epoch's batches."""
+    """What the opened datasets say that the checks and the step count need."""
 
     clickme: str
     num_classes: int
