@@ -427,18 +427,6 @@ def test_multiworker_without_tf_config_is_refused_before_reading_data(capsys, tm
 
 # ---------------------------------------------------------------------------------------------- model vs data
 @pytest.fixture(scope="module")
-def quick_data(tmp_path_factory):
-    """The quickstart's `quick` dataset (10 classes, 64x64), built in a few seconds."""
-    import tensorflow_datasets as tfds
-
-    import tfds_clickme  # noqa: F401  (registers the builders)
-
-    folder = tmp_path_factory.mktemp("tfds")
-    tfds.builder("clickme_synthetic/quick", data_dir=str(folder)).download_and_prepare()
-    return folder
-
-
-@pytest.fixture(scope="module")
 def three_class_preset(tmp_path_factory):
     import harmonization
     from harmonization.quickstart import quickstart_model

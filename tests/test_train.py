@@ -2,7 +2,7 @@
 
 Training runs in subprocesses: a recipe's `deterministic` turns on TensorFlow's op determinism for the whole
 process, and a kill must be a real SIGKILL. The data is the quickstart's generated dataset (`quick` config),
-built once per module into a shared TFDS folder.
+built once per session into a shared TFDS folder (tests/conftest.py).
 """
 
 import json
@@ -38,14 +38,10 @@ def command(*args, env=None, timeout=400):
     return process.returncode, process.stdout
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tfds")
-    code = ("import tensorflow_datasets as tfds, tfds_clickme, sys; "
-            "tfds.builder('clickme_synthetic/quick', data_dir=sys.argv[1]).download_and_prepare()")
-    subprocess.run([sys.executable, "-c", code, str(folder)], env=_env(), check=True, timeout=300,
-                   capture_output=True)
-    return folder
+@pytest.fixture
+def data_dir(quick_data):
+    """The session's clickme_synthetic/quick folder (tests/conftest.py); runs only read it."""
+    return quick_data
 
 
 def preset_weights(preset: Path) -> dict:
