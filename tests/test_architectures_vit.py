@@ -11,8 +11,9 @@ import pytest
 from scipy.special import erf
 
 from harmonization.architectures import ViT
-from architecture_helpers import (MEAN, STD, perturb_weights, random_images, read_reference_layout,
+from architecture_helpers import (perturb_weights, random_images, read_reference_layout,
                                   run_architecture_test, run_preset_test, weight_layout)
+from published_reference import MEAN, STD
 
 INIT_KWARGS = dict(image_size=16, patch_size=8, hidden_size=8, num_layers=2, num_heads=2, mlp_dim=16, num_classes=5)
 
