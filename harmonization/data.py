@@ -745,15 +745,21 @@ def _standardise_fn(has_maps: bool):
 
 
 def prepared_builder(
-    name: str, split: str, data_dir: str | os.PathLike | None = None, *, download: bool = True,
+    name: str, split: str | Sequence[str], data_dir: str | os.PathLike | None = None, *, download: bool = True,
     manual_dir: str | os.PathLike | None = None,
 ):
-    """The prepared TFDS builder of dataset `name` (built first if `download`), with `split` checked.
+    """The prepared TFDS builder of dataset `name` (built first if `download`), with `split` (one or several)
+    checked.
 
     Its `info` gives what a training run must know before it starts (classes, split sizes), so that a bad
     name, split or directory fails before anything trains; the loaders above use the same builder.
     """
-    return _tfds_builder(name, data_dir, download, split, manual_dir=manual_dir)
+    splits = [split] if isinstance(split, str) else list(split)
+    builder = _tfds_builder(name, data_dir, download, splits[0], manual_dir=manual_dir)
+    for other in splits[1:]:
+        _check_split(other, tuple(builder.info.splits.keys()), name)
+        _check_split_selects_examples(other, builder.info.splits, name)
+    return builder
 
 
 def _tfds_builder(name: str, data_dir, download: bool, split: str, manual_dir=None):

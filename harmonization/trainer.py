@@ -131,8 +131,8 @@ class _Data:
 
 def _open_data(recipe, data_dir, imagenet_dir, download: bool) -> _Data:
     spec = recipe["data"]
-    clickme = data_lib.prepared_builder(spec["clickme"], spec["train_split"], data_dir, download=download)
-    data_lib.prepared_builder(spec["clickme"], spec["eval_split"], data_dir, download=False)  # the split exists
+    clickme = data_lib.prepared_builder(spec["clickme"], (spec["train_split"], spec["eval_split"]), data_dir,
+                                        download=download)
     label = clickme.info.features["label"]
     imagenet_examples = None
     if spec["clickme_fraction"] < 1:
@@ -194,20 +194,19 @@ def _epoch_batches(recipe, data: _Data, data_dir, imagenet_dir, epoch: int, skip
     batch, fraction = recipe["batch_size"], spec["clickme_fraction"]
     seed = _epoch_seed(recipe["seed"], epoch)
     common = dict(image_size=spec["image_size"], data_dir=data_dir, name=spec["clickme"], download=False)
-    # Mixed, ClickMe comes as single examples (the mix batches); alone, as the epoch's global batches.
-    batched = 1 if fraction < 1 else batch
 
     def clickme_pass(index: int) -> tf.data.Dataset:
+        """One pass: the epoch's global batches when ClickMe is alone, single examples for the mix to batch."""
         pass_seed = _epoch_seed(seed, index + 1)
         if spec["augment"]:
             batches = data_lib.load_clickme(
                 spec["train_split"], batch, training=True, seed=pass_seed, shuffle_buffer=spec["shuffle_buffer"],
                 crop_scale=spec["crop_scale"], drop_remainder=True, reshuffle_each_iteration=False, **common,
             )
-            return batches if batched == batch else batches.unbatch().batch(batched, drop_remainder=True)
-        return (data_lib.load_clickme(spec["train_split"], 256, training=False, **common).unbatch()
-                .shuffle(spec["shuffle_buffer"], seed=pass_seed, reshuffle_each_iteration=False)
-                .batch(batched, drop_remainder=True))
+            return batches if fraction == 1 else batches.unbatch()
+        examples = (data_lib.load_clickme(spec["train_split"], 256, training=False, **common).unbatch()
+                    .shuffle(spec["shuffle_buffer"], seed=pass_seed, reshuffle_each_iteration=False))
+        return examples.batch(batch, drop_remainder=True) if fraction == 1 else examples
 
     needed = steps_per_epoch * batch
     clickme = _passes(clickme_pass, needed * fraction, data.train_examples)
@@ -222,7 +221,7 @@ def _epoch_batches(recipe, data: _Data, data_dir, imagenet_dir, epoch: int, skip
         )
 
     imagenet = _passes(imagenet_pass, needed * (1 - fraction), data.imagenet_examples)
-    mixed = data_lib.mix_datasets(clickme.unbatch(), imagenet.unbatch(), fraction, batch_size=batch, seed=seed,
+    mixed = data_lib.mix_datasets(clickme, imagenet.unbatch(), fraction, batch_size=batch, seed=seed,
                                   reshuffle_each_iteration=False)
     return mixed.skip(skip)
 
@@ -300,13 +299,7 @@ def _build_model(recipe, num_classes: int) -> keras.Model:
             )
         return zoo.build(zoo.model_info(zoo_name), image_size=image_size, num_classes=num_classes)
     model = loader.load_model(source)
-    outputs = model.output_shape[-1]
-    if outputs != num_classes:
-        raise ValueError(
-            f"Model {source!r} has {outputs} classes and the data {recipe['data']['clickme']!r} has {num_classes}: "
-            "the labels would index the wrong logits. Train a model with that many classes, or a dataset whose "
-            "labels are the model's."
-        )
+    _check_model_fits_data(model, recipe, num_classes)  # random weights are built to fit; a preset may not
     if keras.mixed_precision.global_policy().name != "float32":
         if zoo_name is None:
             raise ValueError(
@@ -320,15 +313,20 @@ def _build_model(recipe, num_classes: int) -> keras.Model:
 
 
 def _check_model_fits_data(model: keras.Model, recipe, num_classes: int) -> None:
+    source = recipe["model"]["source"]
+    outputs = model.output_shape[-1]
+    if outputs != num_classes:
+        raise ValueError(
+            f"Model {source!r} has {outputs} classes and the data {recipe['data']['clickme']!r} has {num_classes}: "
+            "the labels would index the wrong logits. Train a model with that many classes, or a dataset whose "
+            "labels are the model's."
+        )
     size = input_size(model)
     if size != recipe["data"]["image_size"]:
         raise ValueError(
-            f"Model {recipe['model']['source']!r} takes {size}x{size} images and data.image_size is "
-            f"{recipe['data']['image_size']}; set --set data.image_size={size}."
+            f"Model {source!r} takes {size}x{size} images and data.image_size is {recipe['data']['image_size']}; "
+            f"set --set data.image_size={size}."
         )
-    outputs = model.output_shape[-1]
-    if outputs != num_classes:
-        raise ValueError(f"Model {recipe['model']['source']!r} has {outputs} classes; the data has {num_classes}.")
 
 
 def _learning_rate(recipe, steps_per_epoch: int):
@@ -394,7 +392,6 @@ class _Checkpointer(keras.callbacks.Callback):
         self.first_step, self.steps_per_epoch = first_step, steps_per_epoch
         self.every, self.keep = recipe["checkpoint"]["every_steps"], recipe["checkpoint"]["keep"]
         self.history, self.write, self.metrics = history, write, metrics
-
 
     def _save(self, step: int, with_metrics: bool) -> None:
         metrics = _metric_values(self.trainer) if with_metrics else []
@@ -567,7 +564,6 @@ def _run(recipe, run, distribution, chief, multiworker, data_dir, imagenet_dir, 
     total_steps = recipe["epochs"] * steps_per_epoch
     with distribution.scope():
         network = _build_model(recipe, data.num_classes)
-        _check_model_fits_data(network, recipe, data.num_classes)
         trainer = HarmonizedModel(network, **recipe["harmonizer"])  # refuses a saliency method that cannot train
         trainer.compile(optimizer=_optimizer(recipe, steps_per_epoch))
         # Only now is the run recorded: a run refused by a check above leaves --out as it was, free for the fix.
