@@ -235,14 +235,16 @@ def load_keras2_weights(model, source: str | os.PathLike | Keras2File) -> Conver
     )
 
 
-def source_facts(source: str | os.PathLike, keras2: Keras2File | None = None) -> dict[str, Any]:
+def source_facts(source: str | os.PathLike, keras2: Keras2File | None = None, *,
+                 sha256: str | None = None) -> dict[str, Any]:
     """What a converted preset records about the file it came from (`metadata.json`): name, sha256, size, layout.
 
+    `sha256`: the file's digest when the caller already has it (taken while it downloaded); else it is read.
     Knows nothing of the zoo: `harmonization.publish.build_preset` adds the entry's facts (name, URL, classes).
     """
     facts: dict[str, Any] = {
         "source_file": Path(source).name,
-        "source_sha256": sha256_file(source),
+        "source_sha256": sha256 or sha256_file(source),
         "source_size": os.path.getsize(source),
         "converted_by": "harmonization.convert",
     }

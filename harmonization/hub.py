@@ -22,7 +22,7 @@ from harmonization import network, presets
 from harmonization._io import DISTRIBUTION, is_repo_id, library_version, moved_names
 from harmonization.presets import PresetError
 
-__all__ = ["HF_SCHEME", "HubUnavailableError", "download_file", "download_preset", "parse_hf_uri"]
+__all__ = ["HF_SCHEME", "HubUnavailableError", "download_file", "download_preset", "fetch_file", "parse_hf_uri"]
 
 HF_SCHEME = "hf://"
 # Files a preset is made of; nothing else in the repo is downloaded.
@@ -147,7 +147,17 @@ def _cause(error: BaseException) -> str:
 
 def download_file(url: str, destination: str | os.PathLike, *, expected_sha256: str | None = None,
                   expected_size: int | None = None, timeout: float | None = None, progress: bool = True) -> Path:
+    """Download `url` to `destination` (see `fetch_file`); return its path."""
+    return fetch_file(url, destination, expected_sha256=expected_sha256, expected_size=expected_size,
+                      timeout=timeout, progress=progress)[0]
+
+
+def fetch_file(url: str, destination: str | os.PathLike, *, expected_sha256: str | None = None,
+               expected_size: int | None = None, timeout: float | None = None,
+               progress: bool = True) -> tuple[Path, str]:
     """Download `url` to `destination` with a progress bar; only a complete, verified file is ever moved there.
+    Returns (its path, its sha256, taken while it streamed: a caller that records the digest need not read a
+    weights file of hundreds of MB again).
 
     The bytes go to a temporary `.incomplete` file first. A body shorter than its `Content-Length`, or a size
     or sha256 different from the expected ones, raises `PresetError` and leaves nothing behind. Connecting and
@@ -192,7 +202,7 @@ def download_file(url: str, destination: str | os.PathLike, *, expected_sha256: 
         raise PresetError(f"The download of {url} is truncated or corrupted and was deleted: {'; '.join(problems)}. "
                           "Run again to download it afresh.")
     os.replace(partial, destination)
-    return destination
+    return destination, sha256
 
 
 def _fetch(url: str, partial: Path, label: str, timeout: float, progress: bool) -> tuple[int | None, int, str]:

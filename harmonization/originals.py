@@ -97,8 +97,10 @@ def verification(source: Mapping[str, Any]) -> str:
             f"{str(trust_store())!r} and every later download must match it")
 
 
-def download_original(entry: Mapping[str, Any], directory: str | os.PathLike, *, reason: str = "") -> tuple[Path, str]:
-    """Download zoo `entry`'s published original `.h5` into `directory`, verified; return (path, how it was checked).
+def download_original(entry: Mapping[str, Any], directory: str | os.PathLike, *,
+                      reason: str = "") -> tuple[Path, str, str]:
+    """Download zoo `entry`'s published original `.h5` into `directory`, verified; return (path, how it was
+    checked, its sha256).
 
     From `HARMONIZATION_MODELS_URL` when set (`harmonization.mirrors`). The file must have its published sha256,
     or the one recorded at its first download here; `how` is "published", "first-use" or "none" (nothing to check
@@ -110,7 +112,7 @@ def download_original(entry: Mapping[str, Any], directory: str | os.PathLike, *,
     """
     # Imported here: the zoo imports this module to describe verification, and must not pull in Keras for that.
     from harmonization import mirrors
-    from harmonization.hub import HubUnavailableError, download_file
+    from harmonization.hub import HubUnavailableError, fetch_file
     from harmonization.presets import PresetError
 
     source = entry["source"]
@@ -120,7 +122,7 @@ def download_original(entry: Mapping[str, Any], directory: str | os.PathLike, *,
     url = mirrors.model_file_url(source["url"])
     expected, how = expected_sha256(source)
     try:
-        download_file(url, original, expected_sha256=expected, expected_size=source.get("size"))
+        _, sha256 = fetch_file(url, original, expected_sha256=expected, expected_size=source.get("size"))
     except HubUnavailableError as error:
         raise HubUnavailableError(
             f"Zoo model {entry['name']!r}: {why}and its original weights could not be downloaded: {error}"
@@ -134,4 +136,4 @@ def download_original(entry: Mapping[str, Any], directory: str | os.PathLike, *,
             f"recorded in {str(trust_store())!r}); it was deleted, nothing was converted. If the "
             "file was replaced on purpose, delete its record from that file to trust the new one."
         ) from error
-    return original, how
+    return original, how, sha256

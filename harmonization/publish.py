@@ -25,7 +25,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from harmonization import originals, presets, zoo
-from harmonization._io import is_repo_id
+from harmonization._io import DISTRIBUTION, is_repo_id
 from harmonization.convert import Keras2File, load_keras2_weights, read_keras2_h5, source_facts
 from harmonization.model_card import TemplateNotFoundError, render_model_card
 
@@ -154,7 +154,7 @@ class BuiltPreset:
 def build_preset(entry: Mapping[str, Any], source: str | os.PathLike | Keras2File, out: str | os.PathLike, *,
                  source_url: str | None = None, config: Mapping[str, Any] | None = None,
                  repo_id: str | None = None, check_round_trip: bool = False, card: bool = True,
-                 require_card: bool = False) -> BuiltPreset:
+                 require_card: bool = False, source_sha256: str | None = None) -> BuiltPreset:
     """Convert zoo `entry`'s published original `source` into a preset at `out`, with its model card.
 
     Args:
@@ -169,6 +169,7 @@ def build_preset(entry: Mapping[str, Any], source: str | os.PathLike | Keras2Fil
         card: render the model card into `README.md`.
         require_card: raise TemplateNotFoundError when `MODEL_CARD.md` is not available, instead of writing
             the preset without a card.
+        source_sha256: the source file's sha256 when already known (a verified download); else it is read.
 
     Raises:
         harmonization.convert.ConversionError: the file does not fit the entry's architecture.
@@ -176,7 +177,8 @@ def build_preset(entry: Mapping[str, Any], source: str | os.PathLike | Keras2Fil
     keras2 = source if isinstance(source, Keras2File) else read_keras2_h5(source)
     model = zoo.build(entry, **dict(config or {}))
     report = load_keras2_weights(model, keras2)
-    metadata = {**source_facts(keras2.path, keras2), **_entry_metadata(entry, source_url, model.output_shape[-1])}
+    metadata = {**source_facts(keras2.path, keras2, sha256=source_sha256),
+                **_entry_metadata(entry, source_url, model.output_shape[-1])}
     folder = presets.save_preset(model, out, metadata=metadata)
     checks: dict[str, tuple[str, str]] = {}
     diff = None
@@ -210,8 +212,8 @@ def build_preset_from_original(entry: Mapping[str, Any], out: str | os.PathLike,
     it has converted (its digest is recorded: `originals.record_first_download`). `options` go to `build_preset`.
     """
     with tempfile.TemporaryDirectory(prefix=f".{entry['name']}.", dir=work_dir) as work:
-        original, how = originals.download_original(entry, work, reason=reason)
-        built = build_preset(entry, original, out, **options)
+        original, how, sha256 = originals.download_original(entry, work, reason=reason)
+        built = build_preset(entry, original, out, source_sha256=sha256, **options)  # hashed as it downloaded
     if how == "none":
         originals.record_first_download(entry["source"]["url"], built.metadata["source_sha256"],
                                         built.metadata["source_size"])
@@ -328,7 +330,7 @@ def _upload(folder: Path, repo_id: str, *, name: str, private: bool | None, toke
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
-    api = HfApi(token=token, library_name="harmonization-hub")
+    api = HfApi(token=token, library_name=DISTRIBUTION)
     try:
         api.create_repo(repo_id, exist_ok=True, private=private)
         kept = not overwrite_card and api.file_exists(repo_id, readme)
