@@ -1,4 +1,4 @@
-"""Small I/O helpers the distribution side shares: file digests, Hub repo ids, the versions we record.
+"""Small I/O helpers the package shares: file digests, atomic file writes, Hub repo ids, the versions we record.
 
 One copy each, so that a preset, a converted original, a published model and a ClickMe shard are hashed and
 described the same way. Nothing here imports TensorFlow at import time (`harmonization list` stays fast).
@@ -12,13 +12,46 @@ import os
 import platform
 import re
 from importlib import metadata as importlib_metadata
+from pathlib import Path
 
-__all__ = ["DISTRIBUTION", "is_repo_id", "library_version", "library_versions", "moved_names", "sha256_file"]
+__all__ = ["DISTRIBUTION", "TEMPORARY_PREFIX", "fsync_dir", "is_repo_id", "library_version", "library_versions",
+           "moved_names", "sha256_file", "write_atomic"]
 
 #: The name this library is installed under (what `pip install` and the Hub's user agent see).
 DISTRIBUTION = "harmonization-hub"
 # A Hugging Face repo id, "org/name" (the characters the Hub accepts in either part).
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+#: The prefix of what `write_atomic` (and a run directory) writes before renaming it into place: a name that
+#: starts with it is never a finished file, and clean-ups may delete it.
+TEMPORARY_PREFIX = ".tmp-"
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Flush a directory's entries (a rename in it) to disk, where the platform can open directories."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # not every platform opens directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: str | os.PathLike, text: str) -> None:
+    """Replace `path` with `text` all at once: a reader (or a kill) sees the old file or the new, never half."""
+    path = Path(path)
+    temporary = path.with_name(f"{TEMPORARY_PREFIX}{path.name}.{os.getpid()}")
+    with open(temporary, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+    fsync_dir(path.parent)
 
 
 def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:

@@ -14,6 +14,8 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
+from harmonization._io import write_atomic
+
 __all__ = [
     "cache_dir", "download_original", "expected_sha256", "record_first_download", "trust_store", "verification",
 ]
@@ -76,9 +78,7 @@ def record_first_download(url: str, sha256: str, size: int) -> None:
             "size": int(size),
             "recorded": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
-        staging = path.with_name(path.name + ".tmp")
-        staging.write_text(json.dumps(records, indent=2, sort_keys=True), encoding="utf-8")
-        os.replace(staging, path)
+        write_atomic(path, json.dumps(records, indent=2, sort_keys=True))
 
 
 def verification(source: Mapping[str, Any]) -> str:

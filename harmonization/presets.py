@@ -26,8 +26,8 @@ from typing import Any, Mapping
 
 import keras
 
-from harmonization._io import library_versions, moved_names, sha256_file
-from harmonization._validation import check_int
+from harmonization._io import library_versions, moved_names, sha256_file, write_atomic
+from harmonization._numbers import check_int
 
 __all__ = [
     "CONFIG_FILE",
@@ -362,9 +362,7 @@ def sign_preset(directory: str | os.PathLike) -> dict[str, Any]:
     record = read_metadata(directory)
     record.setdefault("format_version", PRESET_FORMAT_VERSION)
     record["files"] = _files_of(directory)
-    staging = directory / (METADATA_FILE + ".partial")
-    staging.write_text(json.dumps(record, indent=2, sort_keys=True), encoding="utf-8")
-    os.replace(staging, directory / METADATA_FILE)
+    write_atomic(directory / METADATA_FILE, json.dumps(record, indent=2, sort_keys=True))
     return verify_preset(directory)
 
 

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from harmonization import recipes
+from harmonization._io import TEMPORARY_PREFIX, fsync_dir, write_atomic
 
 RUN_FILE = "run.json"
 CHECKPOINTS = "checkpoints"
@@ -46,36 +47,10 @@ PRESET = "preset"
 EVALUATION = "evaluation"
 
 _CHECKPOINT_NAME = re.compile(r"^step-(\d+)$")
-_TEMPORARY_PREFIX = ".tmp-"
 
 
 class RunDirError(ValueError):
     """A run directory that cannot be used for this run (another recipe's, or not a run directory)."""
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # not every platform opens directories
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: str | os.PathLike, text: str) -> None:
-    """Replace `path` with `text` all at once: a reader (or a kill) sees the old file or the new, never half."""
-    path = Path(path)
-    temporary = path.with_name(f"{_TEMPORARY_PREFIX}{path.name}.{os.getpid()}")
-    with open(temporary, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-    _fsync_dir(path.parent)
 
 
 @dataclass(frozen=True)
@@ -91,13 +66,13 @@ class Checkpoint:
 
 
 def _is_partial(name: str) -> bool:
-    return name.startswith(_TEMPORARY_PREFIX) or (name.startswith(".") and name.endswith(".partial"))
+    return name.startswith(TEMPORARY_PREFIX) or (name.startswith(".") and name.endswith(".partial"))
 
 
 def _discard(folder: Path) -> None:
     """Delete a checkpoint folder so that a kill midway leaves no part of it that looks whole: it is renamed
     to a `.tmp-*` name first (one atomic step), then deleted (`remove_partial` finishes a killed deletion)."""
-    doomed = folder.with_name(f"{_TEMPORARY_PREFIX}old-{folder.name}.{os.getpid()}")
+    doomed = folder.with_name(f"{TEMPORARY_PREFIX}old-{folder.name}.{os.getpid()}")
     os.replace(folder, doomed)
     shutil.rmtree(doomed, ignore_errors=True)
 
@@ -210,7 +185,7 @@ class RunDirectory:
         last, then the folder is renamed to `checkpoints/step-NNNNNN`; all but the newest `keep` are deleted."""
         self.checkpoints.mkdir(parents=True, exist_ok=True)
         final = self.checkpoints / f"step-{step:06d}"
-        temporary = self.checkpoints / f"{_TEMPORARY_PREFIX}{final.name}.{os.getpid()}"
+        temporary = self.checkpoints / f"{TEMPORARY_PREFIX}{final.name}.{os.getpid()}"
         shutil.rmtree(temporary, ignore_errors=True)
         temporary.mkdir()
         write_files(temporary)
@@ -226,7 +201,7 @@ class RunDirectory:
         if final.exists():  # the same step written again (a run started over): moved aside whole, then deleted
             _discard(final)
         os.replace(temporary, final)
-        _fsync_dir(self.checkpoints)
+        fsync_dir(self.checkpoints)
         for old in self.list_checkpoints()[:-keep]:
             _discard(old.path)
         return Checkpoint(final, state)

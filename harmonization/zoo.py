@@ -388,7 +388,7 @@ def build_native(arch: str, config: Mapping[str, Any] | None = None):
     config = dict(config or {})
     zoo_name = canonical_name(arch)
     if zoo_name is not None:
-        return build(model_info(zoo_name), **config)
+        return build_architecture(zoo_name, **config)
     classes = sorted(n for n in architectures.__all__ if n not in ("ImageClassifier", "ImageNetNormalization"))
     cls = getattr(architectures, arch, None) if arch in classes else None
     if cls is None:
