@@ -752,24 +752,22 @@ def prepared_builder(
     checked.
 
     Its `info` gives what a training run must know before it starts (classes, split sizes), so that a bad
-    name, split or directory fails before anything trains; the loaders above use the same builder.
+    name, split or directory fails before anything trains; the loaders above check theirs the same way.
     """
-    splits = [split] if isinstance(split, str) else list(split)
-    builder = _tfds_builder(name, data_dir, download, splits[0], manual_dir=manual_dir)
-    for other in splits[1:]:
-        _check_split(other, tuple(builder.info.splits.keys()), name)
-        _check_split_selects_examples(other, builder.info.splits, name)
-    return builder
+    return _tfds_builder(name, data_dir, download, split, manual_dir=manual_dir)
 
 
-def _tfds_builder(name: str, data_dir, download: bool, split: str, manual_dir=None):
-    """The prepared TFDS builder for `name`, downloading it if allowed; clear errors otherwise."""
+def _tfds_builder(name: str, data_dir, download: bool, split: str | Sequence[str], manual_dir=None):
+    """The prepared TFDS builder for `name`, downloading it if allowed, with each split checked; clear errors
+    otherwise."""
     import tensorflow_datasets as tfds
 
     if name.split("/")[0].startswith("clickme"):
         import tfds_clickme  # noqa: F401  (registers the ClickMe builders)
-    if not isinstance(split, str) or not split.strip():
-        raise ValueError(f"`split` must be a non-empty split name such as 'train'; got {split!r}.")
+    splits = list(split) if isinstance(split, (list, tuple)) else [split]
+    for one in splits:
+        if not isinstance(one, str) or not one.strip():
+            raise ValueError(f"`split` must be a non-empty split name such as 'train'; got {one!r}.")
     if data_dir is not None:
         data_dir = os.fspath(data_dir)
         if not download and not tf.io.gfile.isdir(data_dir):
@@ -777,7 +775,8 @@ def _tfds_builder(name: str, data_dir, download: bool, split: str, manual_dir=No
     builder = tfds.builder(name, data_dir=data_dir)
     known_splits = getattr(type(builder), "SPLIT_NAMES", None)
     if known_splits and not builder.is_prepared():
-        _check_split(split, known_splits, name)  # Before a long download, not after.
+        for one in splits:
+            _check_split(one, known_splits, name)  # Before a long download, not after.
     if not builder.is_prepared():
         if not download:
             raise FileNotFoundError(
@@ -787,8 +786,9 @@ def _tfds_builder(name: str, data_dir, download: bool, split: str, manual_dir=No
             )
         download_config = tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir) if manual_dir else None)
         builder.download_and_prepare(download_config=download_config)
-    _check_split(split, tuple(builder.info.splits.keys()), name)
-    _check_split_selects_examples(split, builder.info.splits, name)
+    for one in splits:
+        _check_split(one, tuple(builder.info.splits.keys()), name)
+        _check_split_selects_examples(one, builder.info.splits, name)
     return builder
 
 
