@@ -196,10 +196,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     import harmonization
 
-    from harmonization import presets
+    from harmonization import loader
 
     directory, zoo_name, run_name = resolve_model(args.model)
-    model = presets.load_verified_preset(directory, presets.read_metadata(directory))  # resolve_model verified it
+    model = loader.load_resolved(directory)  # resolve_model verified it
     image_size = input_size(model)
     out = Path(args.out) if args.out else Path(DEFAULT_OUT_ROOT) / run_name
     print(f"Model {args.model} ({zoo_name or 'not a zoo model'}), {image_size}x{image_size} inputs", flush=True)

@@ -26,7 +26,8 @@ from harmonization.hub import HF_SCHEME, HubUnavailableError, download_preset, p
 from harmonization.originals import cache_dir
 from harmonization.presets import PresetError, load_preset
 
-__all__ = ["cache_dir", "convert_original", "load_entry", "load_model", "resolve_entry", "resolve_preset"]
+__all__ = ["cache_dir", "convert_original", "load_entry", "load_model", "load_resolved", "resolve_entry",
+           "resolve_preset"]
 
 
 def load_model(
@@ -83,15 +84,15 @@ def load_model(
             "load_model: `name_or_path_or_uri` must be a str or path, got "
             f"{type(name_or_path_or_uri).__name__}."
         )
-    return _load_resolved(resolve_preset(name_or_path_or_uri, revision=revision), **variant)
+    return load_resolved(resolve_preset(name_or_path_or_uri, revision=revision), **variant)
 
 
 def load_entry(entry: Mapping[str, Any], *, revision: str | None = None, **variant: Any) -> keras.Model:
     """`load_model` of zoo `entry` (`harmonization.zoo.model_info(name)`), passed down without looking it up again."""
-    return _load_resolved(resolve_entry(entry, revision=revision), **variant)
+    return load_resolved(resolve_entry(entry, revision=revision), **variant)
 
 
-def _load_resolved(directory: Path, **variant: Any) -> keras.Model:
+def load_resolved(directory: Path, **variant: Any) -> keras.Model:
     """Load a preset directory that resolution has just verified (checking it again would hash the weights twice)."""
     return presets.load_verified_preset(directory, presets.read_metadata(directory), **variant)
 
