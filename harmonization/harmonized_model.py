@@ -208,6 +208,7 @@ class HarmonizedModel(keras.Model):
         self.allow_softmax = bool(allow_softmax)
         self.saliency_method = saliency_method  # a GradientSaliency: `reduce`s the step's input gradient
         self._logits_width = None  # the number of classes, once known (see `_num_classes`)
+        self._logits_width_tried = False  # looked for once the model was built (found or not: not again)
         # === Trackers ===
         self.cross_entropy_tracker = keras.metrics.Mean(name="cross_entropy")
         self.harmonization_tracker = keras.metrics.Mean(name="harmonization")
@@ -369,8 +370,9 @@ class HarmonizedModel(keras.Model):
         upper bound is then checked after the forward pass (still before the weights change, but after
         normalisation statistics may have moved).
         """
-        if self._logits_width is not None or not self.model.built:
+        if self._logits_width_tried or not self.model.built:
             return self._logits_width
+        self._logits_width_tried = True  # a model that cannot be traced alone is not traced again at every step
         outputs = getattr(self.model, "outputs", None)
         if outputs and len(outputs) == 1 and len(outputs[0].shape) == 2:  # a functional model: no trace needed
             logits = outputs[0]
