@@ -53,14 +53,18 @@ def _read_store() -> dict[str, Any]:
     return records
 
 
+def _first_use_record(url: str) -> dict[str, Any] | None:
+    """The trust store's record of `url` ({"sha256", "size", "recorded"}), or None when there is none."""
+    record = _read_store().get(url)
+    return record if isinstance(record, dict) and isinstance(record.get("sha256"), str) else None
+
+
 def expected_sha256(source: Mapping[str, Any]) -> tuple[str | None, str]:
     """(the sha256 a download of `source["url"]` must have, or None; "published" | "first-use" | "none")."""
     if source.get("sha256"):
         return source["sha256"], "published"
-    record = _read_store().get(source["url"])
-    if isinstance(record, dict) and isinstance(record.get("sha256"), str):
-        return record["sha256"], "first-use"
-    return None, "none"
+    record = _first_use_record(source["url"])
+    return (record["sha256"], "first-use") if record is not None else (None, "none")
 
 
 def record_first_download(url: str, sha256: str, size: int) -> None:
@@ -83,16 +87,16 @@ def record_first_download(url: str, sha256: str, size: int) -> None:
 
 def verification(source: Mapping[str, Any]) -> str:
     """One sentence saying how a download of the original `source` is checked, for `model_info` and the CLI."""
+    if source.get("sha256"):
+        return f"checked against the published sha256 {source['sha256']}"
     try:
-        digest, how = expected_sha256(source)
+        record = _first_use_record(source["url"])  # the store is read once
     except OSError as error:
         return str(error)
-    if how == "published":
-        return f"checked against the published sha256 {digest}"
-    if how == "first-use":
-        recorded = _read_store()[source["url"]].get("recorded", "an earlier run")
-        return (f"no published sha256; trusted on first use: every download must match the sha256 {digest} "
-                f"recorded at the first download ({recorded}) in {str(trust_store())!r}")
+    if record is not None:
+        return (f"no published sha256; trusted on first use: every download must match the sha256 "
+                f"{record['sha256']} recorded at the first download ({record.get('recorded', 'an earlier run')}) "
+                f"in {str(trust_store())!r}")
     return ("no published sha256; trusted on first use: the first download's sha256 will be recorded in "
             f"{str(trust_store())!r} and every later download must match it")
 

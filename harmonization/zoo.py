@@ -302,12 +302,17 @@ def model_info(name: str) -> dict[str, Any]:
     Raises:
         UnknownModelError: `name` is not in the zoo; the message lists the zoo and the closest name.
     """
+    entry = _entry(name)
+    entry["source"]["verification"] = originals.verification(entry["source"])  # reads the trust store
+    return entry
+
+
+def _entry(name: str) -> dict[str, Any]:
+    """`model_info` without the verification sentence: for lookups that only build or read the paper's numbers."""
     canonical = canonical_name(name)
     if canonical is None:
         raise _unknown(name)
-    entry = copy.deepcopy(_registry()[canonical])
-    entry["source"]["verification"] = originals.verification(entry["source"])
-    return entry
+    return copy.deepcopy(_registry()[canonical])
 
 
 def paper_metrics(name: str) -> dict[str, Any]:
@@ -323,7 +328,7 @@ def paper_metrics(name: str) -> dict[str, Any]:
         >>> harmonization.zoo.paper_metrics("vgg16_harmonized")["clickme_alignment"]
         61.5
     """
-    return model_info(name)["metrics"]
+    return _entry(name)["metrics"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -377,7 +382,7 @@ def build(entry: Mapping[str, Any], **overrides: Any):
 
 def build_architecture(name: str, **overrides: Any):
     """Build the (randomly initialised) architecture of zoo model `name`; `overrides` update its config."""
-    return build(model_info(name), **overrides)
+    return build(_entry(name), **overrides)
 
 
 def build_native(arch: str, config: Mapping[str, Any] | None = None):
