@@ -28,7 +28,6 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -38,6 +37,8 @@ import scipy
 from scipy import stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
+
+from _child import run_child  # noqa: E402  (this folder is on sys.path when run as a script)
 
 import tensorflow as tf  # noqa: E402
 
@@ -135,12 +136,8 @@ def memory_child(case: str, n: int, size: int) -> dict:
 
 def measure_memory(case: str, n: int, size: int) -> dict:
     """Run `memory_child(case, ...)` in a fresh Python process and return its figures."""
-    command = [sys.executable, __file__, "--memory-child", case, "--batch-size", str(n), "--size", str(size)]
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    done = subprocess.run(command, capture_output=True, text=True, env=env)
-    if done.returncode != 0:
-        raise RuntimeError(f"memory subprocess for {case} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_child(__file__, "--memory-child", case, "--batch-size", n, "--size", size,
+                     what=f"memory subprocess for {case}", env={"TF_CPP_MIN_LOG_LEVEL": "2"})
 
 
 def main() -> None:

@@ -21,10 +21,10 @@ import argparse
 import json
 import os
 import resource
-import subprocess
-import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from _child import run_child  # noqa: E402
 
 MIB = 1024 * 1024
 DEFAULT_MODELS = ["resnet50v2", "vit_b16", "convnext_tiny"]
@@ -74,15 +74,8 @@ def child(name: str, mode: str, batch_size: int, steps: int) -> dict:
 
 
 def measure(name: str, mode: str, batch_size: int, steps: int) -> dict:
-    here = os.path.dirname(os.path.abspath(__file__))
-    result = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), "--child", name, mode, "--batch-size", str(batch_size),
-         "--steps", str(steps)],
-        cwd=here, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.path.dirname(here)},
-    )
-    if result.returncode:
-        raise RuntimeError(f"{name} {mode} failed:\n{result.stderr[-3000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return run_child(__file__, "--child", name, mode, "--batch-size", batch_size, "--steps", steps,
+                     what=f"{name} {mode}")
 
 
 def main(argv=None) -> None:

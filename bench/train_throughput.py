@@ -18,12 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from _child import run_child  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 OVERRIDES = ["evaluation.each_epoch=false", "evaluation.final=false"]
 
@@ -99,13 +99,7 @@ def child(kind: str, epochs: int, data_dir: str) -> dict:
 
 
 def measure(kind: str, epochs: int, data_dir: str) -> dict:
-    result = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), "--child", kind, "--epochs", str(epochs), "--data-dir", data_dir],
-        cwd=HERE, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.path.dirname(HERE)},
-    )
-    if result.returncode:
-        raise RuntimeError(f"{kind} failed:\n{result.stderr[-3000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return run_child(__file__, "--child", kind, "--epochs", epochs, "--data-dir", data_dir, what=kind)
 
 
 def main(argv=None) -> None:
