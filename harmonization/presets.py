@@ -27,7 +27,7 @@ from typing import Any, Mapping
 import keras
 
 from harmonization._io import library_versions, moved_names, sha256_file, write_atomic
-from harmonization._numbers import check_int
+from harmonization._numbers import check_int, is_int
 
 __all__ = [
     "CONFIG_FILE",
@@ -71,6 +71,70 @@ class PresetError(OSError):
     def __init__(self, message: str, *, bad_file: str | os.PathLike | None = None):
         super().__init__(message)
         self.bad_file = None if bad_file is None else str(bad_file)
+
+
+#: The deepest nesting of objects and lists a preset's JSON files may have. A saved zoo model's config nests about
+#: 12 levels (a nested model adds a few); deeper ones are refused before Keras recurses through them.
+MAX_JSON_DEPTH = 100
+
+
+def _roots(directory: Path) -> tuple[Path, ...]:
+    """The real folders a preset's files may really be in: the preset folder itself, and for a Hugging Face
+    cache snapshot (`models--org--name/snapshots/<revision>/`) its repo's `blobs/` folder, where the
+    snapshot's links lead."""
+    real = Path(os.path.realpath(directory))
+    roots = [real]
+    if real.parent.name == "snapshots" and real.parent.parent.name.startswith("models--"):
+        roots.append(real.parent.parent / "blobs")
+    return tuple(roots)
+
+
+def _inside(directory: Path, name: str) -> Path:
+    """The real path of preset file `name` in `directory`, refused (PresetError) when a link leads outside.
+
+    Checked before anything stats, opens or hashes the file, so that no preset (a downloaded archive, a folder
+    somebody else wrote) can make us read or print the size or digest of a file elsewhere (`/etc/passwd`).
+    """
+    path = directory / name
+    real = Path(os.path.realpath(path))
+    if not any(real != root and real.is_relative_to(root) for root in _roots(directory)):
+        raise PresetError(
+            f"Preset file {str(path)!r} is a symbolic link leading outside the preset folder "
+            f"{str(directory)!r}; refusing to read it. A preset's files must be inside its folder.",
+        )  # no `bad_file`: nothing may act on (the Hub cache: evict) a file outside the folder
+    return real
+
+
+def _json_depth(value: Any) -> int:
+    """How deeply `value` nests lists and dicts (0 for a scalar), counted without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, depth)
+            if depth > MAX_JSON_DEPTH:
+                break
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
+def _read_json(directory: Path, name: str) -> Any:
+    """The parsed JSON file `name` of a preset, or a PresetError naming it (outside, not JSON, nested too deeply)."""
+    path = directory / name
+    real = _inside(directory, name)
+    too_deep = PresetError(
+        f"Preset file {str(path)!r} nests objects and lists more than {MAX_JSON_DEPTH} levels deep; no preset "
+        "needs that many, so it is refused as corrupted or crafted.", bad_file=path,
+    )
+    try:
+        value = json.loads(real.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as error:  # ValueError: JSONDecodeError, or an int of 4300+ digits
+        raise PresetError(f"Preset file {str(path)!r} is corrupted (not valid JSON: {error}).", bad_file=path) from None
+    except RecursionError:  # deeper than Python's own parser goes
+        raise too_deep from None
+    if _json_depth(value) > MAX_JSON_DEPTH:
+        raise too_deep
+    return value
 
 
 def _num_outputs(model: keras.Model) -> int | None:
@@ -131,9 +195,13 @@ def class_names(preset_or_model: keras.Model | str | os.PathLike) -> list[str] |
 
 
 def is_preset_dir(path: str | os.PathLike) -> bool:
-    """Whether `path` is a directory holding at least a preset's `config.json`."""
+    """Whether `path` is a directory holding at least a preset's `config.json`.
+
+    A link is not followed (not even stat-ed): where it leads is checked when the preset is read (`_inside`).
+    """
     path = Path(path)
-    return path.is_dir() and (path / CONFIG_FILE).is_file()
+    config = path / CONFIG_FILE
+    return path.is_dir() and (config.is_symlink() or config.is_file())
 
 
 def save_preset(
@@ -237,13 +305,11 @@ def save_preset(
 
 def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
     """Read a preset's `metadata.json`, with a clear error when it is missing or not valid JSON."""
-    path = Path(directory) / METADATA_FILE
-    if not path.is_file():
+    directory = Path(directory)
+    path = directory / METADATA_FILE
+    if not _inside(directory, METADATA_FILE).is_file():
         raise PresetError(f"Preset {str(directory)!r} has no {METADATA_FILE}; it is not a complete preset.")
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise PresetError(f"Preset file {str(path)!r} is corrupted (not valid JSON: {error}).", bad_file=path) from None
+    record = _read_json(directory, METADATA_FILE)
     if not isinstance(record, dict):
         raise PresetError(
             f"Preset file {str(path)!r} must hold a JSON object, got {type(record).__name__}.", bad_file=path
@@ -260,30 +326,26 @@ def verify_preset(directory: str | os.PathLike) -> dict[str, Any]:
     directory = Path(directory)
     if not directory.is_dir():
         raise PresetError(f"Preset directory {str(directory)!r} does not exist.")
-    missing = [name for name in REQUIRED_FILES if not (directory / name).is_file()]
+    missing = [name for name in REQUIRED_FILES if not _inside(directory, name).is_file()]
     if missing:
         raise PresetError(
             f"Preset {str(directory)!r} is incomplete: missing {missing} (a preset needs {list(REQUIRED_FILES)})."
         )
     record = read_metadata(directory)
-    version = record.get("format_version")
-    if not isinstance(version, int) or version > PRESET_FORMAT_VERSION:
-        raise PresetError(
-            f"Preset {str(directory)!r} has format_version={version!r}; this library reads format versions up to "
-            f"{PRESET_FORMAT_VERSION}. Upgrade harmonization-hub."
-        )
+    _check_format_version(directory, record)
     for name, expected in _files_record(directory, record).items():
         path = directory / name
-        if not path.is_file():
+        real = _inside(directory, name)
+        if not real.is_file():
             raise PresetError(f"Preset {str(directory)!r} is incomplete: {name} (listed in {METADATA_FILE}) is missing.")
-        size = path.stat().st_size
+        size = real.stat().st_size
         if size != expected["size"]:
             raise PresetError(
                 f"Preset file {str(path)!r} is truncated or corrupted: expected {expected['size']} bytes, "
                 f"found {size}.",
                 bad_file=path,
             )
-        digest = sha256_file(path)
+        digest = sha256_file(real)
         if digest != expected["sha256"]:
             raise PresetError(
                 f"Preset file {str(path)!r} is corrupted: expected sha256 {expected['sha256']}, got {digest}.",
@@ -292,7 +354,7 @@ def verify_preset(directory: str | os.PathLike) -> dict[str, Any]:
     import h5py
 
     try:
-        with h5py.File(directory / WEIGHTS_FILE, "r"):
+        with h5py.File(_inside(directory, WEIGHTS_FILE), "r"):
             pass
     except OSError as error:
         raise PresetError(
@@ -300,6 +362,33 @@ def verify_preset(directory: str | os.PathLike) -> dict[str, Any]:
             bad_file=directory / WEIGHTS_FILE,
         ) from None
     return record
+
+
+def _check_format_version(directory: Path, record: Mapping[str, Any], *, missing_ok: bool = False) -> None:
+    """Refuse a `format_version` that is missing (unless `missing_ok`), not a positive int, or newer than ours."""
+    where = f"{str(directory / METADATA_FILE)!r}"
+    if "format_version" not in record:
+        if missing_ok:
+            return
+        raise PresetError(
+            f"Preset {str(directory)!r} is not a valid preset: {METADATA_FILE} has no `format_version` (every preset "
+            "saved by harmonization-hub records it). It may have been edited by hand or written by another tool. "
+            f"If you trust this local preset, sign it with `harmonization sign {directory}`; a downloaded preset "
+            "must be published again with `harmonization publish` or `save_preset`.",
+            bad_file=directory / METADATA_FILE,
+        )
+    version = record["format_version"]
+    if not is_int(version) or version < 1:
+        raise PresetError(
+            f"{where}: `format_version` must be a positive integer (this library writes "
+            f"{PRESET_FORMAT_VERSION}); got {version!r:.100}. The preset is not valid.",
+            bad_file=directory / METADATA_FILE,
+        )
+    if version > PRESET_FORMAT_VERSION:
+        raise PresetError(
+            f"Preset {str(directory)!r} has format_version={version!r}; this library reads format versions up to "
+            f"{PRESET_FORMAT_VERSION}. Upgrade harmonization-hub."
+        )
 
 
 def _is_sha256(value: Any) -> bool:
@@ -343,8 +432,11 @@ def _files_record(directory: Path, record: Mapping[str, Any]) -> dict[str, dict[
 
 def _files_of(directory: Path) -> dict[str, dict[str, Any]]:
     """The `files` record of the preset files in `directory`: size and sha256 of each of `CHECKED_FILES`."""
-    return {name: {"size": (directory / name).stat().st_size, "sha256": sha256_file(directory / name)}
-            for name in CHECKED_FILES}
+    files = {}
+    for name in CHECKED_FILES:
+        real = _inside(directory, name)
+        files[name] = {"size": real.stat().st_size, "sha256": sha256_file(real)}
+    return files
 
 
 def sign_preset(directory: str | os.PathLike) -> dict[str, Any]:
@@ -355,11 +447,15 @@ def sign_preset(directory: str | os.PathLike) -> dict[str, Any]:
     detectable, it does not check the weights themselves.
     """
     directory = Path(directory)
-    missing = [name for name in REQUIRED_FILES if not (directory / name).is_file()]
-    if not directory.is_dir() or missing:
-        raise PresetError(f"sign_preset: {str(directory)!r} is not a preset directory (missing {missing or 'it'}; "
+    if not directory.is_dir():
+        raise PresetError(f"sign_preset: {str(directory)!r} is not a preset directory (missing it; "
+                          f"a preset holds {list(REQUIRED_FILES)}).")
+    missing = [name for name in REQUIRED_FILES if not _inside(directory, name).is_file()]
+    if missing:
+        raise PresetError(f"sign_preset: {str(directory)!r} is not a preset directory (missing {missing}; "
                           f"a preset holds {list(REQUIRED_FILES)}).")
     record = read_metadata(directory)
+    _check_format_version(directory, record, missing_ok=True)
     record.setdefault("format_version", PRESET_FORMAT_VERSION)
     record["files"] = _files_of(directory)
     write_atomic(directory / METADATA_FILE, json.dumps(record, indent=2, sort_keys=True))
@@ -368,10 +464,7 @@ def sign_preset(directory: str | os.PathLike) -> dict[str, Any]:
 
 def _read_config(directory: Path) -> dict[str, Any]:
     path = directory / CONFIG_FILE
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise PresetError(f"Preset file {str(path)!r} is corrupted (not valid JSON: {error}).", bad_file=path) from None
+    config = _read_json(directory, CONFIG_FILE)
     if not isinstance(config, dict) or "class_name" not in config:
         raise PresetError(
             f"Preset file {str(path)!r} is not a Keras serialisation (expected a JSON object with 'class_name').",
@@ -386,6 +479,11 @@ def _deserialize(config: dict[str, Any], directory: Path) -> keras.Model:
 
     try:
         model = keras.saving.deserialize_keras_object(config, safe_mode=True)
+    except RecursionError:
+        raise PresetError(
+            f"Could not build the model in preset {str(directory)!r}: {CONFIG_FILE} nests layers or models too "
+            "deeply for Keras to build.", bad_file=directory / CONFIG_FILE,
+        ) from None
     except (TypeError, ValueError) as error:
         raise PresetError(
             f"Could not build the model in preset {str(directory)!r} from {CONFIG_FILE}: {error}\n"
@@ -449,6 +547,7 @@ def load_verified_preset(
     directory = Path(directory)
     config = _read_config(directory)
     model = _deserialize(config, directory)
+    _inside(directory, WEIGHTS_FILE)  # Keras needs the name ending in .weights.h5, which a cache blob lacks
     try:
         model.load_weights(str(directory / WEIGHTS_FILE))
     except (ValueError, OSError, KeyError) as error:

@@ -1,6 +1,7 @@
 """Presets: save -> load round trip, integrity checks, safe loading."""
 
 import json
+import re
 
 import keras
 import numpy as np
@@ -158,6 +159,128 @@ def test_files_outside_the_preset_folder_are_never_read(tmp_path, name, monkeypa
     assert "expected sha256" not in str(caught.value)
 
 
+class _ReadsOf:
+    """Records every stat and open of a file whose real path is `target`, however it is reached (links)."""
+
+    def __init__(self, monkeypatch, target):
+        import builtins
+        import io
+        import os
+
+        self.target, self.seen = os.path.realpath(target), []
+        real_open, real_stat = builtins.open, os.stat
+
+        def watch(function):
+            def watched(file, *args, **kwargs):
+                if isinstance(file, (str, bytes, os.PathLike)) and os.path.realpath(file) == self.target:
+                    self.seen.append(function.__name__)
+                return function(file, *args, **kwargs)
+
+            return watched
+
+        for module, name, function in ((builtins, "open", real_open), (io, "open", real_open), (os, "stat", real_stat)):
+            monkeypatch.setattr(module, name, watch(function))
+
+
+def _link_outside(path, name, outside):
+    """Move preset file `name` out of the folder (or write a stand-in) and leave a link to it in its place."""
+    target = outside / name
+    if (path / name).exists():
+        (path / name).replace(target)
+    else:
+        target.write_bytes(b"root:x:0:0:root:/root:/bin/bash\n")
+    (path / name).symlink_to(target)
+    return target
+
+
+@pytest.mark.parametrize("name", ["config.json", "model.weights.h5", "metadata.json", "secret.txt"])
+def test_links_leading_outside_the_preset_folder_are_never_followed(tmp_path, name, monkeypatch, capsys):
+    from harmonization import cli
+
+    path = save_preset(_small_model(), tmp_path / "p")
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    if name == "secret.txt":  # an extra `files` entry, as a crafted metadata.json may list (sign keeps it)
+        _edit_metadata(path, lambda record: record["files"].__setitem__(name, {"size": 1, "sha256": "0" * 64}))
+    target = _link_outside(path, name, outside)
+    # Without the check, these files are the preset's own: signing would print their digest and loading would work.
+    reads = _ReadsOf(monkeypatch, target)
+    refused = "symbolic link leading outside the preset folder"
+    for attempt in (verify_preset, load_model, load_preset):
+        with pytest.raises(PresetError, match=refused):
+            attempt(path)
+    if name != "secret.txt":  # signing records the two checked files, and always reads the metadata
+        with pytest.raises(PresetError, match=refused):
+            presets.sign_preset(path)
+        assert cli.main(["sign", str(path)]) == 1
+        captured = capsys.readouterr()
+        assert refused in captured.err and "sha256" not in captured.out + captured.err
+    if name == "metadata.json":
+        for attempt in (presets.read_metadata, presets.class_names):
+            with pytest.raises(PresetError, match=refused):
+                attempt(path)
+    assert reads.seen == []
+    assert presets.is_preset_dir(path)  # it is meant as a preset: the refusal above says what is wrong
+
+
+def test_links_inside_the_preset_folder_and_to_a_hub_cache_blob_are_read(tmp_path):
+    path = save_preset(_small_model(), tmp_path / "p")
+    (path / "model.weights.h5").replace(path / "weights.bin")
+    (path / "model.weights.h5").symlink_to("weights.bin")
+    verify_preset(path)
+    # The Hugging Face cache layout: snapshots/<revision>/<file> are links into the repo's blobs/.
+    repo = tmp_path / "hub" / "models--org--name"
+    snapshot, blobs = repo / "snapshots" / "abc123", repo / "blobs"
+    snapshot.mkdir(parents=True)
+    blobs.mkdir()
+    for file in ("config.json", "model.weights.h5", "metadata.json"):
+        (blobs / file.upper()).write_bytes((path / file).read_bytes())
+        (snapshot / file).symlink_to(f"../../blobs/{file.upper()}")
+    assert load_model(snapshot).count_params() == _small_model().count_params()
+    # ... but not further: a snapshot link out of the repo folder is refused like any other.
+    (snapshot / "config.json").unlink()
+    (snapshot / "config.json").symlink_to(blobs.parent.parent / "elsewhere.json")
+    (blobs.parent.parent / "elsewhere.json").write_bytes((path / "config.json").read_bytes())
+    with pytest.raises(PresetError, match="leading outside"):
+        verify_preset(snapshot)
+
+
+@pytest.mark.parametrize("file, text", [
+    ("config.json", "[" * 100_000 + "]" * 100_000),  # deeper than Python's json parser goes
+    ("config.json", '{"class_name": "Functional", "config": ' + '{"a": ' * 500 + "1" + "}" * 501),
+    ("metadata.json", '{"format_version": 1, "x": ' + "[" * 5000 + "]" * 5000 + "}"),
+], ids=["config-past-the-parser", "config-past-keras", "metadata"])
+def test_deeply_nested_json_is_one_sentence(tmp_path, file, text, capsys):
+    from harmonization import cli
+
+    path = save_preset(_small_model(), tmp_path / "p")
+    if file == "metadata.json":
+        record = json.loads((path / file).read_text())
+        text = text.replace('"format_version": 1', json.dumps(record)[1:-1])
+    (path / file).write_text(text)
+    if file == "config.json":
+        presets.sign_preset(path)  # its owner signed it: the sha256 matches, the parse is what must refuse it
+    with pytest.raises(PresetError, match=rf"{file}' nests objects and lists more than 100 levels deep"):
+        load_model(path)
+    image = tmp_path / "image.npy"
+    assert cli.main(["predict", str(image), "--model", str(path)]) == 1
+    assert "nests objects and lists more than 100 levels deep" in capsys.readouterr().err
+
+
+def test_real_configs_are_far_from_the_nesting_limit(tmp_path):
+    from harmonization.architectures import MaxViT
+
+    # A functional model inside a functional model inside a third, and a zoo architecture: saved and loaded.
+    model = _small_model()
+    for level in range(2):
+        inputs = keras.Input((8, 8, 3))
+        model = keras.Model(inputs, model(inputs), name=f"outer{level}")
+    for model in (model, MaxViT(image_size=32, depths=[1], widths=[8], stem_width=8, head_dim=4)):
+        config = keras.saving.serialize_keras_object(model)
+        assert presets._json_depth(config) < presets.MAX_JSON_DEPTH // 3, presets._json_depth(config)
+        load_model(save_preset(model, tmp_path / model.name))
+
+
 def test_corrupt_metadata_json_is_a_clear_error(tmp_path):
     path = save_preset(_small_model(), tmp_path / "p")
     (path / "metadata.json").write_text('{"format_version": 1,')
@@ -170,6 +293,27 @@ def test_newer_format_version_is_refused(tmp_path):
     _edit_metadata(path, lambda record: record.__setitem__("format_version", presets.PRESET_FORMAT_VERSION + 1))
     with pytest.raises(PresetError, match="Upgrade harmonization-hub"):
         load_model(path)
+
+
+@pytest.mark.parametrize("version", [True, False, 0, -1, "1", 1.0, None])
+def test_a_format_version_that_is_not_a_positive_int_is_refused(tmp_path, version):
+    path = save_preset(_small_model(), tmp_path / "p")
+    _edit_metadata(path, lambda record: record.__setitem__("format_version", version))
+    message = rf"`format_version` must be a positive integer .*; got {re.escape(repr(version))}\. The preset is not valid"
+    with pytest.raises(PresetError, match=message):
+        load_model(path)
+    with pytest.raises(PresetError, match=message):
+        presets.sign_preset(path)  # signing does not bless a bad version
+
+
+def test_a_metadata_without_format_version_is_not_a_valid_preset(tmp_path):
+    path = save_preset(_small_model(), tmp_path / "p")
+    _edit_metadata(path, lambda record: record.pop("format_version"))
+    with pytest.raises(PresetError, match=r"not a valid preset: metadata.json has no `format_version`") as caught:
+        load_model(path)
+    assert "Upgrade" not in str(caught.value) and f"harmonization sign {path}" in str(caught.value)
+    assert presets.sign_preset(path)["format_version"] == presets.PRESET_FORMAT_VERSION
+    load_model(path)
 
 
 def test_safe_mode_refuses_code_in_the_config(tmp_path):
