@@ -120,6 +120,8 @@ def resolve_preset(location: str | os.PathLike, *, revision: str | None = None) 
                              f"{str(local)!r}; leave it out.")
         presets.verify_preset(local)
         return local
+    if local.is_dir() and location not in zoo.list_models():
+        presets.verify_preset(local)  # a folder that is no preset: says what it lacks, as load_model does
     if location.startswith(HF_SCHEME):
         repo_id, uri_revision = parse_hf_uri(location)
         return download_preset(repo_id, revision or uri_revision)
