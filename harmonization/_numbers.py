@@ -15,17 +15,27 @@ def is_int(value) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
+#: The largest count TensorFlow takes (`Dataset.take`, `batch`, shapes are int64); a larger Python int fails
+#: deep inside a tensor conversion.
+INT64_MAX = 2**63 - 1
+
+
 def check_int(
-    value, name: str, *, minimum: int | None = None, why: str = "", expected: str | None = None
+    value, name: str, *, minimum: int | None = None, maximum: int | None = None, why: str = "",
+    expected: str | None = None,
 ) -> int:
-    """`value` as an int >= `minimum`; a ValueError naming `name`, the expectation and the value otherwise.
+    """`value` as an int >= `minimum` and <= `maximum`; a ValueError naming `name`, the expectation and the
+    value otherwise.
 
     `expected` replaces the default wording ("an integer >= 1"), e.g. "a positive integer", where a
-    message is already documented or matched that way.
+    message is already documented or matched that way; a value above `maximum` adds "no larger than ...".
     """
-    if not is_int(value) or (minimum is not None and value < minimum):
+    too_large = is_int(value) and maximum is not None and value > maximum
+    if not is_int(value) or (minimum is not None and value < minimum) or too_large:
         if expected is None:
             expected = "an integer" if minimum is None else f"an integer >= {minimum}"
+        if too_large:
+            expected = f"{expected} no larger than {maximum}"
         raise ValueError(f"`{name}` must be {expected}{why}; got {value!r}.")
     return int(value)
 

@@ -11,7 +11,7 @@ import tensorflow as tf
 
 # The number checks live apart, free of TensorFlow, for NumPy-only modules (`harmonization.synthetic`); they are
 # part of this module's interface.
-from harmonization._numbers import check_int, check_number, is_int, is_number  # noqa: F401
+from harmonization._numbers import INT64_MAX, check_int, check_number, is_int, is_number  # noqa: F401
 
 
 def as_maps(maps, name: str, dtype=None) -> tf.Tensor:

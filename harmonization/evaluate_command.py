@@ -36,14 +36,36 @@ METHOD_HELP = (
 
 
 def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1, or an error naming the value."""
+    """argparse type: an integer >= 1 that TensorFlow can count to (int64), or an error naming the value."""
+    from harmonization._numbers import INT64_MAX  # here: this module imports only the standard library at load
+
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r:.60}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    if value > INT64_MAX:
+        raise argparse.ArgumentTypeError(
+            f"expected a positive integer no larger than {INT64_MAX} (TensorFlow counts in int64), got {value}"
+        )
     return value
+
+
+def check_out_dir(out: Path) -> None:
+    """Refuse an output folder that cannot be made (a file in the way, no write access), before any model or
+    data work: scoring a dataset takes minutes, and its results would be lost at the end."""
+    for folder in (out, *out.parents):
+        if not folder.exists():
+            continue
+        if not folder.is_dir():
+            where = "is a file" if folder == out else f"is under {str(folder)!r}, which is a file"
+            raise NotADirectoryError(
+                f"--out {str(out)!r} {where}; expected a directory for results.json and saliency_grid.png."
+            )
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise PermissionError(f"--out {str(out)!r}: cannot create or write in {str(folder)!r} (no permission).")
+        return
 
 
 def protocol(image_size: int, method: str = DEFAULT_SALIENCY_METHOD) -> dict[str, Any]:
@@ -188,6 +210,8 @@ def draw_grid(model, examples: dict, spearman, path: Path, method: str = DEFAULT
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """The whole command; returns what it writes to results.json."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if args.out:
+        check_out_dir(Path(args.out).expanduser())
     if args.data_dir is not None and not args.download and not Path(args.data_dir).expanduser().is_dir():
         raise FileNotFoundError(f"--data-dir {args.data_dir!r} is not a directory (pass --download to build it there).")
     data_dir = None if args.data_dir is None else str(Path(args.data_dir).expanduser().resolve())
@@ -199,9 +223,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from harmonization import loader
 
     directory, zoo_name, run_name = resolve_model(args.model)
+    out = Path(args.out).expanduser() if args.out else Path(DEFAULT_OUT_ROOT) / run_name
+    check_out_dir(out)
     model = loader.load_resolved(directory)  # resolve_model verified it
     image_size = input_size(model)
-    out = Path(args.out) if args.out else Path(DEFAULT_OUT_ROOT) / run_name
     print(f"Model {args.model} ({zoo_name or 'not a zoo model'}), {image_size}x{image_size} inputs", flush=True)
 
     try:

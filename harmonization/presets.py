@@ -327,6 +327,8 @@ def verify_preset(directory: str | os.PathLike) -> dict[str, Any]:
     if not directory.is_dir():
         raise PresetError(f"Preset directory {str(directory)!r} does not exist.")
     missing = [name for name in REQUIRED_FILES if not _inside(directory, name).is_file()]
+    if len(missing) == len(REQUIRED_FILES):
+        raise PresetError(f"{str(directory)!r} is not a preset directory: it holds none of {list(REQUIRED_FILES)}.")
     if missing:
         raise PresetError(
             f"Preset {str(directory)!r} is incomplete: missing {missing} (a preset needs {list(REQUIRED_FILES)})."

@@ -175,3 +175,52 @@ def test_an_unknown_method_is_a_usage_error_listing_the_methods(presets, capsys)
     assert caught.value.code == 2
     err = capsys.readouterr().err
     assert "--method" in err and all(name in err for name in ("gradient_max_abs", "smoothgrad"))
+
+
+@pytest.mark.parametrize("where", ["file", "under_a_file"])
+def test_an_out_that_cannot_be_a_directory_is_refused_before_any_work(presets, clickme_dir, tmp_path, capsys, where):
+    blocker = tmp_path / "results"
+    blocker.write_text("an earlier result the user keeps")
+    out = blocker if where == "file" else blocker / "run1"
+    argv = ["evaluate", str(presets[1]), "--data-dir", str(clickme_dir), "--out", str(out)]
+    assert cli.main(argv) == 1
+    captured = capsys.readouterr()
+    assert f"--out {str(out)!r} " in captured.err and "expected a directory" in captured.err
+    assert "Model " not in captured.out and "Scoring" not in captured.out  # nothing loaded, nothing scored
+    assert blocker.read_text() == "an earlier result the user keeps"
+    # The default folder (named after the model, known once it is resolved) is checked before loading too.
+    (tmp_path / "cwd").mkdir()
+    (tmp_path / "cwd" / "harmonization_evaluate").write_text("not a folder")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(tmp_path / "cwd")
+        assert cli.main(["evaluate", str(presets[1]), "--data-dir", str(clickme_dir)]) == 1
+    captured = capsys.readouterr()
+    assert "is under 'harmonization_evaluate', which is a file" in captured.err and "Scoring" not in captured.out
+
+
+def test_a_folder_that_is_not_a_preset_is_named_so_not_an_unknown_model(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "metadata.json").write_text("{}")
+    for command in (["evaluate"], ["download"]):
+        for spec, expected in (("empty", "'empty' is not a preset directory: it holds none of"),
+                               (str(tmp_path / "empty"), "is not a preset directory"),
+                               ("half", "Preset 'half' is incomplete: missing ['config.json', 'model.weights.h5']")):
+            assert cli.main([*command, spec]) == 1
+            err = capsys.readouterr().err
+            assert expected in err and "Unknown model" not in err, (command, spec, err)
+
+
+def test_a_count_tensorflow_cannot_hold_is_a_usage_error_and_the_largest_one_works(clickme_dir, presets, tmp_path,
+                                                                                   capsys):
+    for option in ("--limit", "--batch-size"):
+        with pytest.raises(SystemExit) as caught:
+            cli.main(["evaluate", str(presets[1]), option, str(10**20)])
+        assert caught.value.code == 2
+        assert (f"argument {option}: expected a positive integer no larger than {2**63 - 1} (TensorFlow counts in "
+                f"int64), got {10**20}") in capsys.readouterr().err
+    argv = ["evaluate", str(presets[1]), "--data-dir", str(clickme_dir), "--limit", str(2**63 - 1),
+            "--out", str(tmp_path / "out")]
+    assert cli.main(argv) == 0
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["data"]["num_images"] == NUM_VALIDATION
