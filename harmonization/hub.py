@@ -15,8 +15,10 @@ knows nothing of the zoo: `harmonization.loader` turns names into the repos and 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
+from typing import Callable
 
 from harmonization import network, presets
 from harmonization._io import DISTRIBUTION, is_repo_id, library_version, moved_names
@@ -62,19 +64,21 @@ def _evict(snapshot: Path, filename: str) -> None:
 def download_preset(repo_id: str, revision: str | None = None, *, force_download: bool = False) -> Path:
     """Download the preset in Hub repo `repo_id` at `revision` (default "main") and return its verified directory.
 
-    Every request has a timeout (`harmonization.network`): a Hub that accepts the connection and never answers
-    ends in `HubUnavailableError`, not in a wait without end.
+    Every request has a timeout and every body a minimum rate (`harmonization.network`): a Hub that accepts the
+    connection and never answers, or trickles, ends in `HubUnavailableError`, not in a wait without end. So does
+    an endpoint that answers but not as the Hub does (a web page, a redirect loop), unless a complete snapshot
+    is cached.
 
     Raises:
-        HubUnavailableError: offline (`HF_HUB_OFFLINE=1`), or the Hub is unreachable or stalled, and nothing is
-            cached.
+        HubUnavailableError: offline (`HF_HUB_OFFLINE=1`), or the Hub is unreachable, stalled, trickling or
+            answers something else than the Hub's API, and nothing is cached.
         huggingface_hub.errors.RepositoryNotFoundError / RevisionNotFoundError: no such repo or revision.
         PresetError: the download is incomplete or a file is corrupted (the bad file is evicted from the cache).
     """
     import httpx2
     import huggingface_hub
     from huggingface_hub import constants
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub.errors import FileMetadataError, HfHubHTTPError, LocalEntryNotFoundError
 
     network.bound_huggingface_hub()
     revision = revision or "main"
@@ -104,11 +108,16 @@ def download_preset(repo_id: str, revision: str | None = None, *, force_download
         ) from error
     except HfHubHTTPError:
         raise  # repo/revision not found, gated, server errors: the client's own message is the clearest
-    except httpx2.TransportError as error:  # a file download that timed out or dropped after the client's retries
-        raise HubUnavailableError(
-            f"The download of {where} from {constants.ENDPOINT} (HF_ENDPOINT) failed: "
-            f"{type(error).__name__}: {error}.\n{network.offline_advice()}"
-        ) from error
+    except (httpx2.RequestError, json.JSONDecodeError, FileMetadataError) as error:
+        # The endpoint answered, but not as the Hub does (a web page, a redirect loop, a body that trickled or
+        # dropped): as unreachable as a refused connection. The client serves its cache for the latter; so do we.
+        snapshot = _complete_cached_snapshot(repo_id, revision)
+        if snapshot is None:
+            raise HubUnavailableError(
+                f"Could not use the Hugging Face Hub at {constants.ENDPOINT} (HF_ENDPOINT) for {where}, and it is "
+                f"not in the Hugging Face cache: {_unusable_answer(error)} ({_first_line(error)}).\n"
+                f"{network.offline_advice()}"
+            ) from error
     except OSError as error:
         # E.g. "Consistency check failed": the body was shorter than announced. huggingface_hub kept it as
         # `.incomplete` (resumed next time), never as a cached file.
@@ -137,33 +146,67 @@ def download_preset(repo_id: str, revision: str | None = None, *, force_download
     return snapshot
 
 
-def _cause(error: BaseException) -> str:
-    """The first line of the deepest cause of `error` (the network error behind the client's wrapper)."""
-    while error.__cause__ is not None or error.__context__ is not None:
-        error = error.__cause__ or error.__context__
+def _complete_cached_snapshot(repo_id: str, revision: str) -> Path | None:
+    """The cached snapshot of `repo_id` at `revision` when it holds every preset file, else None."""
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        snapshot = Path(huggingface_hub.snapshot_download(repo_id, revision=revision, allow_patterns=PRESET_PATTERNS,
+                                                          local_files_only=True))
+    except (LocalEntryNotFoundError, OSError):
+        return None
+    return snapshot if all((snapshot / name).is_file() for name in presets.REQUIRED_FILES) else None
+
+
+def _unusable_answer(error: BaseException) -> str:
+    """What was wrong with the Hub endpoint's answer, in words."""
+    import httpx2
+
+    if isinstance(error, httpx2.TooManyRedirects):
+        return "it redirects in a loop"
+    if isinstance(error, json.JSONDecodeError):
+        return "it answered something that is not the Hub's JSON (a web page or a proxy's answer?)"
+    if isinstance(error, httpx2.TransportError):
+        return "the download failed"
+    return "its answer is not the Hub's"
+
+
+def _first_line(error: BaseException) -> str:
+    """`error`'s type and the first line of its message."""
     text = str(error).splitlines()[0] if str(error) else ""
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
+def _cause(error: BaseException) -> str:
+    """The first line of the deepest cause of `error` (the network error behind the client's wrapper)."""
+    while error.__cause__ is not None or error.__context__ is not None:
+        error = error.__cause__ or error.__context__
+    return _first_line(error)
+
+
 def download_file(url: str, destination: str | os.PathLike, *, expected_sha256: str | None = None,
-                  expected_size: int | None = None, timeout: float | None = None, progress: bool = True) -> Path:
+                  expected_size: int | None = None, timeout: float | None = None, progress: bool = True,
+                  check: Callable[[Path], str | None] | None = None) -> Path:
     """Download `url` to `destination` (see `fetch_file`); return its path."""
     return fetch_file(url, destination, expected_sha256=expected_sha256, expected_size=expected_size,
-                      timeout=timeout, progress=progress)[0]
+                      timeout=timeout, progress=progress, check=check)[0]
 
 
 def fetch_file(url: str, destination: str | os.PathLike, *, expected_sha256: str | None = None,
-               expected_size: int | None = None, timeout: float | None = None,
-               progress: bool = True) -> tuple[Path, str]:
+               expected_size: int | None = None, timeout: float | None = None, progress: bool = True,
+               check: Callable[[Path], str | None] | None = None) -> tuple[Path, str]:
     """Download `url` to `destination` with a progress bar; only a complete, verified file is ever moved there.
     Returns (its path, its sha256, taken while it streamed: a caller that records the digest need not read a
     weights file of hundreds of MB again).
 
-    The bytes go to a temporary `.incomplete` file first. A body shorter than its `Content-Length`, or a size
-    or sha256 different from the expected ones, raises `PresetError` and leaves nothing behind. Connecting and
-    each read wait at most `timeout` seconds (default `harmonization.network.timeout()`); a connection that
-    fails or stalls is tried again, `network.attempts()` times in all, then raises `HubUnavailableError`.
-    `progress=False` hides the progress bar (for callers that show their own).
+    The bytes go to a temporary `.incomplete` file first. A body shorter than its `Content-Length`, a size or
+    sha256 different from the expected ones, an HTML page (a server's or proxy's answer instead of the file), or
+    a file that `check` (given the complete temporary file, it returns what is wrong with it, or None) refuses
+    raises `PresetError` and leaves nothing behind. Connecting and each read wait at most `timeout` seconds
+    (default `harmonization.network.timeout()`), and the body must arrive at `network.min_rate()`; a connection
+    that fails, stalls or trickles is tried again, `network.attempts()` times in all, then raises
+    `HubUnavailableError`. `progress=False` hides the progress bar (for callers that show their own).
     """
     import urllib.error
 
@@ -175,7 +218,7 @@ def fetch_file(url: str, destination: str | os.PathLike, *, expected_sha256: str
     def transient(error: BaseException) -> bool:
         if isinstance(error, urllib.error.HTTPError):
             return error.code == 429 or error.code >= 500
-        return isinstance(error, OSError)  # refused, reset, timed out (URLError is an OSError)
+        return isinstance(error, OSError)  # refused, reset, timed out, too slow (URLError is an OSError)
 
     try:
         announced, received, sha256 = network.retry(
@@ -185,6 +228,12 @@ def fetch_file(url: str, destination: str | os.PathLike, *, expected_sha256: str
         partial.unlink(missing_ok=True)
         if isinstance(error, urllib.error.HTTPError):
             raise HubUnavailableError(f"Could not download {url}: HTTP {error.code} {error.reason}.") from error
+        if isinstance(error, network.TooSlowError):
+            raise HubUnavailableError(
+                f"Could not download {url}: the last of {network.attempts()} tries sent {error.received} bytes in "
+                f"{error.seconds:.1f} s ({network.format_rate(error.rate)}), slower than the minimum of "
+                f"{network.format_rate(error.minimum)} ({network.MIN_RATE_ENV})."
+            ) from error
         reason = getattr(error, "reason", error)
         raise HubUnavailableError(
             f"Could not download {url} (tried {network.attempts()} times, waiting up to {timeout:g} s for each "
@@ -201,12 +250,32 @@ def fetch_file(url: str, destination: str | os.PathLike, *, expected_sha256: str
         partial.unlink(missing_ok=True)
         raise PresetError(f"The download of {url} is truncated or corrupted and was deleted: {'; '.join(problems)}. "
                           "Run again to download it afresh.")
+    wrong = _html_page(partial) or (check(partial) if check is not None else None)
+    if wrong:
+        partial.unlink(missing_ok=True)
+        raise PresetError(f"The download of {url} is not the file asked for and was deleted: {wrong}; check the URL "
+                          "(or the mirror that serves it).")
     os.replace(partial, destination)
     return destination, sha256
 
 
+def _html_page(path: Path) -> str | None:
+    """A sentence when the file at `path` is an HTML page (what a server or proxy answers instead of a missing
+    file), else None. None of the files we download (HDF5, TFRecord) starts like one."""
+    with open(path, "rb") as handle:
+        head = handle.read(256)
+    if head.lstrip().lower().startswith((b"<!doctype html", b"<html")):
+        return f"the server answered an HTML page, not the file (it starts with {head[:40]!r})"
+    return None
+
+
 def _fetch(url: str, partial: Path, label: str, timeout: float, progress: bool) -> tuple[int | None, int, str]:
-    """One attempt: stream `url` into `partial`; return (announced length, bytes received, sha256)."""
+    """One attempt: stream `url` into `partial`; return (announced length, bytes received, sha256).
+
+    Writes whatever has arrived (`read1`), not 1 MiB at a time: a read that waits for a whole chunk would keep
+    a trickling server's download (and its progress bar) still, beyond the reach of the read timeout.
+    Raises `network.TooSlowError` when the body arrives slower than `network.min_rate()`.
+    """
     import http.client
     import urllib.request
 
@@ -217,11 +286,13 @@ def _fetch(url: str, partial: Path, label: str, timeout: float, progress: bool) 
     with urllib.request.urlopen(request, timeout=timeout) as response, open(partial, "wb") as handle:
         announced = response.headers.get("Content-Length")
         announced = int(announced) if announced is not None else None
+        read = getattr(response, "read1", None) or response.read
+        guard = network.RateGuard(url, window=timeout)
         with hf_tqdm(total=announced, unit="B", unit_scale=True, unit_divisor=1024,
                      desc=f"Downloading {label}", disable=not progress) as bar:
             while True:
                 try:
-                    chunk = response.read(1 << 20)
+                    chunk = read(1 << 20)
                 except http.client.IncompleteRead as error:  # the connection dropped: reported by the caller
                     chunk = error.partial
                     handle.write(chunk)
@@ -234,6 +305,7 @@ def _fetch(url: str, partial: Path, label: str, timeout: float, progress: bool) 
                 digest.update(chunk)
                 received += len(chunk)
                 bar.update(len(chunk))
+                guard.add(len(chunk))
     return announced, received, digest.hexdigest()
 
 

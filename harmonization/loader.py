@@ -157,20 +157,26 @@ def resolve_entry(entry: Mapping[str, Any], *, revision: str | None = None) -> P
     except HubUnavailableError as error:
         if revision is not None:
             raise  # a pinned Hub revision cannot be served by the original file
-        # Offline or unreachable: a conversion of the published original (cached, or downloaded from its
-        # own server, which may well be reachable when the Hub is not) serves instead.
-        try:
-            return convert_original(entry, reason="the Hugging Face Hub cannot be reached", cause=error)
-        except HubUnavailableError as fallback_error:
-            from huggingface_hub import constants
+        # Offline, unreachable, or answering something else than the Hub's API: a conversion of the published
+        # original (cached, or downloaded from its own server, which may well be reachable when the Hub is not)
+        # serves instead.
+        from huggingface_hub import constants
 
+        hub_reason = str(error).split("\n", 1)[0]
+        try:
+            preset = convert_original(entry, reason="the Hugging Face Hub cannot be reached", cause=error)
+        except HubUnavailableError as fallback_error:
             if constants.is_offline_mode():
                 raise  # its message says how to get the weights of this zoo name
-            hub_reason, original_reason = (str(e).split("\n", 1)[0] for e in (error, fallback_error))
+            original_reason = str(fallback_error).split("\n", 1)[0]
             raise HubUnavailableError(
                 f"Zoo model {entry['name']!r} could not be fetched.\n- From the Hugging Face Hub: {hub_reason}\n"
                 f"- From its published original: {original_reason}\n{network.offline_advice()}"
             ) from fallback_error
+        if not constants.is_offline_mode():  # offline, the cache serving is what was asked for: nothing to say
+            print(f"Zoo model {entry['name']!r} is served from its published original instead of the Hub: "
+                  f"{hub_reason}", file=sys.stderr, flush=True)
+        return preset
 
 
 # --- the published original `.h5`, converted once -----------------------------------------------------------

@@ -1,16 +1,25 @@
-"""Bounded waits for everything we fetch: one timeout and retry policy, and the advice when the network fails.
+"""Bounded waits for everything we fetch: one timeout, minimum rate and retry policy, and the advice when the
+network fails.
 
-An endpoint (or a proxy) that accepts a connection and never answers must not hang a user's script: every
-request we start has a connect and a read timeout and a bounded number of attempts, so that a stalled endpoint
-ends in about a minute in an error that names it and says what to do.
+An endpoint (or a proxy) that accepts a connection and never answers must not hang a user's script, and neither
+must one that answers one byte per second: every request we start has a connect and a read timeout, every body
+must keep arriving at a minimum rate, and a download is tried a bounded number of times, so that a stalled or
+trickling endpoint ends in about a minute in an error that names it (and the rate it sent at) and says what to do.
 
 - Our own downloads (`harmonization.hub.download_file`: the published originals, ClickMe shards) use
-  `timeout()` and `attempts()`.
-- huggingface_hub's HTTP client has no timeout by default (its repo listing waits forever on a stalled Hub):
-  `bound_huggingface_hub()` gives the client it shares a default timeout for every request that sets none.
-  A client factory the user installed with `huggingface_hub.set_client_factory` is left alone.
+  `timeout()`, `RateGuard` and `attempts()`.
+- huggingface_hub's HTTP client has no timeout by default (its repo listing waits forever on a stalled Hub), nor
+  a minimum rate: `bound_huggingface_hub()` gives the client it shares a default timeout for every request that
+  sets none, and a `RateGuard` on every answer's body. A client factory the user installed with
+  `huggingface_hub.set_client_factory` is left alone.
 
-`HARMONIZATION_NETWORK_TIMEOUT` (seconds, default 20) sets the timeout, read at each use.
+Environment (read at each use; a value out of range is an error naming the variable):
+
+- `HARMONIZATION_NETWORK_TIMEOUT`: seconds to wait for a connection or for the next bytes of an answer
+  (default 20, at most 3600).
+- `HARMONIZATION_NETWORK_MIN_RATE`: bytes per second a body must average over every `timeout()` seconds
+  (default 1024, i.e. 1 KiB/s); a slower one is cut off with `TooSlowError`, which names the URL and the rate.
+  A download of one attempt therefore ends within about twice the timeout unless bytes keep arriving at this rate.
 """
 
 from __future__ import annotations
@@ -21,12 +30,20 @@ import threading
 import time
 from typing import Callable, TypeVar
 
-__all__ = ["DEFAULT_ATTEMPTS", "DEFAULT_TIMEOUT", "TIMEOUT_ENV", "attempts", "bound_huggingface_hub",
-           "offline_advice", "retry", "timeout"]
+__all__ = ["DEFAULT_ATTEMPTS", "DEFAULT_MIN_RATE", "DEFAULT_TIMEOUT", "MIN_RATE_ENV", "RateGuard", "TIMEOUT_ENV",
+           "TooSlowError", "attempts", "bound_huggingface_hub", "format_rate", "min_rate", "offline_advice", "retry",
+           "timeout"]
 
 TIMEOUT_ENV = "HARMONIZATION_NETWORK_TIMEOUT"
+MIN_RATE_ENV = "HARMONIZATION_NETWORK_MIN_RATE"
 #: Seconds to wait for a connection, or for the next bytes of an answer.
 DEFAULT_TIMEOUT = 20.0
+#: The longest timeout accepted: sockets refuse values past time_t (OverflowError), and no answer is worth an hour.
+MAX_TIMEOUT = 3600.0
+#: Bytes per second a body must average over each window of `timeout()` seconds (1 KiB/s).
+DEFAULT_MIN_RATE = 1024.0
+#: The highest minimum rate accepted (1 GB/s): above it every download would be cut off.
+MAX_MIN_RATE = 1e9
 #: Tries of one download before giving up: a stalled endpoint costs at most about attempts x timeout.
 DEFAULT_ATTEMPTS = 2
 _RETRY_WAIT = 2.0  # seconds before the next attempt
@@ -34,18 +51,85 @@ _RETRY_WAIT = 2.0  # seconds before the next attempt
 T = TypeVar("T")
 
 
-def timeout() -> float:
-    """The connect/read timeout in seconds: `HARMONIZATION_NETWORK_TIMEOUT`, else 20."""
-    text = os.environ.get(TIMEOUT_ENV, "").strip()
+def _bounded_number(variable: str, default: float, maximum: float, unit: str) -> float:
+    """The number in environment `variable` (default `default`), in (0, maximum], or an error naming all three."""
+    text = os.environ.get(variable, "").strip()
     if not text:
-        return DEFAULT_TIMEOUT
+        return default
     try:
         value = float(text)
     except ValueError:
         value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{TIMEOUT_ENV} must be a positive number of seconds; got {text!r}.")
+    if not (math.isfinite(value) and 0 < value <= maximum):
+        raise ValueError(f"{variable} must be a positive number of {unit}, at most {maximum:g}; got {text!r}.")
     return value
+
+
+def timeout() -> float:
+    """The connect/read timeout in seconds: `HARMONIZATION_NETWORK_TIMEOUT`, else 20."""
+    return _bounded_number(TIMEOUT_ENV, DEFAULT_TIMEOUT, MAX_TIMEOUT, "seconds")
+
+
+def min_rate() -> float:
+    """The slowest a body may arrive, in bytes per second: `HARMONIZATION_NETWORK_MIN_RATE`, else 1024."""
+    return _bounded_number(MIN_RATE_ENV, DEFAULT_MIN_RATE, MAX_MIN_RATE, "bytes per second")
+
+
+def format_rate(bytes_per_second: float) -> str:
+    """`1536.0` -> "1.5 KiB/s": rates in messages, in the units a progress bar shows."""
+    value = float(bytes_per_second)
+    for unit in ("B/s", "KiB/s", "MiB/s"):
+        if value < 1024 or unit == "MiB/s":
+            return f"{value:.3g} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+class TooSlowError(TimeoutError):
+    """A body that arrived slower than `min_rate()`; the message is one sentence naming the URL and the rate.
+
+    A `TimeoutError` (so an `OSError`): the callers that retry a stalled download retry a trickling one too.
+    """
+
+    def __init__(self, url: str, received: int, seconds: float, minimum: float) -> None:
+        self.url, self.received, self.seconds, self.minimum = url, received, seconds, minimum
+        self.rate = received / seconds if seconds > 0 else 0.0
+        super().__init__(
+            f"{url} sent {received} bytes in {seconds:.1f} s ({format_rate(self.rate)}), slower than the minimum of "
+            f"{format_rate(minimum)} ({MIN_RATE_ENV})"
+        )
+
+
+class RateGuard:
+    """Counts the bytes of one answer as they arrive, and cuts off one that trickles.
+
+    The read timeout alone does not end a download whose server sends one byte per second: each read returns in
+    time. So every `window` seconds (default `timeout()`) the bytes of the window are compared with
+    `minimum * window` (default `min_rate()`); `add` raises `TooSlowError` when fewer arrived. A small answer that
+    ends within one window is never judged.
+    """
+
+    def __init__(self, url: str, *, minimum: float | None = None, window: float | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.url = url
+        self.minimum = min_rate() if minimum is None else minimum
+        self.window = timeout() if window is None else window
+        self.received = 0
+        self._clock = clock
+        self._window_start = clock()
+        self._window_received = 0
+
+    def add(self, count: int) -> None:
+        """Record `count` more bytes; raise `TooSlowError` if the window that just ended was too slow."""
+        self.received += count
+        now = self._clock()
+        elapsed = now - self._window_start
+        if elapsed < self.window:
+            return
+        arrived = self.received - self._window_received
+        if arrived < self.minimum * elapsed:
+            raise TooSlowError(self.url, arrived, elapsed, self.minimum)
+        self._window_start, self._window_received = now, self.received
 
 
 def attempts() -> int:
@@ -82,12 +166,35 @@ _BOUND_LOCK = threading.Lock()
 
 
 def _bounded_client_factory():
-    """huggingface_hub's default client, with a timeout for every request that does not set its own."""
+    """huggingface_hub's default client, with a timeout for every request that does not set its own, and a
+    minimum rate for every answer's body."""
     import httpx2
     from huggingface_hub.utils import _http
 
+    class RateGuardedStream(httpx2.SyncByteStream):
+        """The body of one answer, cut off with `httpx2.ReadError` when it trickles (`RateGuard`).
+
+        A `ReadError`, not a timeout: huggingface_hub resumes a file download after a timeout, and resets its
+        count of retries whenever bytes arrived, so a trickle reported as a timeout would be resumed forever.
+        """
+
+        def __init__(self, inner, request) -> None:
+            self._inner, self._request = inner, request
+
+        def __iter__(self):
+            guard = RateGuard(str(self._request.url))
+            for chunk in self._inner:
+                try:
+                    guard.add(len(chunk))
+                except TooSlowError as error:
+                    raise httpx2.ReadError(str(error), request=self._request) from error
+                yield chunk
+
+        def close(self) -> None:
+            self._inner.close()
+
     class BoundedTransport(httpx2.BaseTransport):
-        """Fill the timeouts a request leaves unset (None = wait forever) with ours."""
+        """Fill the timeouts a request leaves unset (None = wait forever) with ours; guard the body's rate."""
 
         def __init__(self) -> None:
             self._inner = httpx2.HTTPTransport()
@@ -98,7 +205,9 @@ def _bounded_client_factory():
                 if limits.get(key) is None:
                     limits[key] = timeout()
             request.extensions = {**request.extensions, "timeout": limits}
-            return self._inner.handle_request(request)
+            response = self._inner.handle_request(request)
+            response.stream = RateGuardedStream(response.stream, request)
+            return response
 
         def close(self) -> None:
             self._inner.close()

@@ -24,7 +24,8 @@ does. huggingface_hub uploads LFS files through Xet when `hf_xet` is installed; 
 Plain files (the originals' public URLs) are served at any other path added with `add_static`.
 Errors carry the `X-Error-Code` header the client maps to its exceptions (RepoNotFound, RevisionNotFound,
 EntryNotFound). Faults can be injected (truncated or tampered bodies, a tree listing error, paths that
-stall forever) to test what the client does not guard against itself.
+stall forever, that trickle one byte at a time under a 10 MB `Content-Length`, that answer a web page, or that
+redirect to themselves) to test what the client does not guard against itself.
 Runs in a thread of the test process; not a pytest plugin, so any test module can import it.
 """
 
@@ -35,11 +36,16 @@ import hashlib
 import json
 import re
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 LFS_SUFFIXES = (".h5", ".bin", ".safetensors")
+#: What a captive portal or a misconfigured mirror answers for any path (79 bytes, as in issue 22).
+HTML_PAGE = b"<!DOCTYPE html><html><head><title>Mirror</title></head><body>Hi!!</body></html>"
+#: The length a trickling answer announces.
+TRICKLE_LENGTH = 10_000_000
 
 
 def _git_blob_id(data: bytes) -> str:
@@ -61,6 +67,15 @@ class FakeHub:
         # URL paths starting with one of these are accepted and never answered (a stalled endpoint or proxy):
         self.stall: set[str] = set()
         self.delay: dict[str, float] = {}  # URL path -> seconds to wait before answering (a slow server)
+        # URL path prefix -> seconds between bytes: a GET is answered `Content-Length: 10000000`, then one byte per
+        # interval, for at most `trickle_limit` seconds (so that code without a deadline fails, not hangs, a test).
+        self.trickle: dict[str, float] = {}
+        self.trickle_limit = 10.0
+        # How each trickle ended: "client hung up" (a deadline cut it off), "time limit" or "server stopped".
+        self.trickle_endings: list[str] = []
+        self._trickle_ended = threading.Semaphore(0)
+        self.html: set[str] = set()  # URL path prefixes answered "200 OK" with a small web page (a portal, a proxy)
+        self.redirect_loop: set[str] = set()  # URL path prefixes answered "302 Found" to themselves
         self._released = threading.Event()  # set at shutdown, so that stalled handlers end
         # Upload side:
         self.token: str | None = None  # when set, write endpoints require "Authorization: Bearer <token>"
@@ -83,6 +98,13 @@ class FakeHub:
     def add_preset(self, repo_id: str, directory: str | Path, *, ref: str = "main") -> str:
         directory = Path(directory)
         return self.add_commit(repo_id, {p.name: p.read_bytes() for p in directory.iterdir() if p.is_file()}, ref=ref)
+
+    def wait_for_trickles(self, count: int, guard: float = 60.0) -> list[str]:
+        """How the first `count` trickles ended, once they have (`guard` only keeps a broken test from hanging)."""
+        for _ in range(count):
+            if not self._trickle_ended.acquire(timeout=guard):
+                break
+        return list(self.trickle_endings)
 
     def tag(self, repo_id: str, ref: str, sha: str) -> None:
         self.refs[repo_id][ref] = sha
@@ -332,6 +354,13 @@ class _Handler(BaseHTTPRequestHandler):
             return None
         if path in fake.delay:
             fake._released.wait(fake.delay[path])
+        if any(path.startswith(prefix) for prefix in fake.redirect_loop):
+            return self._send(302, b"", {"Location": self.path}, head)
+        if any(path.startswith(prefix) for prefix in fake.html):
+            return self._send(200, HTML_PAGE, {"Content-Type": "text/html; charset=utf-8"}, head)
+        interval = next((seconds for prefix, seconds in fake.trickle.items() if path.startswith(prefix)), None)
+        if interval is not None and not head:
+            return self._trickle(interval)
         if match := _REVISION.match(path):
             return self._revision(match["repo"], match["rev"], head)
         if match := _TREE.match(path):
@@ -341,6 +370,28 @@ class _Handler(BaseHTTPRequestHandler):
         if path in fake.static:
             return self._static(path, head)
         return self._error(404, None, f"no route for {path}", head)
+
+    def _trickle(self, interval: float):
+        """Announce 10 MB, then send one byte per `interval` seconds until the client hangs up or time is up."""
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(TRICKLE_LENGTH))
+        self.end_headers()
+        deadline = time.monotonic() + self.fake.trickle_limit
+        ending = "time limit"
+        try:
+            while time.monotonic() < deadline:
+                if self.fake._released.wait(interval):
+                    ending = "server stopped"
+                    break
+                self.wfile.write(b"\0")
+                self.wfile.flush()
+        except OSError:  # the client gave up: what a deadline does
+            ending = "client hung up"
+        self.close_connection = True
+        with self.fake._lock:
+            self.fake.trickle_endings.append(ending)
+        self.fake._trickle_ended.release()
 
     def _static(self, path: str, head: bool):
         data = self.fake.static[path]

@@ -298,8 +298,11 @@ def _download_shards(urls: dict[str, str], directory: epath.Path, instructions: 
 
     Not through TFDS's download manager: its HTTP client has no timeout, so a server that stalls
     mid-file would hang the build forever. `harmonization.hub.download_file` waits at most
-    `harmonization.network.timeout()` per read, tries `network.attempts()` times, and keeps a file
-    only when complete. The first failure stops the download and names the shard.
+    `harmonization.network.timeout()` per read, cuts off a body slower than `network.min_rate()`,
+    tries `network.attempts()` times, and keeps a file only when complete and framed as a TFRecord
+    file (`first_record_problem`: a mirror answering web pages must not leave them as shards). A kept
+    shard that fails that check is downloaded again. The first failure stops the download and names
+    the shard.
     """
     import concurrent.futures
 
@@ -309,15 +312,28 @@ def _download_shards(urls: dict[str, str], directory: epath.Path, instructions: 
 
     directory.mkdir(parents=True, exist_ok=True)
     paths = {name: directory / f"{name}.tfrecords" for name in urls}
-    todo = [name for name in urls if not paths[name].exists()]
+    todo = []
+    for name in urls:
+        if paths[name].exists():
+            problem = first_record_problem(paths[name])
+            if problem is None:
+                continue
+            # E.g. a web page that an earlier version kept as a shard: it would break every build from now on.
+            logging.warning("The downloaded ClickMe shard %s is not a TFRecord shard (%s): downloading it again.",
+                            paths[name], problem)
+        todo.append(name)
 
     def fetch(name: str) -> None:
         url = urls[name]
         if url.startswith(("http://", "https://", "file://")):
-            download_file(url, paths[name], progress=False)
-        else:  # gs://, or a path TensorFlow's file systems read: copied, then renamed when complete.
+            download_file(url, paths[name], progress=False, check=first_record_problem)
+        else:  # gs://, or a path TensorFlow's file systems read: copied, checked, then renamed when complete.
             partial = paths[name].parent / f"{name}.tfrecords.incomplete"
             tf.io.gfile.copy(url, str(partial), overwrite=True)
+            problem = first_record_problem(partial)
+            if problem is not None:
+                partial.unlink()
+                raise OSError(f"{url} is not a ClickMe TFRecord shard ({problem}) and was not kept")
             partial.rename(paths[name])
 
     with tqdm(total=len(urls), initial=len(urls) - len(todo), unit="shard", desc="Downloading ClickMe") as bar, \
@@ -492,6 +508,28 @@ def masked_crc32c(data: bytes) -> int:
         crc = table[(crc ^ byte) & 0xFF] ^ (crc >> 8)
     crc ^= 0xFFFFFFFF
     return ((((crc >> 15) | (crc << 17)) & 0xFFFFFFFF) + _MASK_DELTA) & 0xFFFFFFFF
+
+
+def first_record_problem(path: str | os.PathLike) -> str | None:
+    """What shows that the file at `path` is not a ClickMe TFRecord shard, or None.
+
+    Reads only the first record's header: its length, the masked crc32c of that length, and whether the file is
+    long enough to hold the record. A web page, an error message or an empty answer fails; whether each record
+    is whole is checked when the shard is read (`_read_records`).
+    """
+    path = epath.Path(path)
+    size = path.stat().length
+    with path.open("rb") as file:
+        start = file.read(40)
+    header = start[:12]
+    if size == 0:
+        return "the file is empty; a published shard holds records"
+    if len(header) < 12 or masked_crc32c(header[:8]) != struct.unpack("<I", header[8:])[0]:
+        return f"the file ({size} bytes) does not start with a TFRecord header: it starts with {start!r}"
+    (length,) = struct.unpack("<Q", header[:8])
+    if 12 + length + 4 > size:
+        return f"its first record needs {length + 16} bytes, the file has {size}"
+    return None
 
 
 def _read_frame(file: BinaryIO, offset: int, size: int) -> tuple[bytes, int]:
