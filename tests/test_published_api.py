@@ -300,6 +300,57 @@ def test_harmonizer_loss_returns_the_published_gradients():
     assert not np.allclose(plain[0].numpy(), ours[0].numpy(), rtol=1e-3)
 
 
+def _small_step():
+    keras.utils.set_random_seed(2)
+    model = keras.Sequential([keras.Input((16, 16, 3)), keras.layers.Conv2D(3, 3), keras.layers.Flatten(),
+                              keras.layers.Dense(5)])
+    rng = np.random.default_rng(8)
+    batch = dict(images=tf.constant(rng.normal(size=(4, 16, 16, 3)), tf.float32), tokens=tf.constant([1.0, 0.0, 1.0, 0.5]),
+                 labels=tf.one_hot([0, 1, 2, 3], 5), true_heatmaps=tf.constant(rng.uniform(size=(4, 16, 16)), tf.float32))
+    return model, batch
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"tokens": tf.ones(5)}, r"`tokens` must hold one weight per example, shape \(4,\) or \(4, 1\) \(`images` holds 4\); "
+                             r"got shape \(5,\)"),
+    ({"tokens": tf.ones((4, 2))}, r"`tokens` must hold one weight per example.*got shape \(4, 2\)"),
+    ({"lambda_weights": "x"}, r"`lambda_weights` must be a finite real number \(a scalar\); got 'x'"),
+    ({"lambda_weights": True}, r"`lambda_weights` must be a finite real number \(a scalar\); got True"),
+    ({"lambda_harmonization": [1.0, 2.0]}, r"`lambda_harmonization` must be a finite real number.*got \[1.0, 2.0\]"),
+    ({"lambda_harmonization": float("nan")}, r"`lambda_harmonization` must be a finite real number.*got nan"),
+    ({"labels": tf.one_hot([0, 1, 2], 5)}, r"`labels` must hold one row per image, shape \(4, num_classes\).*\(3, 5\)"),
+    ({"true_heatmaps": tf.ones((4, 8, 8))}, r"`true_heatmaps` must hold one map of the images' size per image, shape "
+                                           r"\(4, 16, 16\) or \(4, 16, 16, 1\); got shape \(4, 8, 8\)"),
+    ({"cross_entropy": "categorical"}, r"`cross_entropy` must be a loss function"),
+], ids=["tokens-length", "tokens-columns", "lambda-str", "lambda-bool", "lambda-list", "lambda-nan", "labels-length",
+        "maps-size", "cross-entropy"])
+def test_harmonizer_loss_names_a_bad_argument_in_one_sentence(change, message):
+    model, batch = _small_step()
+    with pytest.raises(ValueError, match=message):
+        training.harmonizer_loss(model, **{**batch, **change})
+
+
+def test_harmonizer_loss_accepts_the_published_inputs_in_every_form_alike():
+    model, batch = _small_step()
+    reference = training.harmonizer_loss(model, **batch)
+    forms = [
+        {"tokens": batch["tokens"][:, None]},  # (N, 1)
+        {key: np.asarray(value) for key, value in batch.items()},  # NumPy arrays
+        {"true_heatmaps": batch["true_heatmaps"][..., None], "lambda_weights": tf.Variable(1e-5),
+         "lambda_harmonization": np.float32(1.0)},
+    ]
+    for change in forms:
+        for ours, expected in zip(training.harmonizer_loss(model, **{**batch, **change}), reference):
+            np.testing.assert_allclose(ours.numpy(), expected.numpy(), rtol=1e-6, atol=1e-8)
+
+
+def test_pyramidal_mse_with_tokens_names_tokens_of_the_wrong_length():
+    maps = np.random.default_rng(9).normal(size=(3, 16, 16)).astype("float32")
+    with pytest.raises(ValueError, match=r"`tokens` must hold one weight per example, shape \(3,\) or \(3, 1\) "
+                                         r"\(`true_heatmaps` holds 3\); got shape \(2,\)"):
+        training.pyramidal_mse_with_tokens(maps, maps, np.ones(2, "float32"))
+
+
 # --- mirrors --------------------------------------------------------------------------------------------------
 
 

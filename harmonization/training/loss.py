@@ -11,6 +11,7 @@ carried the layer too), and normalisation layers are differentiated twice exactl
 from __future__ import annotations
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from harmonization import losses, second_order
@@ -56,7 +57,69 @@ def pyramidal_mse_with_tokens(true_heatmaps, predicted_heatmaps, tokens, nb_leve
     Returns:
         A scalar tensor.
     """
+    _check_tokens(tokens, _shape_of(true_heatmaps)[0] if _shape_of(true_heatmaps).rank else None, "true_heatmaps")
     return losses.pyramidal_mse(true_heatmaps, predicted_heatmaps, tokens, levels=nb_levels)
+
+
+def _check_weight(value, name: str) -> None:
+    """A loss weight is a finite real scalar (a number, or a scalar numeric tensor or variable, e.g. a schedule)."""
+    tensor = None
+    if not isinstance(value, (bool, np.bool_, str, bytes)) and value is not None:
+        try:
+            tensor = tf.convert_to_tensor(value)
+        except (TypeError, ValueError):
+            pass
+    if tensor is None or not (tensor.dtype.is_floating or tensor.dtype.is_integer) or tensor.shape.rank != 0:
+        raise ValueError(f"`{name}` must be a finite real number (a scalar); got {value!r:.100}.")
+    known = tf.get_static_value(tensor)
+    if known is not None and not np.isfinite(known):
+        raise ValueError(f"`{name}` must be a finite real number (a scalar); got {value!r:.100}.")
+
+
+def _shape_of(value) -> tf.TensorShape:
+    """The static shape of a tensor, variable, array or nested list, without converting it."""
+    return tf.TensorShape(value.shape if hasattr(value, "shape") else np.shape(value))
+
+
+def _check_tokens(tokens, count: int | None, batch: str) -> None:
+    """`tokens` weigh the examples of `batch` (`count` of them): a scalar, or one weight each."""
+    shape = _shape_of(tokens)
+    if not shape.rank:  # a scalar weighs every example alike; an unknown rank is checked when it runs
+        return
+    if shape.rank > 2 or (shape.rank == 2 and shape[1] not in (1, None)) or not (
+        tf.TensorShape([count]).is_compatible_with(shape[:1])
+    ):
+        n = "N" if count is None else str(count)
+        raise ValueError(
+            f"`tokens` must hold one weight per example, shape ({n},) or ({n}, 1) (`{batch}` holds {n}); "
+            f"got shape {tuple(shape)}."
+        )
+
+
+def _check_batch(images, tokens, labels, true_heatmaps) -> None:
+    """One token, one label row and one human map per image, the maps of the images' size: a sentence naming the
+    argument, the shape expected and the shape given, instead of a broadcasting error deep in the step."""
+    images_shape = _shape_of(images)
+    if images_shape.rank != 4:
+        raise ValueError(f"`images` must have shape (N, H, W, C); got shape {tuple(images_shape)}.")
+    count, height, width = images_shape[0], images_shape[1], images_shape[2]
+    _check_tokens(tokens, count, "images")
+    n = "N" if count is None else str(count)
+    shape = _shape_of(labels)
+    if shape.rank and not tf.TensorShape([count]).is_compatible_with(shape[:1]):
+        raise ValueError(
+            f"`labels` must hold one row per image, shape ({n}, num_classes) (`images` holds {n}); got shape "
+            f"{tuple(shape)}."
+        )
+    shape = _shape_of(true_heatmaps)
+    if shape.rank is not None:
+        maps = shape[:3] if shape.rank == 4 and shape[3] in (1, None) else shape
+        if shape.rank not in (3, 4) or not tf.TensorShape([count, height, width]).is_compatible_with(maps):
+            size = ", ".join("?" if d is None else str(d) for d in (count, height, width))
+            raise ValueError(
+                f"`true_heatmaps` must hold one map of the images' size per image, shape ({size}) or ({size}, 1); "
+                f"got shape {tuple(shape)}."
+            )
 
 
 def harmonizer_loss(model, images, tokens, labels, true_heatmaps, cross_entropy=Cross_entropy,
@@ -79,7 +142,15 @@ def harmonizer_loss(model, images, tokens, labels, true_heatmaps, cross_entropy=
 
     Returns:
         The list of gradients, one per `model.trainable_variables`.
+
+    Raises:
+        ValueError: an argument of the wrong shape or type, named with what was expected and what came.
     """
+    if not callable(cross_entropy):
+        raise ValueError(f"`cross_entropy` must be a loss function f(labels, logits); got {cross_entropy!r:.100}.")
+    _check_weight(lambda_weights, "lambda_weights")
+    _check_weight(lambda_harmonization, "lambda_harmonization")
+    _check_batch(images, tokens, labels, true_heatmaps)
     with tf.GradientTape() as tape:
         with second_order.exact_moments():
             logits, gradients = class_logit_gradient(model, images, labels, training=True, allow_softmax=True)
