@@ -29,7 +29,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import tensorflow as tf
 
-from harmonization._validation import check_int
+from harmonization._validation import INT64_MAX, check_int
 from harmonization.batch import DEFAULT_TOKEN, HEATMAP, IMAGE, LABEL, REQUIRED_KEYS, TOKEN
 
 #: The published heatmap processing: maps are resized to this resolution, then blurred.
@@ -524,7 +524,7 @@ def from_tfrecords(
         # No file names: errors name the record's position in `paths`.
         records = paths.enumerate().map(
             lambda index, record: (record, tf.constant("the `paths` dataset"), index)
-        )
+        ).flat_map(_parsed_or_refused)
     else:
         files = _expand_paths(paths)
         sizes = [tf.io.gfile.stat(file).length for file in files]
@@ -537,7 +537,7 @@ def from_tfrecords(
             num_parallel_calls=_AUTOTUNE,
             deterministic=seed is not None or not training,
         )
-    examples = records.map(_parse_published_record, num_parallel_calls=_AUTOTUNE)
+    examples = records.map(_check_published_record, num_parallel_calls=_AUTOTUNE)
     preprocessor = _Preprocessor(
         image_size, training, with_heatmaps=True, crop_scale=crop_scale, crop_ratio=crop_ratio, blur=blur
     )
@@ -574,7 +574,7 @@ def _shard_records(filename: tf.Tensor, size: tf.Tensor) -> tf.data.Dataset:
 
     zero = tf.constant(0, tf.int64)
     checked = records.concatenate(end_marker).scan((zero, zero), step)
-    return checked.filter(lambda record, source, index: index >= 0)
+    return checked.filter(lambda record, source, index: index >= 0).flat_map(_parsed_or_refused)
 
 
 def _fail_unless(ok: tf.Tensor, value: tf.Tensor, message_parts) -> tf.Tensor:
@@ -588,16 +588,61 @@ def _fail_unless(ok: tf.Tensor, value: tf.Tensor, message_parts) -> tf.Tensor:
     return tf.cond(ok, lambda: value, fail)
 
 
-def _parse_published_record(record: tf.Tensor, source: tf.Tensor, index: tf.Tensor) -> dict:
-    """The features of one published record; an error naming `label`, the shard and the record if
-    its label is not an ImageNet-1k class (one-hot encoding would silently give an all-zero row)."""
-    example = tf.io.parse_single_example(record, PUBLISHED_FEATURES)
+def _parsed_or_refused(record: tf.Tensor, source: tf.Tensor, index: tf.Tensor) -> tf.data.Dataset:
+    """(features, source, index) of one record, or an error naming the shard and the record if it does not parse.
+
+    `tf.io.parse_single_example` reports a record that is not a tf.train.Example, or lacks a feature or holds
+    it in another type (a heatmap of floats), without saying which record. A tf.data map cannot catch an error,
+    so the parse is tried in a one-record dataset (`ignore_errors`), and a refusal naming the record follows it,
+    reached only when the parse yielded nothing.
+    """
+    one = tf.data.Dataset.from_tensors((record, source, index))
+    parsed = one.map(lambda record, source, index: (tf.io.parse_single_example(record, PUBLISHED_FEATURES),
+                                                     source, index)).ignore_errors()
+
+    def refuse(record, source, index):
+        message = tf.strings.join([
+            "ClickMe record ", tf.strings.as_string(index), " in ", source, " is not a published ClickMe "
+            "example: expected a tf.train.Example with bytes features `image` and `heatmap` (encoded images) and an "
+            "int64 `label`.",
+        ])
+        with tf.control_dependencies([tf.debugging.Assert(False, [message])]):
+            empty = tf.identity(tf.constant(b""))
+            return {IMAGE: empty, HEATMAP: empty, LABEL: tf.identity(tf.constant(0, tf.int64))}, source, index
+
+    return parsed.concatenate(one.map(refuse)).take(1)
+
+
+#: The first bytes of each encoding `tf.io.decode_image` reads: JPEG, PNG, GIF, BMP, WebP ("RIFF....WEBP").
+_IMAGE_SIGNATURES = ((0, b"\xff\xd8\xff"), (0, b"\x89PNG\r\n\x1a\n"), (0, b"GIF8"), (0, b"BM"))
+
+
+def _is_encoded_image(value: tf.Tensor) -> tf.Tensor:
+    """Whether bytes start as an image `tf.io.decode_image` can decode (a cheap look at the header)."""
+    head = tf.strings.join([tf.strings.substr(value, 0, 12), b"\0" * 12])  # at least 12 bytes to look at
+    known = [tf.equal(tf.strings.substr(head, start, len(magic)), magic) for start, magic in _IMAGE_SIGNATURES]
+    webp = tf.equal(tf.strings.substr(head, 0, 4), b"RIFF") & tf.equal(tf.strings.substr(head, 8, 4), b"WEBP")
+    return tf.reduce_any(tf.stack([*known, webp]))
+
+
+def _check_published_record(example: dict, source: tf.Tensor, index: tf.Tensor) -> dict:
+    """The features of one parsed record; an error naming the feature, the shard and the record if its label is
+    not an ImageNet-1k class (one-hot encoding would silently give an all-zero row) or its image or heatmap is not
+    an encoded image (TensorFlow's decoder would fail later without saying which record)."""
+    example = dict(example)
     label = example[LABEL]
     in_range = tf.logical_and(label >= 0, label < CLICKME_NUM_CLASSES)
     example[LABEL] = _fail_unless(in_range, label, lambda: [
         "ClickMe `label` ", tf.strings.as_string(label), " of record ", tf.strings.as_string(index), " in ",
         source, f" is outside [0, {CLICKME_NUM_CLASSES}): ClickMe labels are ImageNet-1k class indices.",
     ])
+    for key, published in ((IMAGE, "RGB JPEGs"), (HEATMAP, "single-channel JPEGs")):
+        value = example[key]
+        example[key] = _fail_unless(_is_encoded_image(value), value, lambda key=key, value=value, published=published: [
+            f"ClickMe `{key}` of record ", tf.strings.as_string(index), " in ", source, " is not an encoded image "
+            f"(JPEG, PNG, GIF, BMP or WebP; the published ones are {published}): its ",
+            tf.strings.as_string(tf.strings.length(value)), " bytes have no image header.",
+        ])
     return example
 
 
@@ -870,7 +915,7 @@ def _expand_paths(paths) -> list[str]:
 
 
 def _check_positive_int(value, name: str) -> None:
-    check_int(value, name, minimum=1, expected="a positive integer")
+    check_int(value, name, minimum=1, maximum=INT64_MAX, expected="a positive integer")
 
 
 def _check_range_pair(value, name: str, low: float, high: float) -> None:

@@ -472,6 +472,67 @@ def test_from_tfrecords_rejects_labels_outside_the_imagenet_classes(tmp_path, la
         list(data.from_tfrecords(records_dataset, 3, 16))
 
 
+def _with_feature(record: bytes, key: str, feature: tf.train.Feature) -> bytes:
+    example = tf.train.Example.FromString(record)
+    example.features.feature[key].CopyFrom(feature)
+    return example.SerializeToString()
+
+
+_FLOAT_MAP = np.linspace(0, 1, 32 * 32, dtype=np.float32)
+BAD_RECORDS = {  # what a record holds instead of the published features -> what the error says of it
+    "image-not-encoded": (lambda r: _with_feature(r, "image", tf.train.Feature(
+        bytes_list=tf.train.BytesList(value=[b"not an image at all"]))), r"ClickMe `image` of record 1 in {where} is "
+        r"not an encoded image \(JPEG, PNG, GIF, BMP or WebP; the published ones are RGB JPEGs\): its 19 bytes"),
+    "heatmap-float-bytes": (lambda r: _with_feature(r, "heatmap", tf.train.Feature(
+        bytes_list=tf.train.BytesList(value=[_FLOAT_MAP.tobytes()]))), r"ClickMe `heatmap` of record 1 in {where} is "
+        r"not an encoded image .*single-channel JPEGs\): its 4096 bytes have no image header"),
+    "heatmap-float-list": (lambda r: _with_feature(r, "heatmap", tf.train.Feature(
+        float_list=tf.train.FloatList(value=_FLOAT_MAP))), r"ClickMe record 1 in {where} is not a published ClickMe "
+        r"example: expected a tf.train.Example with bytes features `image` and `heatmap`"),
+    "not-an-example": (lambda r: b"\xff\xff\xff\xff", r"ClickMe record 1 in {where} is not a published ClickMe example"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_RECORDS))
+@pytest.mark.parametrize("training", [False, True])
+def test_from_tfrecords_names_the_shard_and_record_that_cannot_be_decoded(tmp_path, kind, training):
+    damage, message = BAD_RECORDS[kind]
+    records = list(published_shards.synthetic_records(3, seed=0, size=32))
+    records[1] = damage(records[1])
+    path = tmp_path / "train-0.tfrecords"
+    published_shards.write_shard(path, records)
+    published_shards.write_shard(tmp_path / "train-1.tfrecords", published_shards.synthetic_records(2, seed=1, size=32))
+    dataset = data.from_tfrecords(str(tmp_path / "train-*.tfrecords"), 2, 16, training=training, seed=0)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=message.format(where=re.escape(str(path)))):
+        list(dataset)
+    # Records given as a dataset have no file name: the error names their position.
+    with pytest.raises(tf.errors.InvalidArgumentError, match=message.format(where="the `paths` dataset")):
+        list(data.from_tfrecords(tf.data.TFRecordDataset(str(path)), 3, 16))
+
+
+def test_from_tfrecords_reads_every_encoding_tensorflow_decodes(tmp_path):
+    # The header check lets through each encoding tf.io.decode_image reads, not only the published JPEGs.
+    rng = np.random.default_rng(4)
+    pixels = rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)
+    encodings = [tf.io.encode_png(pixels).numpy(), tf.io.encode_jpeg(pixels).numpy()]
+    for format in ("GIF", "BMP", "WEBP"):
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format=format)
+        encodings.append(buffer.getvalue())
+    heatmap = tf.io.encode_png(pixels[..., :1]).numpy()
+    path = tmp_path / "val-0.tfrecords"
+    published_shards.write_shard(path, [published_shards.serialize_record(image, heatmap, 7) for image in encodings])
+    batch = next(iter(data.from_tfrecords(path, len(encodings), 16)))
+    assert batch["image"].shape == (len(encodings), 16, 16, 3) and batch["label"].numpy().tolist() == [7] * 5
+    np.testing.assert_array_equal(batch["image"][0], batch["image"][3])  # PNG and BMP: lossless, the same pixels
+
+
+def test_from_tfrecords_refuses_a_count_tensorflow_cannot_hold(shard_dir):
+    with pytest.raises(ValueError, match=rf"`batch_size` must be a positive integer no larger than {2**63 - 1}; "
+                                         rf"got {10**20}"):
+        data.from_tfrecords(str(shard_dir / "*.tfrecords"), 10**20)
+
+
 def test_load_clickme_rejects_a_dataset_without_maps(tmp_path):
     class HarmonizationTestNoMaps(tfds.core.GeneratorBasedBuilder):
         VERSION = tfds.core.Version("1.0.0")
