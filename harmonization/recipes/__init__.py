@@ -22,6 +22,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -38,6 +39,15 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "step")
 INITIALISATIONS = ("random", "pretrained")
 
+#: The largest integer any key takes unless it says less: TensorFlow counts steps, sizes and buffers in 32- or
+#: 64-bit integers, and a bigger value fails deep inside it (or aborts the process) instead of here.
+INT_LIMIT = 2**31 - 1
+#: Nesting allowed in a recipe file (and in `sources`, the one free-form block): the schema is two levels deep,
+#: and Python's JSON reader and writer recurse, so a deeper file would fail with a RecursionError.
+MAX_DEPTH = 16
+#: A recipe's name names its default run directory (./harmonization_runs/NAME): one plain folder name.
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
 
 @dataclasses.dataclass(frozen=True)
 class Field:
@@ -50,6 +60,16 @@ class Field:
     choices: tuple[str, ...] | None = None
     nullable: bool = False
     length: int | None = None  # for lists: exactly this many numbers
+    above: bool = False  # the minimum itself is refused (strictly greater)
+    pattern: re.Pattern | None = None  # for strings: the whole text must match
+    pattern_text: str = ""  # what `pattern` means, for errors
+
+    @property
+    def upper(self) -> float | None:
+        """The largest value allowed: the key's own maximum, else `INT_LIMIT` for integers."""
+        if self.maximum is None and self.types == (int,):
+            return INT_LIMIT
+        return self.maximum
 
     def describe(self) -> str:
         if self.choices:
@@ -62,12 +82,17 @@ class Field:
             text = "an integer"
         elif float in self.types:
             text = "a number"
+        elif self.pattern is not None:
+            text = f"a string of {self.pattern_text}"
         else:
             text = "a string"
-        if self.minimum is not None and self.maximum is not None:
-            text += f" in [{self.minimum:g}, {self.maximum:g}]"
+        upper = self.upper
+        if self.minimum is not None and upper is not None and not self.above:
+            text += f" in [{_bound(self.minimum)}, {_bound(upper)}]"
         elif self.minimum is not None:
-            text += f" >= {self.minimum:g}"
+            text += f" {'>' if self.above else '>='} {_bound(self.minimum)}"
+            if upper is not None:
+                text += f" and <= {_bound(upper)}"
         return text + (" or null" if self.nullable else "")
 
     def check(self, value: Any, key: str) -> Any:
@@ -91,12 +116,31 @@ class Field:
                 ok = False
             value = float(value) if ok else value
         else:
-            ok = isinstance(value, str) and (self.choices is None or value in self.choices)
+            ok = (isinstance(value, str) and (self.choices is None or value in self.choices)
+                  and (self.pattern is None or self.pattern.match(value) is not None))
         if ok and self.minimum is not None and self.length is None and not isinstance(value, str):
-            ok = value >= self.minimum and (self.maximum is None or value <= self.maximum)
+            ok = (value > self.minimum if self.above else value >= self.minimum) and (
+                self.upper is None or value <= self.upper)
         if not ok:
             raise RecipeError(f"Recipe key `{key}` must be {self.describe()}; got {value!r}.")
         return value
+
+
+def _bound(number: float) -> str:
+    """A bound as people write it: 2147483647, not 2.14748e+09."""
+    return str(int(number)) if float(number).is_integer() and abs(number) < 1e16 else f"{number:g}"
+
+
+def _too_deep(value: Any, limit: int = MAX_DEPTH) -> bool:
+    """Whether JSON-like `value` nests objects or lists more than `limit` deep (iterative: no recursion to fail)."""
+    pending = [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, (dict, list, tuple)):
+            if depth > limit:
+                return True
+            pending.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return False
 
 
 def _is_number(value: Any) -> bool:
@@ -114,7 +158,9 @@ def _f(types, default, **bounds) -> Field:
 # The schema: nested dicts of Fields. The defaults are those of a recipe that says nothing else.
 SCHEMA: dict[str, Any] = {
     "recipe_version": _f(int, RECIPE_VERSION, minimum=RECIPE_VERSION, maximum=RECIPE_VERSION),
-    "name": _f(str, "custom"),
+    "name": _f(str, "custom", pattern=NAME_PATTERN,
+               pattern_text="at most 100 letters, digits, '.', '_' or '-', starting with a letter or digit (it "
+                            "names the run's folder)"),
     "description": _f(str, ""),
     "model": {
         # A zoo name, an hf://org/repo[@revision] URI, a preset directory, or "quickstart_cnn".
@@ -128,7 +174,9 @@ SCHEMA: dict[str, Any] = {
         "clickme": _f(str, "clickme"),
         "train_split": _f(str, "train"),
         "eval_split": _f(str, "validation"),
-        "image_size": _f(int, 224, minimum=8),
+        # At most 4096 px: the published models take 224; far larger sizes exhaust memory in TensorFlow's image
+        # ops, which abort the process instead of raising.
+        "image_size": _f(int, 224, minimum=8, maximum=4096),
         # Share of training examples drawn from ClickMe; the rest come from ImageNet (TFDS imagenet2012,
         # --imagenet-dir) without maps (token 0: cross-entropy only). 1.0: ClickMe only.
         "clickme_fraction": _f(float, 1.0, minimum=0.0, maximum=1.0),
@@ -143,7 +191,8 @@ SCHEMA: dict[str, Any] = {
         "momentum": _f(float, 0.9, minimum=0.0, maximum=1.0),  # SGD only
         "nesterov": _f(bool, True),  # SGD only
         "weight_decay": _f(float, 0.05, minimum=0.0),  # AdamW's decoupled decay only
-        "clipnorm": _f(float, None, minimum=0.0, nullable=True),
+        # > 0: Keras silently ignores clipnorm=0 (no clipping at all); null means no clipping.
+        "clipnorm": _f(float, None, minimum=0.0, above=True, nullable=True),
     },
     "schedule": {
         "name": _f(str, "cosine", choices=SCHEDULES),
@@ -158,12 +207,14 @@ SCHEMA: dict[str, Any] = {
         "lambda_harmonization": _f(float, 1.0, minimum=0.0),
         "lambda_weights": _f(float, 1e-5, minimum=0.0),
         "label_smoothing": _f(float, 0.1, minimum=0.0, maximum=0.999),
-        "pyramid_levels": _f(int, 5, minimum=1),
+        # At most harmonization.losses.MAX_PYRAMID_LEVELS (a test keeps them equal; this module imports no
+        # TensorFlow): halving 16 times takes any image to 1x1, and graphs of far more levels never finish.
+        "pyramid_levels": _f(int, 5, minimum=1, maximum=16),
         "epsilon": _f(float, 1e-5, minimum=1e-12),
         "saliency": _f(str, "gradient_mean"),
     },
     "precision": _f(str, "float32", choices=PRECISIONS),
-    "epochs": _f(int, 1, minimum=1),
+    "epochs": _f(int, 1, minimum=1, maximum=100_000),
     "batch_size": _f(int, 64, minimum=1),  # global: split across replicas
     "steps_per_epoch": _f(int, None, minimum=1, nullable=True),  # null: one pass over the training data
     "seed": _f(int, 0, minimum=0, maximum=2**31 - 1),
@@ -264,6 +315,9 @@ def from_dict(data: Mapping[str, Any], where: str = "recipe") -> dict[str, Any]:
     """A complete, checked recipe from a (partial) dict: missing keys take their defaults."""
     if not isinstance(data, Mapping):
         raise RecipeError(f"{where} must be a JSON object of recipe keys; got {type(data).__name__} {data!r:.80}.")
+    if _too_deep(data):
+        raise RecipeError(f"{where} nests objects or lists more than {MAX_DEPTH} deep; a recipe has sections of "
+                          "keys (and free text in `sources`), nothing deeper.")
     version = data.get("recipe_version", RECIPE_VERSION)
     if version != RECIPE_VERSION:
         raise RecipeError(f"{where}: `recipe_version` is {version!r}; this version of harmonization reads "
@@ -312,6 +366,9 @@ def load_recipe(name_or_path: str | os.PathLike, overrides: Iterable[str] = ()) 
         data = json.loads(raw)
     except json.JSONDecodeError as error:
         raise RecipeError(f"{where} is not valid JSON: {error}.") from None
+    except RecursionError:  # Python's reader recurses once per level
+        raise RecipeError(f"{where} nests objects or lists thousands of levels deep; a recipe has sections of "
+                          f"keys, at most {MAX_DEPTH} levels.") from None
     recipe = from_dict(data, where)
     return apply_overrides(recipe, overrides)
 
@@ -341,6 +398,9 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 def apply_overrides(recipe: Mapping[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
     """`recipe` with "key=value" overrides applied and checked (see `load_recipe`)."""
+    if isinstance(overrides, (str, bytes)):
+        raise RecipeError(f"`overrides` must be a list of 'key=value' strings, e.g. [{overrides!r}]; got the string "
+                          f"{overrides!r}, which would be read letter by letter.")
     result = copy.deepcopy(dict(recipe))
     for text in overrides:
         key, value = parse_override(text)
