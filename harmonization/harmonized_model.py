@@ -26,7 +26,7 @@ from harmonization._validation import (
     check_same_shape,
 )
 from harmonization.batch import check_heatmap_size, heatmap_maps, unpack
-from harmonization.losses import harmonization_loss_unchecked
+from harmonization.losses import MAX_PYRAMID_LEVELS, harmonization_loss_unchecked
 from harmonization.metrics import spearman
 from harmonization.saliency import channel_max_abs, class_logit_gradient, one_hot_labels
 from harmonization.saliency_methods import SaliencyMethod, get_saliency_method, training_saliency_method
@@ -183,7 +183,7 @@ class HarmonizedModel(keras.Model):
         lambda_weights = check_number(lambda_weights, "lambda_weights", minimum=0, strict=False)
         if not 0 <= label_smoothing < 1:
             raise ValueError(f"`label_smoothing` must be in [0, 1); got {label_smoothing!r}.")
-        pyramid_levels = check_int(pyramid_levels, "pyramid_levels", minimum=1)
+        pyramid_levels = check_int(pyramid_levels, "pyramid_levels", minimum=1, maximum=MAX_PYRAMID_LEVELS)
         # ClickMe's examples without a human map have an all-zero map: with epsilon 0 its
         # standardisation is 0/0, and one step turns every weight into NaN.
         epsilon = check_number(

@@ -24,6 +24,10 @@ from harmonization._validation import as_maps, as_tokens, check_finite, check_in
 
 #: Added to both peaks before the rescaling, as in the published code.
 PEAK_EPSILON = 1e-6
+#: The most pyramid levels a loss compares. Halving 15 times takes any image of up to 32768 px to 1x1 (SAME
+#: padding keeps a 1x1 map 1x1), so more levels only repeat the last one; a huge count (10^6) built a graph that
+#: never finished. Recipes allow the same (`harmonization.recipes.SCHEMA`).
+MAX_PYRAMID_LEVELS = 16
 
 
 def _safe_sqrt(x: tf.Tensor) -> tf.Tensor:
@@ -87,7 +91,7 @@ def gaussian_pyramid(maps, levels: int) -> list[tf.Tensor]:
     Returns:
         `levels + 1` tensors of shape (N, H_k, W_k, 1), the input first.
     """
-    levels = check_int(levels, "levels", minimum=0)
+    levels = check_int(levels, "levels", minimum=0, maximum=MAX_PYRAMID_LEVELS)
     return _gaussian_pyramid(as_maps(maps, "maps")[..., None], levels)
 
 
@@ -112,7 +116,7 @@ def pyramidal_mse(a, b, tokens=None, levels: int = 5) -> tf.Tensor:
     Returns:
         A scalar.
     """
-    levels = check_int(levels, "levels", minimum=1)
+    levels = check_int(levels, "levels", minimum=1, maximum=MAX_PYRAMID_LEVELS)
     a = as_maps(a, "a")
     b = as_maps(b, "b", dtype=a.dtype)
     check_same_shape(a, b, "a", "b")
@@ -148,7 +152,7 @@ def harmonization_loss(saliency, human_maps, tokens=None, levels: int = 5, epsil
         A scalar in the saliency's float dtype (at least float32).
     """
     epsilon = _check_epsilon(epsilon)
-    levels = check_int(levels, "levels", minimum=1)
+    levels = check_int(levels, "levels", minimum=1, maximum=MAX_PYRAMID_LEVELS)
     saliency = as_maps(saliency, "saliency")
     if saliency.dtype in (tf.float16, tf.bfloat16):
         saliency = tf.cast(saliency, tf.float32)
