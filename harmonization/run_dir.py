@@ -3,6 +3,7 @@
     RUN_DIR/
       run.json                 the recipe that fixes what the checkpoints mean (refused if another one comes)
       checkpoints/step-000120/ state.weights.h5 (weights + optimizer), random_state.npz, metrics.npz, state.json
+      damaged/                 checkpoints that failed their check, each with a REASON.txt
       history.json, history.csv one row per finished epoch
       tensorboard/             TensorBoard event files
       preset/                  the final model, as a preset (with its card data and the recipe in its metadata)
@@ -10,7 +11,10 @@
 
 A checkpoint is written into a hidden `.tmp-*` folder and renamed into place: a kill at any moment leaves
 either a whole checkpoint or none, and a run resumes from the newest whole one (left-over `.tmp-*` folders
-are removed). Files are replaced the same way (`write_atomic`). While a run trains, its chief holds an advisory
+are removed). Its `state.json` records each file's size and sha256, as a preset's metadata does: a checkpoint
+damaged later (a truncated or deleted file, a disk error, an edit) is found before it is loaded, reported by
+path and moved to `RUN_DIR/damaged/` (never deleted: it is evidence), and the run resumes from the newest
+whole one. Files are replaced the same way (`write_atomic`). While a run trains, its chief holds an advisory
 lock on `RUN_DIR/.lock`: a second run on the same directory (a job requeued while the first still runs) is
 refused instead of overwriting the first's checkpoints. Standard library only.
 """
@@ -31,7 +35,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from harmonization import recipes
-from harmonization._io import TEMPORARY_PREFIX, fsync_dir, write_atomic
+from harmonization._io import TEMPORARY_PREFIX, fsync_dir, sha256_file, write_atomic
 
 RUN_FILE = "run.json"
 CHECKPOINTS = "checkpoints"
@@ -45,6 +49,10 @@ HISTORY_CSV = "history.csv"
 TENSORBOARD = "tensorboard"
 PRESET = "preset"
 EVALUATION = "evaluation"
+DAMAGED = "damaged"
+REASON_FILE = "REASON.txt"
+#: The files every checkpoint holds (its `state.json` records their sizes and digests).
+CHECKPOINT_FILES = (WEIGHTS_FILE, RANDOM_STATE_FILE, METRICS_FILE)
 
 _CHECKPOINT_NAME = re.compile(r"^step-(\d+)$")
 
@@ -55,14 +63,64 @@ class RunDirError(ValueError):
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """A whole checkpoint: its folder and `state.json` (step, epoch, step_in_epoch, history)."""
+    """A checkpoint folder and its `state.json` (step, epoch, step_in_epoch, history, files); `problem` says why
+    it cannot be used (None: its state and files check out)."""
 
     path: Path
     state: dict[str, Any]
+    problem: str | None = None
 
     @property
     def step(self) -> int:
         return int(self.state["step"])
+
+
+def _is_count(value: Any, minimum: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _state_problem(state: Any, step: int) -> str | None:
+    """What is wrong with the shape of a checkpoint's `state.json` (None: nothing), checked before any use."""
+    if not isinstance(state, dict):
+        return f"its {STATE_FILE} holds {type(state).__name__}, not an object"
+    for key, minimum in (("step", 0), ("epoch", 0), ("step_in_epoch", 0), ("steps_per_epoch", 1)):
+        if not _is_count(state.get(key), minimum):
+            return f"its {STATE_FILE} has {key}={state.get(key)!r}, not an integer >= {minimum}"
+    if state["step"] != step or state["step"] != state["epoch"] * state["steps_per_epoch"] + state["step_in_epoch"]:
+        return (f"its {STATE_FILE} says step {state['step']} (epoch {state['epoch']}, step {state['step_in_epoch']} "
+                f"of {state['steps_per_epoch']}), which does not match itself or the folder's name")
+    history = state.get("history", [])
+    if not isinstance(history, list) or not all(isinstance(row, dict) for row in history):
+        return f"its {STATE_FILE} has a `history` that is not a list of objects"
+    files = state.get("files")
+    if files is not None and not (isinstance(files, dict) and all(
+            isinstance(facts, dict) and _is_count(facts.get("size")) and isinstance(facts.get("sha256"), str)
+            for facts in files.values())):
+        return f"its {STATE_FILE} has a `files` record that is not {{name: {{size, sha256}}}}"
+    return None
+
+
+def _files_problem(folder: Path, files: Mapping[str, Any] | None) -> str | None:
+    """Whether the files of a checkpoint are those its `state.json` recorded (size first, then sha256).
+
+    Checkpoints written before files were recorded (`files` absent) are taken as they are; loading them still
+    reports a damaged file by name.
+    """
+    if files is None:
+        return None
+    missing = [name for name in CHECKPOINT_FILES if name not in files]
+    if missing:
+        return f"its {STATE_FILE} records no size or digest for {', '.join(missing)}"
+    for name, facts in sorted(files.items()):
+        path = folder / name
+        if Path(name).name != name or path.is_symlink() or not path.is_file():
+            return f"{path} is missing (or is not a plain file in the folder)"
+        size = path.stat().st_size
+        if size != facts["size"]:
+            return f"{path} has {size} bytes; {facts['size']} were written"
+        if sha256_file(path) != facts["sha256"]:
+            return f"{path} has changed since it was written (sha256 {facts['sha256'][:12]}... expected)"
+    return None
 
 
 def _is_partial(name: str) -> bool:
@@ -97,9 +155,13 @@ class RunDirectory:
         if run_file.is_file():
             try:
                 recorded = json.loads(run_file.read_text(encoding="utf-8"))
-                old = recorded["identity"]
-            except (ValueError, KeyError, TypeError) as error:
-                raise RunDirError(f"{run_file} is not a run record ({error}); use another --out.") from None
+            except (ValueError, RecursionError) as error:
+                raise RunDirError(f"{run_file} is not a run record ({type(error).__name__}: {error}); use another "
+                                  "--out.") from None
+            old = recorded.get("identity") if isinstance(recorded, dict) else None
+            if not isinstance(old, dict):
+                raise RunDirError(f"{run_file} is not a run record (an object with an `identity` object); use "
+                                  "another --out.")
             new = recipes.identity(self.recipe)
             if old != new:
                 changes = recipes.differences(old, new)
@@ -162,22 +224,53 @@ class RunDirectory:
                         shutil.rmtree(item, ignore_errors=True) if item.is_dir() else item.unlink(missing_ok=True)
 
     def list_checkpoints(self) -> list[Checkpoint]:
-        """Whole checkpoints, oldest first (a folder without a readable state.json is not one)."""
+        """The checkpoint folders (`step-NNNNNN`), oldest first, each with its `problem` (None when whole).
+
+        Only the state's shape is checked here (cheap, for rotation); `check` also reads the files' digests.
+        """
         found = []
         if self.checkpoints.is_dir():
             for item in self.checkpoints.iterdir():
-                if _CHECKPOINT_NAME.match(item.name) and (item / STATE_FILE).is_file():
-                    try:
-                        state = json.loads((item / STATE_FILE).read_text(encoding="utf-8"))
-                        int(state["step"])
-                    except (ValueError, KeyError, TypeError):  # not written by us: not a checkpoint
-                        continue
-                    found.append(Checkpoint(item, state))
+                match = _CHECKPOINT_NAME.match(item.name)
+                if not match or not item.is_dir():
+                    continue
+                step = int(match.group(1))
+                try:
+                    state = json.loads((item / STATE_FILE).read_text(encoding="utf-8"))
+                    problem = _state_problem(state, step)
+                except FileNotFoundError:
+                    state, problem = {}, f"it has no {STATE_FILE}"
+                except (OSError, ValueError, RecursionError) as error:
+                    state, problem = {}, f"its {STATE_FILE} cannot be read ({type(error).__name__}: {error})"
+                found.append(Checkpoint(item, state if problem is None else {"step": step}, problem))
         return sorted(found, key=lambda c: c.step)
 
+    def check(self, checkpoint: Checkpoint) -> Checkpoint:
+        """`checkpoint` with `problem` set if its files are not the ones its `state.json` recorded."""
+        if checkpoint.problem is not None:
+            return checkpoint
+        problem = _files_problem(checkpoint.path, checkpoint.state.get("files"))
+        return checkpoint if problem is None else Checkpoint(checkpoint.path, checkpoint.state, problem)
+
     def latest_checkpoint(self) -> Checkpoint | None:
-        checkpoints = self.list_checkpoints()
+        """The newest checkpoint whose state has the right shape (its files are not read: see `check`)."""
+        checkpoints = [c for c in self.list_checkpoints() if c.problem is None]
         return checkpoints[-1] if checkpoints else None
+
+    def set_aside(self, checkpoint: Checkpoint, problem: str) -> Path:
+        """Move a damaged checkpoint to `RUN_DIR/damaged/` with a REASON.txt, out of the resume's way; never
+        delete it (it may be all that is left of the run, and it is the evidence of what went wrong)."""
+        damaged = self.path / DAMAGED
+        damaged.mkdir(parents=True, exist_ok=True)
+        target = damaged / checkpoint.path.name
+        suffix = 1
+        while target.exists():
+            suffix += 1
+            target = damaged / f"{checkpoint.path.name}.{suffix}"
+        os.replace(checkpoint.path, target)
+        write_atomic(target / REASON_FILE, f"Set aside {time.strftime('%Y-%m-%dT%H:%M:%S%z')}: {problem}\n")
+        fsync_dir(self.checkpoints)
+        return target
 
     def write_checkpoint(self, step: int, state: Mapping[str, Any], write_files: Callable[[Path], None],
                          keep: int) -> Checkpoint:
@@ -189,7 +282,9 @@ class RunDirectory:
         shutil.rmtree(temporary, ignore_errors=True)
         temporary.mkdir()
         write_files(temporary)
-        state = {**state, "step": int(step)}
+        files = {item.name: {"size": item.stat().st_size, "sha256": sha256_file(item)}
+                 for item in sorted(temporary.iterdir()) if item.is_file()}
+        state = {**state, "step": int(step), "files": files}
         with open(temporary / STATE_FILE, "w", encoding="utf-8") as handle:
             handle.write(json.dumps(state, indent=2))
             handle.flush()
@@ -202,7 +297,8 @@ class RunDirectory:
             _discard(final)
         os.replace(temporary, final)
         fsync_dir(self.checkpoints)
-        for old in self.list_checkpoints()[:-keep]:
+        # Only whole checkpoints count and rotate: a damaged one is never kept in place of a whole one.
+        for old in [c for c in self.list_checkpoints() if c.problem is None][:-keep]:
             _discard(old.path)
         return Checkpoint(final, state)
 

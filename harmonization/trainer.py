@@ -32,6 +32,7 @@ import math
 import os
 import shutil
 import sys
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -126,6 +127,7 @@ class _Data:
     num_classes: int
     class_names: list[str] | None
     train_examples: int
+    eval_examples: int
     imagenet_examples: int | None
 
 
@@ -145,27 +147,32 @@ def _open_data(recipe, data_dir, imagenet_dir, download: bool) -> _Data:
                 f"{imagenet.info.features['label'].num_classes}: the mix needs one label space."
             )
     names = list(getattr(label, "names", None) or []) or None
-    return _Data(spec["clickme"], int(label.num_classes), names,
-                 int(clickme.info.splits[spec["train_split"]].num_examples), imagenet_examples)
+    splits = clickme.info.splits
+    return _Data(spec["clickme"], int(label.num_classes), names, int(splits[spec["train_split"]].num_examples),
+                 int(splits[spec["eval_split"]].num_examples), imagenet_examples)
 
 
 def _steps_per_epoch(recipe, data: _Data) -> int:
-    """The recipe's, or one pass over the training data: ClickMe's split alone, or ImageNet's in a mix."""
+    """The recipe's, or one pass over the training data: ClickMe's split alone, or ImageNet's in a mix.
+
+    A run whose passes cannot make one full batch is refused here, whatever `steps_per_epoch` says: each pass
+    drops its last partial batch, so it would yield nothing, and Keras would end every epoch after zero steps
+    with a warning (an untrained model saved as if trained).
+    """
+    fraction, batch = recipe["data"]["clickme_fraction"], recipe["batch_size"]
+    for examples, what in ((data.train_examples, f"the {data.train_examples} training examples of {data.clickme!r} "
+                                                 f"{recipe['data']['train_split']!r}"),
+                           (data.imagenet_examples, f"the {data.imagenet_examples} ImageNet training examples")):
+        if examples is not None and batch > examples:
+            raise ValueError(f"`batch_size` {batch} is larger than {what}: an epoch would have no full batch. Use "
+                             f"--batch-size {examples} or less.")
     if recipe["steps_per_epoch"] is not None:
         return int(recipe["steps_per_epoch"])
-    fraction = recipe["data"]["clickme_fraction"]
     if fraction < 1:
         examples = data.imagenet_examples / (1.0 - fraction)  # ImageNet examples are (1 - f) of each batch
     else:
         examples = data.train_examples
-    steps = int(examples // recipe["batch_size"])
-    if steps < 1:
-        what = (f"the {data.imagenet_examples} ImageNet training examples at a ClickMe share of {fraction:g}"
-                if fraction < 1 else f"the {data.train_examples} training examples of {data.clickme!r} "
-                f"{recipe['data']['train_split']!r}")
-        raise ValueError(f"`batch_size` {recipe['batch_size']} is larger than {what}: an epoch would have no full "
-                         "batch.")
-    return steps
+    return max(1, int(examples // batch))
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:
@@ -260,22 +267,29 @@ def _shard_by_data(batches: tf.data.Dataset, multiworker: bool) -> tf.data.Datas
     return batches.with_options(options)
 
 
-def _validation_batches(recipe, data_dir, replicas: int, multiworker: bool):
+def _validation_batches(recipe, data: _Data, data_dir, replicas: int, multiworker: bool):
+    """The validation batches, with their number stated (`assert_cardinality`, checked by tf.data as it reads).
+
+    Keras warns "Your input ran out of data" at the end of a dataset of unknown length; with the length known,
+    the warning is left to the case it is meant for (training data that truly ran out), not every epoch's
+    validation.
+    """
     spec, evaluation = recipe["data"], recipe["evaluation"]
     size, limit = evaluation["batch_size"], evaluation["limit"]
+    images = data.eval_examples if limit is None else min(limit, data.eval_examples)
     batches = data_lib.load_clickme(spec["eval_split"], size, image_size=spec["image_size"], training=False,
                                     data_dir=data_dir, name=spec["clickme"], download=False)
     if replicas > 1:
         # Split across replicas, a short last batch could leave one an empty slice (a NaN mean): batches are
         # whole multiples of the replica count, and the remainder is not scored.
-        size = min(size, limit or size) // replicas * replicas
+        size = min(size, images) // replicas * replicas
         if size == 0:
             raise ValueError(f"`evaluation.limit` {limit} is less than the {replicas} replicas: each needs an image.")
-        return _shard_by_data(batches.unbatch().take(-1 if limit is None else limit)
-                              .batch(size, drop_remainder=True), multiworker)
+        batches = batches.unbatch().take(images).batch(size, drop_remainder=True)
+        return _shard_by_data(batches.apply(tf.data.experimental.assert_cardinality(images // size)), multiworker)
     if limit is not None:
         batches = batches.unbatch().take(limit).batch(size)
-    return batches
+    return batches.apply(tf.data.experimental.assert_cardinality(-(-images // size)))
 
 
 def _build_model(recipe, num_classes: int) -> keras.Model:
@@ -314,7 +328,15 @@ def _build_model(recipe, num_classes: int) -> keras.Model:
 
 def _check_model_fits_data(model: keras.Model, recipe, num_classes: int) -> None:
     source = recipe["model"]["source"]
-    outputs = model.output_shape[-1]
+    shape = model.output_shape
+    if not (isinstance(shape, tuple) and all(d is None or isinstance(d, int) for d in shape)):  # several outputs
+        count = len(shape) if isinstance(shape, (list, tuple, dict)) else "several"
+        raise ValueError(
+            f"Model {source!r} has {count} outputs; `harmonization train` trains a classifier with one "
+            "logits output. Save a preset of the model that returns only the logits, or train it in Python with "
+            "HarmonizedModel(model, output=...)."
+        )
+    outputs = shape[-1]
     if outputs != num_classes:
         raise ValueError(
             f"Model {source!r} has {outputs} classes and the data {recipe['data']['clickme']!r} has {num_classes}: "
@@ -377,23 +399,66 @@ def _metric_values(trainer: HarmonizedModel) -> list[np.ndarray]:
     return [np.asarray(v.numpy()) for v in trainer.metrics_variables]
 
 
+class TrainingFailedError(ValueError):
+    """Training cannot go on to a meaningful result (it diverged, or its data ran out); nothing of it was saved."""
+
+
+def _non_finite(variables) -> str | None:
+    """The path of the first variable holding a NaN or an infinity, or None when all are finite."""
+    for variable in variables:
+        if not np.isfinite(np.asarray(variable.numpy(), dtype=np.float64)).all():
+            return variable.path
+    return None
+
+
+def _state_variables(trainer: HarmonizedModel) -> list:
+    """What a checkpoint holds that must be finite: the model's weights and the optimizer's state."""
+    return [*trainer.model.weights, *trainer.optimizer.variables]
+
+
 class _Checkpointer(keras.callbacks.Callback):
-    """Writes a checkpoint every `every` steps and at each epoch's end (the chief only), and the history.
+    """Writes a checkpoint every `every` steps and at each epoch's end (the chief only), and the history; stops
+    the run at the first non-finite loss, and when the epoch's data runs out early.
 
     A mid-epoch checkpoint also holds the epoch's running metric totals (sums: totals and counts), which a run
     resumed there adds back after its first step (Keras builds some metrics during that step), so that the
     epoch's logged loss and accuracy are those of the whole epoch, as in an uninterrupted run.
+
+    Nothing non-finite is ever written: the loss is checked after every step (as `keras.callbacks.TerminateOnNaN`
+    does, but raising, so that the run fails instead of saving a preset) and every weight and optimizer variable
+    before each checkpoint, so a diverged run keeps its last good checkpoints instead of rotating them away.
     """
 
     def __init__(self, run: run_dir.RunDirectory, trainer: HarmonizedModel, *, first_step: int,
                  steps_per_epoch: int, recipe, history: list, write: bool, metrics: dict | None = None):
         super().__init__()
-        self.run, self.trainer = run, trainer
+        self.run, self.trainer, self.recipe = run, trainer, recipe
         self.first_step, self.steps_per_epoch = first_step, steps_per_epoch
         self.every, self.keep = recipe["checkpoint"]["every_steps"], recipe["checkpoint"]["keep"]
         self.history, self.write, self.metrics = history, write, metrics
+        self.steps_done = 0
+
+    def _where(self, step: int) -> str:
+        epoch, within = divmod(step, self.steps_per_epoch)
+        if within == 0:
+            epoch, within = epoch - 1, self.steps_per_epoch
+        return f"step {step} (epoch {epoch + 1}, step {within} of {self.steps_per_epoch})"
+
+    def _diverged(self, step: int, what: str) -> TrainingFailedError:
+        kept = self.run.latest_checkpoint()
+        optimizer = self.recipe["optimizer"]
+        return TrainingFailedError(
+            f"Training diverged at {self._where(step)}: {what}. Nothing from this state was saved"
+            + (f"; {self.run.path} keeps its checkpoints up to {kept.path.name}" if kept is not None else "")
+            + f". Train with a lower optimizer.learning_rate (now {optimizer['learning_rate']:g})"
+            + (", " if optimizer["clipnorm"] else " or optimizer.clipnorm set, ")
+            + "into a new --out (a run directory keeps its recipe)."
+        )
 
     def _save(self, step: int, with_metrics: bool) -> None:
+        bad = _non_finite(_state_variables(self.trainer))
+        if bad is not None:
+            raise self._diverged(step, f"variable {bad!r} holds NaN or infinite values")
         metrics = _metric_values(self.trainer) if with_metrics else []
         if not self.write:
             return
@@ -410,6 +475,10 @@ class _Checkpointer(keras.callbacks.Callback):
         self.run.write_checkpoint(step, state, files, self.keep)
 
     def on_train_batch_end(self, batch, logs=None):
+        self.steps_done = batch + 1
+        loss = float(np.asarray((logs or {}).get("loss", 0.0)))
+        if not math.isfinite(loss):
+            raise self._diverged(self.first_step + batch + 1, f"the loss is {loss}")
         if batch == 0 and self.metrics is not None:  # resumed mid-epoch: the steps trained before the kill
             now = _metric_values(self.trainer)
             if len(now) == len(self.metrics):
@@ -420,6 +489,13 @@ class _Checkpointer(keras.callbacks.Callback):
             self._save(step, with_metrics=True)
 
     def on_epoch_end(self, epoch, logs=None):
+        expected = (epoch + 1) * self.steps_per_epoch - self.first_step
+        if self.steps_done < expected:  # Keras ends an epoch whose data runs out with a warning only
+            raise TrainingFailedError(
+                f"The training data of epoch {epoch + 1} ran out after {self.steps_done} of its {expected} steps "
+                f"(batch_size {self.recipe['batch_size']}, steps_per_epoch {self.steps_per_epoch}); nothing of this "
+                "epoch was saved. Check that the training split holds at least one full batch."
+            )
         row = {"epoch": epoch + 1, **{k: float(np.mean(v)) for k, v in (logs or {}).items()}}
         self.history.append(row)
         self._save((epoch + 1) * self.steps_per_epoch, with_metrics=False)
@@ -475,6 +551,46 @@ def _restore(trainer: HarmonizedModel, checkpoint: run_dir.Checkpoint) -> dict |
         return None
     with np.load(checkpoint.path / run_dir.METRICS_FILE) as saved:
         return {name: saved[name] for name in sorted(saved.files, key=lambda n: int(n[1:]))}
+
+
+#: What loading a damaged checkpoint raises from h5py, NumPy's npz reader (zipfile) and Keras.
+_LOAD_ERRORS = (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile)
+
+
+def _resume(trainer: HarmonizedModel, run: run_dir.RunDirectory, chief: bool
+            ) -> tuple[run_dir.Checkpoint | None, dict | None]:
+    """Restore the newest whole checkpoint; return it and its metric totals, or (None, None) to start afresh.
+
+    Newest first, each checkpoint must have a state of the right shape, files of the recorded sizes and digests,
+    load, and hold only finite values. One that fails is reported by path and moved to RUN_DIR/damaged (by the
+    chief), and the next older one is tried. If checkpoints were there and none is whole, the run stops: the
+    model may hold part of a damaged one, and starting over should be a choice, not a surprise.
+    """
+    tried = []
+    for checkpoint in reversed(run.list_checkpoints()):
+        checkpoint = run.check(checkpoint)
+        problem, metrics = checkpoint.problem, None
+        if problem is None:
+            try:
+                metrics = _restore(trainer, checkpoint)
+            except run_dir.RunDirError:
+                raise  # a whole checkpoint of another model: not damage
+            except _LOAD_ERRORS as error:
+                problem = f"it cannot be loaded ({type(error).__name__}: {error})"
+            else:
+                bad = _non_finite(_state_variables(trainer))
+                problem = None if bad is None else f"variable {bad!r} holds NaN or infinite values"
+        if problem is None:
+            return checkpoint, metrics
+        where = run.set_aside(checkpoint, problem) if chief else checkpoint.path
+        tried.append(checkpoint.path.name)
+        _say(chief, f"Checkpoint {checkpoint.path} is damaged: {problem}. Moved to {where}; trying an older one.")
+    if tried:
+        raise run_dir.RunDirError(
+            f"No whole checkpoint is left in {run.checkpoints}: {', '.join(tried)} were damaged and were moved to "
+            f"{run.path / run_dir.DAMAGED}. Run the same command again to start this run over from step 0."
+        )
+    return None, None
 
 
 # ---------------------------------------------------------------------------------------------- the run
@@ -575,7 +691,7 @@ def _run(recipe, run, distribution, chief, multiworker, data_dir, imagenet_dir, 
         history: list[dict[str, Any]] = []
         start, metrics = 0, None
         if checkpoint is not None:
-            if checkpoint.state.get("steps_per_epoch") != steps_per_epoch:
+            if checkpoint.state["steps_per_epoch"] != steps_per_epoch:
                 raise run_dir.RunDirError(
                     f"{checkpoint.path} was written with {checkpoint.state.get('steps_per_epoch')} steps per epoch "
                     f"and this run has {steps_per_epoch}: the data position would not match."
@@ -586,7 +702,8 @@ def _run(recipe, run, distribution, chief, multiworker, data_dir, imagenet_dir, 
                     f"{steps_per_epoch} steps asked for now; run it with --epochs {checkpoint.step // steps_per_epoch}"
                     " or more, or choose another --out."
                 )
-            metrics = _restore(trainer, checkpoint)
+        checkpoint, metrics = _resume(trainer, run, chief)  # the newest whole one (damaged ones set aside)
+        if checkpoint is not None:
             start, history = checkpoint.step, list(checkpoint.state.get("history", []))
     if multiworker:
         _agree_on_start(distribution, start, run)
@@ -603,7 +720,7 @@ def _run(recipe, run, distribution, chief, multiworker, data_dir, imagenet_dir, 
     elif checkpoint is not None:
         _say(chief, f"Resuming from {checkpoint.path.name}: epoch {start // steps_per_epoch + 1}, step "
                     f"{start % steps_per_epoch} of {steps_per_epoch} done")
-    validation = (_validation_batches(recipe, data_dir, distribution.num_replicas_in_sync, multiworker)
+    validation = (_validation_batches(recipe, data, data_dir, distribution.num_replicas_in_sync, multiworker)
                   if recipe["evaluation"]["each_epoch"] else None)
     board = (keras.callbacks.TensorBoard(str(run.path / run_dir.TENSORBOARD), write_graph=False) if chief
              else None)
@@ -669,7 +786,11 @@ def _preset_steps(preset: Path) -> int | None:
 
 def _save_final_preset(run, network, recipe, data: _Data, result: TrainResult) -> Path:
     """The trained network as a preset (`save_preset` stages it beside and swaps it in: a kill leaves the old
-    preset or the new one)."""
+    preset or the new one). Weights that are not all finite are never saved as a model."""
+    bad = _non_finite(network.weights)
+    if bad is not None:
+        raise TrainingFailedError(f"The trained model's variable {bad!r} holds NaN or infinite values; no preset was "
+                                  f"saved to {run.path / run_dir.PRESET}.")
     final = run.path / run_dir.PRESET
     metadata = {
         "name": f"{recipe['name']}_run",

@@ -5,6 +5,7 @@ process and stop at the first refusal. The end-to-end runs (training, killing, r
 test_train.py.
 """
 
+import hashlib
 import inspect
 import json
 import re
@@ -93,7 +94,7 @@ def test_an_unknown_key_in_a_recipe_file_is_named_with_a_suggestion(tmp_path):
 
 def test_a_recipe_file_value_of_the_wrong_type_is_named(tmp_path):
     path = _write_recipe(tmp_path, {"data": {"image_size": "large"}})
-    with pytest.raises(RecipeError, match=r"`data\.image_size` must be an integer >= 8; got 'large'"):
+    with pytest.raises(RecipeError, match=r"`data\.image_size` must be an integer in \[8, 4096\]; got 'large'"):
         recipes.load_recipe(path)
     path = _write_recipe(tmp_path, {"optimizer": 0.1})  # a value where a section goes
     with pytest.raises(RecipeError, match=r"`optimizer` must be a JSON object; got 0\.1"):
@@ -105,16 +106,25 @@ def test_a_recipe_file_value_of_the_wrong_type_is_named(tmp_path):
 
 
 @pytest.mark.parametrize("override, expected", [
-    ("epochs=two", "`epochs` must be an integer >= 1; got 'two'"),
-    ("epochs=2.5", "`epochs` must be an integer >= 1; got 2.5"),
-    ("epochs=0", "`epochs` must be an integer >= 1; got 0"),
+    ("epochs=two", "`epochs` must be an integer in [1, 100000]; got 'two'"),
+    ("epochs=2.5", "`epochs` must be an integer in [1, 100000]; got 2.5"),
+    ("epochs=0", "`epochs` must be an integer in [1, 100000]; got 0"),
     ("data.augment=1", "`data.augment` must be true or false; got 1"),
     ("optimizer.name=rmsprop", "`optimizer.name` must be one of 'sgd', 'adam', 'adamw'; got 'rmsprop'"),
     ("optimizer.learning_rate=-0.1", "`optimizer.learning_rate` must be a number >= 0; got -0.1"),
     ("optimizer.learning_rate=NaN", "`optimizer.learning_rate` must be a number >= 0; got nan"),
     ("data.clickme_fraction=1.5", "`data.clickme_fraction` must be a number in [0, 1]; got 1.5"),
     ("data.crop_scale=[0.5]", "`data.crop_scale` must be a list of 2 numbers; got [0.5]"),
-    ("evaluation.limit=none", "`evaluation.limit` must be an integer >= 1 or null; got 'none'"),
+    ("evaluation.limit=none", "`evaluation.limit` must be an integer in [1, 2147483647] or null; got 'none'"),
+    # Values TensorFlow cannot take: refused here, not as a TypeError at the first step, an abort or a hang.
+    ("epochs=" + "1" + "0" * 20, "`epochs` must be an integer in [1, 100000]; got 1" + "0" * 20),
+    ("data.image_size=1000000000", "`data.image_size` must be an integer in [8, 4096]; got 1000000000"),
+    ("harmonizer.pyramid_levels=1000000", "`harmonizer.pyramid_levels` must be an integer in [1, 16]; got 1000000"),
+    ("batch_size=2147483648", "`batch_size` must be an integer in [1, 2147483647]; got 2147483648"),
+    ("evaluation.limit=" + "1" + "0" * 20,
+     "`evaluation.limit` must be an integer in [1, 2147483647] or null; got 1" + "0" * 20),
+    # Keras ignores clipnorm=0 without a word (no clipping): refused, null says "no clipping".
+    ("optimizer.clipnorm=0", "`optimizer.clipnorm` must be a number > 0 or null; got 0.0"),
 ])
 def test_a_set_of_the_wrong_type_names_the_key_the_expectation_and_the_value(override, expected):
     with pytest.raises(RecipeError) as caught:
@@ -206,9 +216,9 @@ def test_with_settings_overrides_epochs_and_batch_size_with_checks():
     assert (recipe["epochs"], recipe["batch_size"]) == (2, 16)
     assert (base["epochs"], base["batch_size"]) == (8, 64)  # not changed in place
     assert recipes.with_settings(base, epochs=None, batch_size=None) == base  # None: the recipe's
-    with pytest.raises(RecipeError, match=r"`batch_size` must be an integer >= 1; got 0"):
+    with pytest.raises(RecipeError, match=r"`batch_size` must be an integer in \[1, 2147483647\]; got 0"):
         recipes.with_settings(base, batch_size=0)
-    with pytest.raises(RecipeError, match=r"`epochs` must be an integer >= 1; got '3'"):
+    with pytest.raises(RecipeError, match=r"`epochs` must be an integer in \[1, 100000\]; got '3'"):
         recipes.with_settings(base, epochs="3")
 
 
@@ -306,44 +316,60 @@ def test_claim_without_write_checks_but_writes_nothing(tmp_path):
 def _files(text):
     def write(folder):
         (folder / run_dir.WEIGHTS_FILE).write_text(text)
+        (folder / run_dir.RANDOM_STATE_FILE).write_text("random")
+        (folder / run_dir.METRICS_FILE).write_text("metrics")
     return write
+
+
+def _state(step, steps_per_epoch=10, history=()):
+    """The state `harmonization train` records for global step `step`."""
+    return {"epoch": step // steps_per_epoch, "step_in_epoch": step % steps_per_epoch,
+            "steps_per_epoch": steps_per_epoch, "history": list(history)}
 
 
 def test_checkpoints_are_written_whole_and_pruned_to_keep(tmp_path):
     run = RunDirectory(tmp_path, recipes.load_recipe("quickstart"))
     assert run.latest_checkpoint() is None and run.list_checkpoints() == []
     for step in (5, 10, 15):
-        checkpoint = run.write_checkpoint(step, {"epoch": 0, "history": []}, _files(f"w{step}"), keep=2)
+        checkpoint = run.write_checkpoint(step, _state(step), _files(f"w{step}"), keep=2)
         assert checkpoint.path == tmp_path / run_dir.CHECKPOINTS / f"step-{step:06d}" and checkpoint.step == step
     assert sorted(p.name for p in (tmp_path / run_dir.CHECKPOINTS).iterdir()) == ["step-000010", "step-000015"]
     latest = run.latest_checkpoint()
-    assert latest.step == 15 and latest.state == {"epoch": 0, "history": [], "step": 15}
+    # Each file's size and sha256 are recorded, as a preset's metadata records them.
+    files = {name: {"size": len(text), "sha256": hashlib.sha256(text.encode()).hexdigest()}
+             for name, text in ((run_dir.WEIGHTS_FILE, "w15"), (run_dir.RANDOM_STATE_FILE, "random"),
+                                (run_dir.METRICS_FILE, "metrics"))}
+    assert latest.step == 15 and latest.state == {**_state(15), "step": 15, "files": files}
+    assert latest.problem is None and run.check(latest).problem is None
     assert (latest.path / run_dir.WEIGHTS_FILE).read_text() == "w15"
     assert [c.step for c in run.list_checkpoints()] == [10, 15]
     # The same step again (a resumed run re-reaching it) replaces it.
-    run.write_checkpoint(15, {"epoch": 1}, _files("again"), keep=2)
+    run.write_checkpoint(15, _state(15), _files("again"), keep=2)
     assert (run.latest_checkpoint().path / run_dir.WEIGHTS_FILE).read_text() == "again"
     assert [c.step for c in run.list_checkpoints()] == [10, 15]
 
 
 def test_a_checkpoint_that_failed_midway_is_not_one_and_is_removed(tmp_path):
     run = RunDirectory(tmp_path, recipes.load_recipe("quickstart"))
-    run.write_checkpoint(5, {}, _files("whole"), keep=2)
+    run.write_checkpoint(5, _state(5), _files("whole"), keep=2)
 
     def crash(folder):
         (folder / run_dir.WEIGHTS_FILE).write_text("half")
         raise RuntimeError("killed")
 
     with pytest.raises(RuntimeError):
-        run.write_checkpoint(10, {}, crash, keep=2)
+        run.write_checkpoint(10, _state(10), crash, keep=2)
     leftovers = [p.name for p in (tmp_path / run_dir.CHECKPOINTS).iterdir() if p.name.startswith(".tmp-")]
     assert len(leftovers) == 1 and "step-000010" in leftovers[0]
     assert run.latest_checkpoint().step == 5 and [c.step for c in run.list_checkpoints()] == [5]
-    # A step folder without state.json (or with an unreadable one) is not a checkpoint either.
+    # A step folder without state.json (or with an unreadable one) is not a whole checkpoint either: it is listed
+    # with its problem (the resume reports it and sets it aside), and never taken as the latest.
     (tmp_path / run_dir.CHECKPOINTS / "step-000020").mkdir()
     (tmp_path / run_dir.CHECKPOINTS / "step-000030").mkdir()
     (tmp_path / run_dir.CHECKPOINTS / "step-000030" / run_dir.STATE_FILE).write_text('{"step": 3')
     assert run.latest_checkpoint().step == 5
+    problems = {c.step: c.problem for c in run.list_checkpoints()}
+    assert problems[5] is None and "has no state.json" in problems[20] and "cannot be read" in problems[30]
     # A file left half-written in the run directory goes too; whole files and checkpoints stay.
     (tmp_path / ".tmp-history.json.123").write_text("[")
     (tmp_path / "keep.txt").write_text("x")
@@ -379,7 +405,7 @@ def test_the_command_refuses_a_bad_set_before_anything(capsys, tmp_path):
     out = tmp_path / "run"
     code, err = _train(capsys, "--recipe", "quickstart", "--set", "epochs=two", "--out", str(out))
     assert code == 1
-    assert "harmonization train: error: --set 'epochs=two': Recipe key `epochs` must be an integer >= 1; " \
+    assert "harmonization train: error: --set 'epochs=two': Recipe key `epochs` must be an integer in [1, 100000]; " \
            "got 'two'." in err
     assert not out.exists()
 
@@ -475,6 +501,41 @@ def test_set_values_that_cannot_be_taken_are_refused_by_name(text, message):
         recipes.load_recipe("quickstart", [text])
 
 
+@pytest.mark.parametrize("name", ["/tmp/elsewhere", "../up", ".hidden", "a/b", "", "x" * 101, "with space"])
+def test_a_recipe_name_is_one_plain_folder_name(name):
+    """The name names the default run directory (./harmonization_runs/NAME): an absolute path or `..` would put
+    the run somewhere else."""
+    with pytest.raises(RecipeError, match=re.escape("`name` must be a string of at most 100 letters, digits")):
+        recipes.load_recipe("quickstart", [f"name={name}"])
+    assert recipes.load_recipe("quickstart", ["name=my-run_2.1"])["name"] == "my-run_2.1"
+
+
+def test_the_pyramid_limit_is_the_losses_limit():
+    from harmonization import losses
+
+    assert recipes.SCHEMA["harmonizer"]["pyramid_levels"].maximum == losses.MAX_PYRAMID_LEVELS
+
+
+def test_a_deeply_nested_recipe_is_refused_in_one_sentence(tmp_path):
+    deep = tmp_path / "deep.json"
+    deep.write_text('{"sources": ' + '{"a": ' * 100_000 + "1" + "}" * 100_001, encoding="utf-8")
+    with pytest.raises(RecipeError, match="nests objects or lists thousands of levels deep"):
+        recipes.load_recipe(deep)
+    nested = {"sources": {}}
+    node = nested["sources"]
+    for _ in range(40):  # readable by json, but run.json and the checks would recurse on it
+        node["a"] = {}
+        node = node["a"]
+    with pytest.raises(RecipeError, match=f"nests objects or lists more than {recipes.MAX_DEPTH} deep"):
+        recipes.from_dict(nested)
+
+
+def test_overrides_given_as_one_string_are_refused_not_read_letter_by_letter():
+    with pytest.raises(RecipeError, match=re.escape("`overrides` must be a list of 'key=value' strings, e.g. "
+                                                    "['epochs=2']; got the string 'epochs=2'")):
+        recipes.apply_overrides(recipes.defaults(), "epochs=2")
+
+
 def test_a_text_key_takes_the_text_as_typed():
     recipe = recipes.load_recipe("quickstart", ["name=1", "data.clickme=true"])
     assert recipe["name"] == "1" and recipe["data"]["clickme"] == "true"
@@ -491,12 +552,66 @@ def test_a_recipe_that_is_not_an_object_or_is_a_folder_is_named(tmp_path):
         recipes.with_settings(recipes.defaults(), batchsize=3)
 
 
-def test_a_step_folder_whose_state_is_not_ours_is_not_a_checkpoint(tmp_path):
+@pytest.mark.parametrize("state, problem", [
+    ([], "holds list, not an object"),
+    ({"epoch": 0}, "has step=None, not an integer >= 0"),
+    ({**_state(7), "step": "7"}, "has step='7', not an integer >= 0"),
+    ({**_state(7), "step": 7, "epoch": 3}, "which does not match itself or the folder's name"),
+    ({**_state(8), "step": 8}, "which does not match itself or the folder's name"),  # in folder step-000007
+    ({**_state(7), "step": 7, "history": 3}, "has a `history` that is not a list of objects"),
+    ({**_state(7), "step": 7, "files": {"state.weights.h5": 12}}, "has a `files` record that is not"),
+    ({**_state(7), "step": 7, "steps_per_epoch": True}, "has steps_per_epoch=True, not an integer >= 1"),
+])
+def test_a_step_folder_whose_state_has_the_wrong_shape_is_named_not_used(tmp_path, state, problem):
     run = run_dir.RunDirectory(tmp_path, recipes.defaults())
-    for name, state in (("step-000001", "[]"), ("step-000002", '{"epoch": 0}')):
-        (tmp_path / run_dir.CHECKPOINTS / name).mkdir(parents=True)
-        (tmp_path / run_dir.CHECKPOINTS / name / run_dir.STATE_FILE).write_text(state)
+    folder = tmp_path / run_dir.CHECKPOINTS / "step-000007"
+    folder.mkdir(parents=True)
+    (folder / run_dir.STATE_FILE).write_text(json.dumps(state))
     assert run.latest_checkpoint() is None
+    [listed] = run.list_checkpoints()
+    assert listed.path == folder and problem in listed.problem
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (lambda folder: (folder / run_dir.WEIGHTS_FILE).write_text("w1"), "has 2 bytes; 3 were written"),
+    (lambda folder: (folder / run_dir.WEIGHTS_FILE).write_text(""), "has 0 bytes; 3 were written"),
+    (lambda folder: (folder / run_dir.WEIGHTS_FILE).unlink(), "state.weights.h5 is missing"),
+    (lambda folder: (folder / run_dir.RANDOM_STATE_FILE).write_text("randoX"), "has changed since it was written"),
+    (lambda folder: (folder / run_dir.METRICS_FILE).write_text("metrics and more"), "has 16 bytes; 7 were written"),
+])
+def test_a_checkpoint_whose_files_changed_is_found_before_it_is_loaded(tmp_path, damage, problem):
+    run = RunDirectory(tmp_path, recipes.defaults())
+    checkpoint = run.write_checkpoint(3, _state(3), _files("w13"), keep=2)
+    assert run.check(checkpoint).problem is None
+    damage(checkpoint.path)
+    found = run.check(run.latest_checkpoint())
+    assert problem in found.problem and str(checkpoint.path) in found.problem
+
+
+def test_a_damaged_checkpoint_is_set_aside_with_its_reason_never_deleted(tmp_path):
+    run = RunDirectory(tmp_path, recipes.defaults())
+    for step in (3, 6):
+        run.write_checkpoint(step, _state(step), _files(f"w{step}"), keep=2)
+    newest = run.latest_checkpoint()
+    (newest.path / run_dir.WEIGHTS_FILE).write_text("")
+    moved = run.set_aside(newest, "its weights are empty")
+    assert moved == tmp_path / run_dir.DAMAGED / "step-000006"
+    assert (moved / run_dir.WEIGHTS_FILE).exists() and "its weights are empty" in (moved / run_dir.REASON_FILE
+                                                                                    ).read_text()
+    assert run.latest_checkpoint().step == 3
+    # The same step damaged again later is kept beside the first, and rotation never counts damaged folders.
+    run.write_checkpoint(6, _state(6), _files("w6"), keep=2)
+    assert run.set_aside(run.latest_checkpoint(), "again") == tmp_path / run_dir.DAMAGED / "step-000006.2"
+    (tmp_path / run_dir.CHECKPOINTS / "step-000004").mkdir()  # damaged in place (no state.json)
+    run.write_checkpoint(9, _state(9), _files("w9"), keep=1)
+    assert [c.step for c in run.list_checkpoints()] == [4, 9]  # the whole step 3 rotated; damage kept
+
+
+@pytest.mark.parametrize("record", ["[]", '{"identity": []}', '{"identity": 3}', "{}", "[" * 100_000])
+def test_a_run_record_of_the_wrong_shape_is_refused_in_one_sentence(tmp_path, record):
+    (tmp_path / run_dir.RUN_FILE).write_text(record)
+    with pytest.raises(RunDirError, match=r"run\.json is not a run record .*; use another --out"):
+        RunDirectory(tmp_path, recipes.defaults()).claim(write=False)
 
 
 def test_one_run_at_a_time_holds_a_run_directory(tmp_path):
@@ -509,3 +624,16 @@ def test_one_run_at_a_time_holds_a_run_directory(tmp_path):
     with RunDirectory(tmp_path / "run", recipes.defaults()).lock():  # released when the first ended
         pass
     assert RunDirectory(tmp_path / "run", recipes.defaults()).claim() is False  # the lock file is no one's data
+
+
+def test_a_batch_larger_than_the_training_split_is_refused_whatever_steps_per_epoch_says(capsys, tmp_path,
+                                                                                        quick_data):
+    """Keras would end each epoch after zero steps with a warning, and the run would save an untrained preset."""
+    out = tmp_path / "run"
+    code, err = _train(capsys, "--recipe", "quickstart", "--set", "data.clickme=clickme_synthetic/quick",
+                       "--data-dir", str(quick_data), "--out", str(out), "--batch-size", "5000",
+                       "--set", "steps_per_epoch=2", *NOT_DETERMINISTIC)
+    assert code == 1
+    assert ("`batch_size` 5000 is larger than the 200 training examples of 'clickme_synthetic/quick' 'train': an "
+            "epoch would have no full batch. Use --batch-size 200 or less.") in err
+    assert not out.exists()

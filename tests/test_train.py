@@ -82,6 +82,8 @@ def test_a_run_writes_checkpoints_logs_a_preset_with_its_recipe_and_an_evaluatio
     results = json.loads((out / run_dir.EVALUATION / "results.json").read_text())
     assert results["data"]["num_images"] == 40 and np.isfinite(results["scores"]["spearman"])
     assert "Preset:" in output and "Run directory:" in output
+    # Keras's warning is kept for data that truly ran out (refused or failed by name), not every validation.
+    assert "ran out of data" not in output
 
     # Re-running the finished run trains nothing more and keeps its outputs.
     stamp = (out / run_dir.PRESET / "model.weights.h5").stat().st_mtime_ns
@@ -237,7 +239,7 @@ def test_an_epochs_batches_are_a_pure_function_of_seed_and_epoch(monkeypatch, fr
     monkeypatch.setattr(trainer.data_lib, "load_imagenet", _fake_split(1000, 24, with_maps=False))
     recipe = recipes.load_recipe("quickstart", [f"data.clickme_fraction={fraction}", "data.augment=true",
                                                 f"data.image_size={SIZE}", "batch_size=4", "steps_per_epoch=15"])
-    data = trainer._Data("fake", 10, None, train_examples=24, imagenet_examples=24)
+    data = trainer._Data("fake", 10, None, train_examples=24, eval_examples=8, imagenet_examples=24)
     steps = recipe["steps_per_epoch"]
 
     def epoch(e, skip=0):
@@ -373,3 +375,192 @@ def test_a_restored_checkpoint_continues_with_the_same_dropout_masks(tmp_path):
     third.load_weights(str(run.latest_checkpoint().path / run_dir.WEIGHTS_FILE))
     third.train_on_batch(batch)
     assert not np.allclose(first.model.get_weights()[0], third.model.get_weights()[0], rtol=1e-6, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------- nothing garbage
+def _tiny_trainer(seed=3):
+    import keras
+
+    import harmonization
+
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Rescaling(1 / 255.0)(inputs)
+    x = keras.layers.Dropout(0.5)(keras.layers.Flatten()(x))
+    hmodel = harmonization.HarmonizedModel(keras.Model(inputs, keras.layers.Dense(4)(x)))
+    hmodel.compile(optimizer=keras.optimizers.Adam(0.01))
+    hmodel.build((None, 8, 8, 3))
+    hmodel.optimizer.build(hmodel.trainable_variables)
+    return hmodel
+
+
+def _batch(seed=0):
+    rng = np.random.default_rng(seed)
+    return {"image": rng.uniform(0, 255, (6, 8, 8, 3)).astype("float32"),
+            "heatmap": rng.uniform(0, 1, (6, 8, 8, 1)).astype("float32"), "label": rng.integers(0, 4, 6)}
+
+
+def _drop_record(folder):
+    """Make `folder` a checkpoint as written before files were recorded: its files are then not hashed."""
+    state = json.loads((folder / run_dir.STATE_FILE).read_text())
+    del state["files"]
+    (folder / run_dir.STATE_FILE).write_text(json.dumps(state))
+
+
+def _poison_weights(folder):
+    """Write NaN and 1e30 into a few weights of a checkpoint's weights file (in place, as bad RAM or a bug would)."""
+    with h5py.File(folder / run_dir.WEIGHTS_FILE, "r+") as file:
+        kernels = []
+        file.visititems(lambda name, item: kernels.append(item) if isinstance(item, h5py.Dataset)
+                        and item.ndim == 2 else None)
+        values = kernels[0][()]
+        values.flat[:3] = [np.nan, 1e30, np.nan]
+        kernels[0][...] = values
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.fixture
+def checkpointed_run(tmp_path):
+    """A run directory with whole checkpoints at steps 1..6 of one tiny model (6 steps per epoch), each holding
+    other weights; returns (run, weights saved at each step)."""
+    from harmonization import recipes, trainer
+
+    hmodel = _tiny_trainer()
+    recipe = recipes.with_settings(recipes.defaults(), epochs=2)
+    recipe["checkpoint"]["keep"] = 10
+    run = run_dir.RunDirectory(tmp_path / "run", recipe)
+    saver = trainer._Checkpointer(run, hmodel, first_step=0, steps_per_epoch=6, recipe=recipe, history=[],
+                                  write=True)
+    saved = {}
+    for step in range(1, 7):
+        hmodel.train_on_batch(_batch(step))
+        saver._save(step, with_metrics=step < 6)
+        saved[step] = [w.copy() for w in hmodel.model.get_weights()]
+    return run, saved
+
+
+def test_damaged_checkpoints_are_set_aside_and_the_newest_whole_one_is_restored(checkpointed_run, capsys):
+    from harmonization import trainer
+
+    run, saved = checkpointed_run
+    folders = {c.step: c.path for c in run.list_checkpoints()}
+    # Newest first, each damaged in another way a disk, a kill or a person damages files.
+    _poison_weights(folders[6])                    # NaN/1e30 in the weights: no longer the recorded bytes
+    _poison_weights(folders[5])                    # ... and in one written before files were recorded:
+    _drop_record(folders[5])                       #     found when its values are read back
+    (folders[4] / run_dir.WEIGHTS_FILE).write_bytes(b"")          # zero bytes
+    _truncate(folders[3] / run_dir.RANDOM_STATE_FILE)              # the random state's npz truncated
+    _drop_record(folders[2])
+    _truncate(folders[2] / run_dir.WEIGHTS_FILE)                   # truncated, unrecorded: h5py fails to open it
+    fresh = _tiny_trainer(seed=9)
+    checkpoint, _ = trainer._resume(fresh, run, chief=True)
+    assert checkpoint.step == 1
+    for restored, expected in zip(fresh.model.get_weights(), saved[1]):
+        np.testing.assert_array_equal(restored, expected)
+    output = capsys.readouterr().out
+    damaged = run.path / run_dir.DAMAGED
+    assert sorted(p.name for p in damaged.iterdir()) == [f"step-00000{i}" for i in range(2, 7)]
+    for step, reason in ((6, "has changed since it was written"), (5, "holds NaN or infinite values"),
+                         (4, "state.weights.h5 has 0 bytes"), (3, "random_state.npz has"), (2, "cannot be loaded")):
+        assert reason in (damaged / f"step-00000{step}" / run_dir.REASON_FILE).read_text(), step
+        assert f"Checkpoint {folders[step]} is damaged: " in output and f"Moved to {damaged / folders[step].name}" \
+            in output
+        assert (damaged / f"step-00000{step}" / run_dir.WEIGHTS_FILE).exists()  # evidence kept, not deleted
+    assert [c.step for c in run.list_checkpoints()] == [1]
+
+    # When none is whole, the run stops (its model may hold part of a damaged one); run again, it starts over.
+    _truncate(folders[1] / run_dir.WEIGHTS_FILE)
+    with pytest.raises(run_dir.RunDirError, match=r"No whole checkpoint is left .*step-000001 were damaged .*"
+                                                  r"Run the same command again to start this run over"):
+        trainer._resume(_tiny_trainer(), run, chief=True)
+    assert trainer._resume(_tiny_trainer(), run, chief=True) == (None, None)
+
+
+def test_a_non_finite_loss_or_weight_stops_the_run_and_writes_nothing(checkpointed_run):
+    from harmonization import trainer
+
+    run, _ = checkpointed_run
+    before = sorted(p.name for p in run.checkpoints.iterdir())
+    hmodel = _tiny_trainer()
+    saver = trainer._Checkpointer(run, hmodel, first_step=6, steps_per_epoch=6, recipe=run.recipe, history=[],
+                                  write=True)
+    with pytest.raises(trainer.TrainingFailedError,
+                       match=r"^Training diverged at step 9 \(epoch 2, step 3 of 6\): the loss is nan\. Nothing from "
+                             r"this state was saved; .* keeps its checkpoints up to step-000006\."):
+        saver.on_train_batch_end(2, {"loss": np.float32(np.nan)})
+    hmodel.model.weights[0].assign(np.full(hmodel.model.weights[0].shape, np.inf, "float32"))
+    saver.steps_done = 6  # the epoch's steps all ran
+    with pytest.raises(trainer.TrainingFailedError, match=r"at step 12 \(epoch 2, step 6 of 6\): variable "
+                                                          r"'.*' holds NaN or infinite values"):
+        saver.on_epoch_end(1, {"loss": 1.0})  # the epoch's end checkpoint
+    assert sorted(p.name for p in run.checkpoints.iterdir()) == before  # the good ones stay, none was added
+    with pytest.raises(trainer.TrainingFailedError, match="holds NaN or infinite values; no preset was saved"):
+        trainer._save_final_preset(run, hmodel.model, run.recipe, None, None)
+    assert not (run.path / run_dir.PRESET).exists()
+
+
+def test_an_epoch_whose_data_ran_out_fails_naming_why(checkpointed_run):
+    from harmonization import trainer
+
+    run, _ = checkpointed_run
+    saver = trainer._Checkpointer(run, _tiny_trainer(), first_step=6, steps_per_epoch=6, recipe=run.recipe,
+                                  history=[], write=True)
+    for batch in range(4):
+        saver.on_train_batch_end(batch, {"loss": 1.0})
+    with pytest.raises(trainer.TrainingFailedError, match=r"^The training data of epoch 2 ran out after 4 of its 6 "
+                                                          r"steps \(batch_size 64, steps_per_epoch 6\)"):
+        saver.on_epoch_end(1, {"loss": 1.0})
+    assert not (run.checkpoints / "step-000012").exists()
+
+
+def test_a_model_with_two_outputs_is_refused_in_one_sentence():
+    import keras
+
+    from harmonization import recipes, trainer
+
+    inputs = keras.Input((64, 64, 3))
+    x = keras.layers.GlobalAveragePooling2D()(inputs)
+    model = keras.Model(inputs, [keras.layers.Dense(10)(x), keras.layers.Dense(10)(x)])
+    recipe = recipes.load_recipe("quickstart")
+    with pytest.raises(ValueError, match=r"^Model 'quickstart_cnn' has 2 outputs; `harmonization train` trains a "
+                                         r"classifier with one logits output\."):
+        trainer._check_model_fits_data(model, recipe, 10)
+
+
+@pytest.mark.slow
+def test_a_diverging_run_fails_naming_the_step_and_saves_nothing_non_finite(data_dir, tmp_path):
+    out = tmp_path / "run"
+    code, output = command("--recipe", "quickstart", "--data-dir", str(data_dir), "--out", str(out), "--epochs", "1",
+                           *QUICK, "--set", "checkpoint.every_steps=1", "--set", "optimizer.learning_rate=1e30")
+    assert code == 1, output[-3000:]
+    assert "harmonization train: error: Training diverged at step " in output and "Traceback" not in output
+    assert "Preset:" not in output and not (out / run_dir.PRESET).exists()
+    for checkpoint in (out / run_dir.CHECKPOINTS).iterdir():  # the steps before it diverged, all finite
+        with h5py.File(checkpoint / run_dir.WEIGHTS_FILE, "r") as file:
+            values = []
+            file.visititems(lambda name, item: values.append(item[()]) if isinstance(item, h5py.Dataset) else None)
+        assert values and all(np.isfinite(v).all() for v in values if v.dtype.kind == "f"), checkpoint.name
+
+
+@pytest.mark.slow
+def test_a_damaged_newest_checkpoint_is_reported_and_the_run_resumes_to_the_uninterrupted_weights(data_dir,
+                                                                                                   tmp_path):
+    args = ["--recipe", "quickstart", "--data-dir", str(data_dir), *QUICK]
+    whole, damaged = tmp_path / "whole", tmp_path / "damaged"
+    code, output = command(*args, "--epochs", "2", "--out", str(whole))
+    assert code == 0, output[-3000:]
+    code, output = command(*args, "--epochs", "1", "--out", str(damaged))  # checkpoints at steps 10 and 12
+    assert code == 0, output[-3000:]
+    newest = damaged / run_dir.CHECKPOINTS / f"step-{STEPS_PER_EPOCH:06d}"
+    weights = newest / run_dir.WEIGHTS_FILE
+    weights.write_bytes(weights.read_bytes()[:1000])  # truncated, as a full disk leaves it
+
+    code, output = command(*args, "--epochs", "2", "--out", str(damaged))  # extended: resumes
+    assert code == 0, output[-3000:]
+    assert f"Checkpoint {newest} is damaged: {weights} has 1000 bytes" in output
+    assert "Resuming from step-000010: epoch 1, step 10 of 12 done" in output
+    assert (damaged / run_dir.DAMAGED / newest.name / run_dir.WEIGHTS_FILE).stat().st_size == 1000  # kept
+    assert_same_weights(whole / run_dir.PRESET, damaged / run_dir.PRESET)
