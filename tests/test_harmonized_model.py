@@ -147,6 +147,11 @@ def test_bad_hyper_parameters_are_refused():
         HarmonizedModel(small_cnn(), label_smoothing=1.5)
     with pytest.raises(ValueError, match="`pyramid_levels`"):
         HarmonizedModel(small_cnn(), pyramid_levels=0)
+    # A huge count built a graph that never finished; past 16 levels every map is 1x1 anyway.
+    with pytest.raises(ValueError, match=r"`pyramid_levels` must be an integer >= 1 no larger than 16; got 1000000"):
+        HarmonizedModel(small_cnn(), pyramid_levels=10**6)
+    with pytest.raises(ValueError, match=r"`levels` must be an integer >= 1 no larger than 16; got 17"):
+        harmonization.harmonization_loss(np.zeros((1, 8, 8)), np.zeros((1, 8, 8)), levels=17)
 
 
 def test_every_constructor_argument_is_in_get_config():
@@ -197,8 +202,14 @@ def test_jit_compile_gives_the_same_step_as_graph_mode():
         loss = hmodel.fit(tf.data.Dataset.from_tensor_slices(data).batch(8), epochs=1, verbose=0).history["loss"]
         results.append((loss[0], model.get_weights()))
     assert results[0][0] == pytest.approx(results[1][0], rel=1e-4)
-    for a, b in zip(results[0][1], results[1][1]):
-        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
+    # The updates are compared, relative to each variable's update: the weights after one SGD step differ from
+    # the weights before by less than a loose tolerance on the weights themselves would hide.
+    moved = 0
+    for initial, graph, jit in zip(weights, results[0][1], results[1][1]):
+        update = np.abs(graph - initial).max()
+        assert np.abs((jit - initial) - (graph - initial)).max() <= 1e-3 * update + 1e-9, update
+        moved += update > 0
+    assert moved >= len(weights) // 2  # the step moved the weights it was compared on
 
 
 def test_mixed_bfloat16_trains_with_float32_saliency_and_loss():
