@@ -530,10 +530,15 @@ def test_a_deeply_nested_recipe_is_refused_in_one_sentence(tmp_path):
         recipes.from_dict(nested)
 
 
-def test_overrides_given_as_one_string_are_refused_not_read_letter_by_letter():
+def test_overrides_given_as_one_string_are_refused_not_read_letter_by_letter(tmp_path):
     with pytest.raises(RecipeError, match=re.escape("`overrides` must be a list of 'key=value' strings, e.g. "
                                                     "['epochs=2']; got the string 'epochs=2'")):
         recipes.apply_overrides(recipes.defaults(), "epochs=2")
+    import harmonization
+
+    with pytest.raises(RecipeError, match="got the string 'epochs=2', which would be read letter by letter"):
+        harmonization.train("quickstart", overrides="epochs=2", out=str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_text_key_takes_the_text_as_typed():
