@@ -80,6 +80,7 @@ def download_preset(repo_id: str, revision: str | None = None, *, force_download
     from huggingface_hub import constants
     from huggingface_hub.errors import FileMetadataError, HfHubHTTPError, LocalEntryNotFoundError
 
+    network.timeout(), network.min_rate()  # a bad variable is named before any request
     network.bound_huggingface_hub()
     revision = revision or "main"
     where = f"hf://{repo_id}@{revision}"
@@ -214,6 +215,7 @@ def fetch_file(url: str, destination: str | os.PathLike, *, expected_sha256: str
     destination.parent.mkdir(parents=True, exist_ok=True)
     partial = destination.with_name(destination.name + ".incomplete")
     timeout = network.timeout() if timeout is None else timeout
+    minimum = network.min_rate()  # a bad variable is named before any request, and leaves no file behind
 
     def transient(error: BaseException) -> bool:
         if isinstance(error, urllib.error.HTTPError):
@@ -222,7 +224,7 @@ def fetch_file(url: str, destination: str | os.PathLike, *, expected_sha256: str
 
     try:
         announced, received, sha256 = network.retry(
-            lambda: _fetch(url, partial, destination.name, timeout, progress), transient=transient
+            lambda: _fetch(url, partial, destination.name, timeout, minimum, progress), transient=transient
         )
     except OSError as error:
         partial.unlink(missing_ok=True)
@@ -269,12 +271,13 @@ def _html_page(path: Path) -> str | None:
     return None
 
 
-def _fetch(url: str, partial: Path, label: str, timeout: float, progress: bool) -> tuple[int | None, int, str]:
+def _fetch(url: str, partial: Path, label: str, timeout: float, minimum: float,
+           progress: bool) -> tuple[int | None, int, str]:
     """One attempt: stream `url` into `partial`; return (announced length, bytes received, sha256).
 
     Writes whatever has arrived (`read1`), not 1 MiB at a time: a read that waits for a whole chunk would keep
     a trickling server's download (and its progress bar) still, beyond the reach of the read timeout.
-    Raises `network.TooSlowError` when the body arrives slower than `network.min_rate()`.
+    Raises `network.TooSlowError` when the body arrives slower than `minimum` bytes/s over a `timeout` window.
     """
     import http.client
     import urllib.request
@@ -287,7 +290,7 @@ def _fetch(url: str, partial: Path, label: str, timeout: float, progress: bool) 
         announced = response.headers.get("Content-Length")
         announced = int(announced) if announced is not None else None
         read = getattr(response, "read1", None) or response.read
-        guard = network.RateGuard(url, window=timeout)
+        guard = network.RateGuard(url, minimum=minimum, window=timeout)
         with hf_tqdm(total=announced, unit="B", unit_scale=True, unit_divisor=1024,
                      desc=f"Downloading {label}", disable=not progress) as bar:
             while True:

@@ -85,15 +85,20 @@ def test_a_timeout_out_of_range_names_the_variable_the_range_and_the_value(monke
         network.timeout()
 
 
-def test_a_huge_timeout_is_refused_before_any_socket_sees_it(monkeypatch, tmp_path):
+@pytest.mark.parametrize("variable, value", [(network.TIMEOUT_ENV, "1e300"), (network.MIN_RATE_ENV, "0")])
+def test_a_bad_variable_is_named_before_any_request(monkeypatch, tmp_path, variable, value):
     """1e300 s used to reach `socket.settimeout`: an OverflowError that named nothing."""
-    monkeypatch.setenv(network.TIMEOUT_ENV, "1e300")
+    monkeypatch.setenv(variable, value)
     with FakeHub() as fake:
+        point_huggingface_hub_at(fake, monkeypatch, tmp_path)
         url = fake.add_static("/file.bin", b"x" * 10)
-        with pytest.raises(ValueError, match="HARMONIZATION_NETWORK_TIMEOUT.*'1e300'"):
+        with pytest.raises(ValueError, match=rf"{variable} must be a positive number.*; got '{value}'"):
             hub.download_file(url, tmp_path / "file.bin")
-        assert fake.requests == []
-        monkeypatch.setenv(network.TIMEOUT_ENV, "3600")  # the largest accepted value is one a socket takes
+        with pytest.raises(ValueError, match=rf"{variable} must be a positive number.*; got '{value}'"):
+            load_model(f"hf://{REPO}")
+        assert fake.requests == [] and not list(tmp_path.glob("file.bin*"))
+        monkeypatch.setenv(network.TIMEOUT_ENV, "3600")  # the largest accepted timeout is one a socket takes
+        monkeypatch.delenv(network.MIN_RATE_ENV, raising=False)
         assert hub.download_file(url, tmp_path / "file.bin").read_bytes() == b"x" * 10
 
 
@@ -301,27 +306,19 @@ def _clickme():
     return tfds, builder_lib, published_shards
 
 
-def _clickme_mirror(fake, shards):
+def _clickme_mirror(fake, shards, scratch):
     """Serve {shard name: record count} on `fake` as the bucket lays them out; return a builder config for it."""
     tfds, builder_lib, published_shards = _clickme()
-    for offset, (name, count) in enumerate(shards.items()):
-        records = list(published_shards.synthetic_records(count, seed=10 + offset, quality=70))
-        framed = b"".join(_frame(record, builder_lib.masked_crc32c) for record in records)
-        fake.add_static(f"/click-me/{name.split('-')[0]}/{name}.tfrecords", framed)
     folders = {"train": [], "val": []}
-    for name in shards:
+    for offset, (name, count) in enumerate(shards.items()):
+        shard = scratch / f"{name}.tfrecords"
+        published_shards.write_shard(shard, published_shards.synthetic_records(count, seed=10 + offset, quality=70))
         folder, index = name.split("-")
+        fake.add_static(f"/click-me/{folder}/{name}.tfrecords", shard.read_bytes())
         folders[folder].append(int(index))
     return builder_lib.ClickMeConfig(
         name="local_mirror", url_template=fake.endpoint + "/click-me/{folder}/{folder}-{index}.tfrecords",
         train_shards=tuple(folders["train"]), validation_shards=tuple(folders["val"]), edges_may_be_missing=False)
-
-
-def _frame(record, masked_crc32c):
-    import struct
-
-    length = struct.pack("<Q", len(record))
-    return length + struct.pack("<I", masked_crc32c(length)) + record + struct.pack("<I", masked_crc32c(record))
 
 
 def test_first_record_problem_tells_a_shard_from_what_is_not_one(tmp_path):
@@ -343,7 +340,7 @@ def test_first_record_problem_tells_a_shard_from_what_is_not_one(tmp_path):
 
 def test_a_clickme_mirror_answering_web_pages_leaves_no_shard(fake_hub, tmp_path):
     tfds, builder_lib, _ = _clickme()
-    config = _clickme_mirror(fake_hub, {"train-0": 2, "val-0": 1})
+    config = _clickme_mirror(fake_hub, {"train-0": 2, "val-0": 1}, tmp_path)
     fake_hub.html.add("/click-me/")
     builder = builder_lib.Builder(data_dir=str(tmp_path / "data"), config=config)
     with pytest.raises(tfds.download.DownloadError, match=r"ClickMe shard (train|val)-0 could not be downloaded "
@@ -356,7 +353,7 @@ def test_a_clickme_mirror_answering_web_pages_leaves_no_shard(fake_hub, tmp_path
 def test_cached_web_pages_are_downloaded_again_once_the_mirror_is_fixed(fake_hub, tmp_path, caplog):
     """What an earlier version left: 79-byte web pages kept as shards, which broke every later build."""
     _, builder_lib, _ = _clickme()
-    config = _clickme_mirror(fake_hub, {"train-0": 2, "train-1": 1, "val-0": 1})
+    config = _clickme_mirror(fake_hub, {"train-0": 2, "train-1": 1, "val-0": 1}, tmp_path)
     cached = tmp_path / "downloads" / "clickme_shards"
     cached.mkdir(parents=True)
     for name in ("train-0", "train-1", "val-0"):
@@ -364,13 +361,13 @@ def test_cached_web_pages_are_downloaded_again_once_the_mirror_is_fixed(fake_hub
     builder = builder_lib.Builder(data_dir=str(tmp_path / "data"), config=config)
     builder.download_and_prepare(download_dir=str(tmp_path / "downloads"))
     assert builder.info.splits["train"].num_examples == 3 and builder.info.splits["validation"].num_examples == 1
-    assert all(_gets(fake_hub, f"/click-me/{n.split('-')[0]}/{n}.tfrecords") == 1 for n in ("train-0", "val-0"))
+    assert all(_gets(fake_hub, f"/click-me/{n.split('-')[0]}/{n}.tfrecords") == 1 for n in ("train-0", "train-1", "val-0"))
     assert caplog.text.count("is not a TFRecord shard") == 3
 
 
 def test_a_trickling_clickme_shard_is_cut_off_naming_the_shard_and_the_rate(fake_hub, tmp_path):
     tfds, builder_lib, _ = _clickme()
-    config = _clickme_mirror(fake_hub, {"train-0": 1, "val-0": 1})
+    config = _clickme_mirror(fake_hub, {"train-0": 1, "val-0": 1}, tmp_path)
     fake_hub.trickle["/click-me/val/val-0.tfrecords"] = TRICKLE
     builder = builder_lib.Builder(data_dir=str(tmp_path / "data"), config=config)
     with pytest.raises(tfds.download.DownloadError, match="ClickMe shard val-0 could not be downloaded") as caught:
