@@ -78,7 +78,7 @@ def download_preset(repo_id: str, revision: str | None = None, *, force_download
     import httpx2
     import huggingface_hub
     from huggingface_hub import constants
-    from huggingface_hub.errors import FileMetadataError, HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     network.timeout(), network.min_rate()  # a bad variable is named before any request
     network.bound_huggingface_hub()
@@ -109,7 +109,7 @@ def download_preset(repo_id: str, revision: str | None = None, *, force_download
         ) from error
     except HfHubHTTPError:
         raise  # repo/revision not found, gated, server errors: the client's own message is the clearest
-    except (httpx2.RequestError, json.JSONDecodeError, FileMetadataError) as error:
+    except (httpx2.RequestError, json.JSONDecodeError) as error:
         # The endpoint answered, but not as the Hub does (a web page, a redirect loop, a body that trickled or
         # dropped): as unreachable as a refused connection. The client serves its cache for the latter; so do we.
         snapshot = _complete_cached_snapshot(repo_id, revision)

@@ -245,20 +245,27 @@ def test_a_zoo_model_is_served_from_its_original_when_the_hub_answers_wrongly(or
     assert expected in said[0]
 
 
+@pytest.mark.parametrize("where", ["everywhere", "files"])
 @pytest.mark.parametrize("fault", ["html", "redirect_loop"])
-def test_a_hub_uri_from_an_endpoint_that_is_not_the_hub(fake_hub, tmp_path, fault):
+def test_a_hub_uri_from_an_endpoint_that_is_not_the_hub(fake_hub, tmp_path, fault, where):
     """No original to fall back on: one sentence saying what the endpoint did, not a JSON or redirect traceback."""
     fake_hub.add_preset(REPO, _tiny_preset(tmp_path / "preset"))
-    getattr(fake_hub, fault).add("/")
+    getattr(fake_hub, fault).add("/" if where == "everywhere" else f"/{REPO}/resolve/")
     with pytest.raises(HubUnavailableError) as caught:
         load_model(f"hf://{REPO}")
     first = str(caught.value).split("\n", 1)[0]
-    expected = {"html": "it answered something that is not the Hub's JSON (a web page or a proxy's answer?) "
-                        "(JSONDecodeError: Expecting value: line 1 column 1 (char 0)).",
-                "redirect_loop": "it redirects in a loop (TooManyRedirects: "}[fault]
-    assert first.startswith(f"Could not use the Hugging Face Hub at {fake_hub.endpoint} (HF_ENDPOINT) for "
-                            f"hf://{REPO}@main, and it is not in the Hugging Face cache: ")
-    assert expected in first
+    expected = {
+        ("html", "everywhere"): "it answered something that is not the Hub's JSON (a web page or a proxy's answer?) "
+                                "(JSONDecodeError: Expecting value: line 1 column 1 (char 0)).",
+        ("html", "files"): "FileMetadataError: Response from ",  # said by huggingface_hub itself
+        ("redirect_loop", "everywhere"): "it redirects in a loop (TooManyRedirects: ",
+        ("redirect_loop", "files"): "it redirects in a loop (TooManyRedirects: ",
+    }[fault, where]
+    assert first.startswith((f"Could not use the Hugging Face Hub at {fake_hub.endpoint} (HF_ENDPOINT) for "
+                             f"hf://{REPO}@main, and it is not in the Hugging Face cache",
+                             f"Could not reach the Hugging Face Hub at {fake_hub.endpoint} (HF_ENDPOINT) for "
+                             f"hf://{REPO}@main, and it is not in the Hugging Face cache")), first
+    assert expected in first, first
 
 
 def test_a_complete_cached_snapshot_serves_when_the_endpoint_answers_a_web_page(fake_hub, tmp_path):
