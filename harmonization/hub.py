@@ -8,7 +8,8 @@ in `metadata.json` and opens as HDF5. A file that fails is removed from the cach
 downloads it again instead of trusting it.
 
 `download_file` fetches any other file (a published original, a ClickMe shard) with a progress bar, a bounded
-wait and retries (`harmonization.network`); a short or corrupted download is detected and deleted. This module
+wait (a timeout and a minimum rate) and retries (`harmonization.network`); a short or corrupted download, or a
+web page served in its place, is detected and deleted. This module
 knows nothing of the zoo: `harmonization.loader` turns names into the repos and URLs it fetches.
 """
 
@@ -150,12 +151,11 @@ def download_preset(repo_id: str, revision: str | None = None, *, force_download
 def _complete_cached_snapshot(repo_id: str, revision: str) -> Path | None:
     """The cached snapshot of `repo_id` at `revision` when it holds every preset file, else None."""
     import huggingface_hub
-    from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
         snapshot = Path(huggingface_hub.snapshot_download(repo_id, revision=revision, allow_patterns=PRESET_PATTERNS,
                                                           local_files_only=True))
-    except (LocalEntryNotFoundError, OSError):
+    except OSError:  # LocalEntryNotFoundError is one: nothing cached at that revision
         return None
     return snapshot if all((snapshot / name).is_file() for name in presets.REQUIRED_FILES) else None
 
