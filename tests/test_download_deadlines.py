@@ -183,8 +183,8 @@ def test_a_fast_download_is_not_judged(fake_hub, tmp_path, monkeypatch):
 
 
 def test_the_minimum_rate_variable_sets_the_deadline(fake_hub, tmp_path, monkeypatch):
-    """At 20 B/s, a 10 B/s minimum lets the trickle run until the server hangs up: the variable is what decides."""
-    monkeypatch.setenv(network.MIN_RATE_ENV, "10")
+    """At 20 B/s, a 1 B/s minimum lets the trickle run until the server hangs up: the variable is what decides."""
+    monkeypatch.setenv(network.MIN_RATE_ENV, "1")
     fake_hub.trickle_limit = 2.0
     url = fake_hub.add_static("/bucket/big.h5", b"unused")
     fake_hub.trickle["/bucket/big.h5"] = TRICKLE
