@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from harmonization import hub, network
+from harmonization import hub, network, tfrecord_framing
 from harmonization.hub import HubUnavailableError
 from harmonization.loader import load_model
 from harmonization.presets import PresetError, save_preset
@@ -332,7 +332,7 @@ def test_first_record_problem_tells_a_shard_from_what_is_not_one(tmp_path):
     _, builder_lib, published_shards = _clickme()
     good = tmp_path / "train-0.tfrecords"
     published_shards.write_shard(good, list(published_shards.synthetic_records(2, seed=1, quality=70)))
-    assert builder_lib.first_record_problem(good) is None
+    assert tfrecord_framing.first_record_problem(good) is None
     cases = {
         "html": (HTML_PAGE, "does not start with a TFRecord header: it starts with b'<!DOCTYPE html>"),
         "empty": (b"", "the file is empty"),
@@ -342,7 +342,7 @@ def test_first_record_problem_tells_a_shard_from_what_is_not_one(tmp_path):
     for name, (data, expected) in cases.items():
         path = tmp_path / f"{name}.tfrecords"
         path.write_bytes(data)
-        assert expected in (builder_lib.first_record_problem(path) or ""), name
+        assert expected in (tfrecord_framing.first_record_problem(path) or ""), name
 
 
 def test_a_clickme_mirror_answering_web_pages_leaves_no_shard(fake_hub, tmp_path):

@@ -18,6 +18,7 @@ from scipy import signal, stats
 import harmonization
 from harmonization import common, evaluation, training, zoo
 from harmonization.models import preprocess_input
+from harmonization.presets import PresetError
 from harmonization.training.pyramid import pyramidal_representation
 
 from clickme_helpers import write_shards
@@ -248,6 +249,17 @@ def test_load_clickme_val_downloads_the_published_shards_once_into_the_keras_cac
         assert sorted(p.name for p in cache.iterdir()) == sorted(f"clickme_val_{i}" for i in range(17))
         list(common.load_clickme_val(batch_size=64))
         assert len(fake.requests) == 17  # served from the cache the second time
+        # A web page kept as a shard (a mirror's error page, cached by an older version) is fetched again, and a
+        # mirror that answers a web page now leaves nothing in the cache.
+        (cache / "clickme_val_3").write_bytes(b"<!DOCTYPE html><html><body>Service unavailable</body></html>")
+        list(common.load_clickme_val(batch_size=64))
+        assert [path for _, path in fake.requests[17:]] == ["/click-me/val/val-3.tfrecords"]
+        assert (cache / "clickme_val_3").read_bytes() == data
+        (cache / "clickme_val_3").unlink()
+        fake.add_static("/click-me/val/val-3.tfrecords", b"<html>moved</html>")
+        with pytest.raises(PresetError, match=r"val-3\.tfrecords.*the server answered an HTML page, not the file"):
+            list(common.load_clickme_val(batch_size=64))
+        assert not (cache / "clickme_val_3").exists()
 
 
 # --- harmonization.training --------------------------------------------------------------------------------------

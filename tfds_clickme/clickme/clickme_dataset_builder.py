@@ -16,6 +16,7 @@ from google.protobuf import message as protobuf_message
 
 from harmonization import mirrors, network
 from harmonization._io import sha256_file
+from harmonization.tfrecord_framing import first_record_problem, masked_crc32c
 from tfds_clickme.clickme import published_shards
 
 #: A shard's path under the ClickMe base URL (the bucket's, or HARMONIZATION_CLICKME_URL's); `{folder}` is
@@ -476,61 +477,8 @@ def _probe(url: str, instructions: str) -> int:
 
 # --- TFRecord framing ---------------------------------------------------------------------------
 # A TFRecord file is a sequence of: uint64 length (little-endian), uint32 masked crc32c of those 8
-# bytes, the data, uint32 masked crc32c of the data. tf.data stops at the first bad CRC; to skip
-# exactly the bad records, the shard is walked record by record here.
-
-_CRC32C_POLYNOMIAL = 0x82F63B78  # Castagnoli, reflected.
-_MASK_DELTA = 0xA282EAD8
-
-
-def _crc32c_table() -> tuple[int, ...]:
-    table = []
-    for byte in range(256):
-        crc = byte
-        for _ in range(8):
-            crc = (crc >> 1) ^ _CRC32C_POLYNOMIAL if crc & 1 else crc >> 1
-        table.append(crc)
-    return tuple(table)
-
-
-_CRC32C_TABLE = _crc32c_table()
-
-
-def masked_crc32c(data: bytes) -> int:
-    """The masked crc32c that TFRecord files store, in pure Python.
-
-    Used only for bad records and length fields: neither `crc32c` nor `google_crc32c` is a
-    dependency, and good records are checked by TensorFlow's C++ reader (`_read_records`).
-    """
-    crc = 0xFFFFFFFF
-    table = _CRC32C_TABLE
-    for byte in data:
-        crc = table[(crc ^ byte) & 0xFF] ^ (crc >> 8)
-    crc ^= 0xFFFFFFFF
-    return ((((crc >> 15) | (crc << 17)) & 0xFFFFFFFF) + _MASK_DELTA) & 0xFFFFFFFF
-
-
-def first_record_problem(path: str | os.PathLike) -> str | None:
-    """What shows that the file at `path` is not a ClickMe TFRecord shard, or None.
-
-    Reads only the first record's header: its length, the masked crc32c of that length, and whether the file is
-    long enough to hold the record. A web page, an error message or an empty answer fails; whether each record
-    is whole is checked when the shard is read (`_read_records`).
-    """
-    path = epath.Path(path)
-    size = path.stat().length
-    with path.open("rb") as file:
-        start = file.read(40)
-    header = start[:12]
-    if size == 0:
-        return "the file is empty; a published shard holds records"
-    if len(header) < 12 or masked_crc32c(header[:8]) != struct.unpack("<I", header[8:])[0]:
-        return f"the file ({size} bytes) does not start with a TFRecord header: it starts with {start!r}"
-    (length,) = struct.unpack("<Q", header[:8])
-    if 12 + length + 4 > size:
-        return f"its first record needs {length + 16} bytes, the file has {size}"
-    return None
-
+# bytes, the data, uint32 masked crc32c of the data (`harmonization.tfrecord_framing`). tf.data stops at
+# the first bad CRC; to skip exactly the bad records, the shard is walked record by record here.
 
 def _read_frame(file: BinaryIO, offset: int, size: int) -> tuple[bytes, int]:
     """(data, next offset) of the record at `offset`, checked in Python; `_BadFrame` says why not."""

@@ -24,6 +24,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from harmonization import tfrecord_framing
 from tfds_clickme.clickme import clickme_dataset_builder as builder_lib
 from tfds_clickme.clickme import published_shards
 
@@ -498,13 +499,13 @@ def test_masked_crc32c_matches_what_tensorflow_writes(tmp_path):
         (length,) = struct.unpack("<Q", raw[offset : offset + 8])
         stored = struct.unpack("<II", raw[offset + 8 : offset + 12] + raw[offset + 12 + length : offset + 16 + length])
         computed = (
-            builder_lib.masked_crc32c(raw[offset : offset + 8]),
-            builder_lib.masked_crc32c(raw[offset + 12 : offset + 12 + length]),
+            tfrecord_framing.masked_crc32c(raw[offset : offset + 8]),
+            tfrecord_framing.masked_crc32c(raw[offset + 12 : offset + 12 + length]),
         )
         assert computed == stored
     # The CRC-32C check value of "123456789" is 0xE3069283; masked as TFRecord does: rotate right 15, add.
     rotated = ((0xE3069283 >> 15) | (0xE3069283 << 17)) & 0xFFFFFFFF
-    assert builder_lib.masked_crc32c(b"123456789") == (rotated + 0xA282EAD8) & 0xFFFFFFFF
+    assert tfrecord_framing.masked_crc32c(b"123456789") == (rotated + 0xA282EAD8) & 0xFFFFFFFF
 
 
 def test_skip_bad_records_skips_exactly_the_record_with_a_bad_crc(tmp_path):
