@@ -14,8 +14,8 @@ import re
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 
-__all__ = ["DISTRIBUTION", "TEMPORARY_PREFIX", "fsync_dir", "is_repo_id", "library_version", "library_versions",
-           "moved_names", "sha256_file", "write_atomic"]
+__all__ = ["DISTRIBUTION", "TEMPORARY_PREFIX", "fsync_dir", "is_repo_id", "json_depth", "library_version",
+           "library_versions", "moved_names", "sha256_file", "write_atomic"]
 
 #: The name this library is installed under (what `pip install` and the Hub's user agent see).
 DISTRIBUTION = "harmonization-hub"
@@ -64,6 +64,24 @@ def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
         for chunk in iter(lambda: handle.read(chunk_size), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def json_depth(value: object, stop_after: int | None = None) -> int:
+    """How deeply JSON-like `value` nests lists, tuples and dicts (0 for a scalar), counted without recursion.
+
+    Python's JSON reader and writer, `copy.deepcopy` and Keras's deserialisation recurse once per level, so a
+    file nested thousands deep fails there with a RecursionError; callers check the depth of what they read
+    first. Counting stops once past `stop_after`, if given (the answer is then only "deeper than that").
+    """
+    deepest, pending = 0, [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, (dict, list, tuple)):
+            deepest = max(deepest, depth)
+            if stop_after is not None and depth > stop_after:
+                break
+            pending.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
 
 
 def is_repo_id(value: object) -> bool:

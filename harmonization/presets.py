@@ -26,7 +26,7 @@ from typing import Any, Mapping
 
 import keras
 
-from harmonization._io import library_versions, moved_names, sha256_file, write_atomic
+from harmonization._io import json_depth, library_versions, moved_names, sha256_file, write_atomic
 from harmonization._numbers import check_int, is_int
 
 __all__ = [
@@ -105,19 +105,6 @@ def _inside(directory: Path, name: str) -> Path:
     return real
 
 
-def _json_depth(value: Any) -> int:
-    """How deeply `value` nests lists and dicts (0 for a scalar), counted without recursion."""
-    deepest, stack = 0, [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, (dict, list)):
-            deepest = max(deepest, depth)
-            if depth > MAX_JSON_DEPTH:
-                break
-            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
-    return deepest
-
-
 def _read_json(directory: Path, name: str) -> Any:
     """The parsed JSON file `name` of a preset, or a PresetError naming it (outside, not JSON, nested too deeply)."""
     path = directory / name
@@ -132,7 +119,7 @@ def _read_json(directory: Path, name: str) -> Any:
         raise PresetError(f"Preset file {str(path)!r} is corrupted (not valid JSON: {error}).", bad_file=path) from None
     except RecursionError:  # deeper than Python's own parser goes
         raise too_deep from None
-    if _json_depth(value) > MAX_JSON_DEPTH:
+    if json_depth(value, stop_after=MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
         raise too_deep
     return value
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import harmonization.presets as presets
+from harmonization._io import json_depth
 from harmonization.presets import PresetError, load_model, load_preset, save_preset, verify_preset
 
 
@@ -277,7 +278,7 @@ def test_real_configs_are_far_from_the_nesting_limit(tmp_path):
         model = keras.Model(inputs, model(inputs), name=f"outer{level}")
     for model in (model, MaxViT(image_size=32, depths=[1], widths=[8], stem_width=8, head_dim=4)):
         config = keras.saving.serialize_keras_object(model)
-        assert presets._json_depth(config) < presets.MAX_JSON_DEPTH // 3, presets._json_depth(config)
+        assert json_depth(config) < presets.MAX_JSON_DEPTH // 3, json_depth(config)
         load_model(save_preset(model, tmp_path / model.name))
 
 

@@ -27,6 +27,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from harmonization._io import json_depth
+
 #: The format of recipe files; a file with another version is refused (its keys may mean something else).
 RECIPE_VERSION = 1
 
@@ -129,18 +131,6 @@ class Field:
 def _bound(number: float) -> str:
     """A bound as people write it: 2147483647, not 2.14748e+09."""
     return str(int(number)) if float(number).is_integer() and abs(number) < 1e16 else f"{number:g}"
-
-
-def _too_deep(value: Any, limit: int = MAX_DEPTH) -> bool:
-    """Whether JSON-like `value` nests objects or lists more than `limit` deep (iterative: no recursion to fail)."""
-    pending = [(value, 1)]
-    while pending:
-        item, depth = pending.pop()
-        if isinstance(item, (dict, list, tuple)):
-            if depth > limit:
-                return True
-            pending.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
-    return False
 
 
 def _is_number(value: Any) -> bool:
@@ -315,7 +305,7 @@ def from_dict(data: Mapping[str, Any], where: str = "recipe") -> dict[str, Any]:
     """A complete, checked recipe from a (partial) dict: missing keys take their defaults."""
     if not isinstance(data, Mapping):
         raise RecipeError(f"{where} must be a JSON object of recipe keys; got {type(data).__name__} {data!r:.80}.")
-    if _too_deep(data):
+    if json_depth(data, stop_after=MAX_DEPTH) > MAX_DEPTH:
         raise RecipeError(f"{where} nests objects or lists more than {MAX_DEPTH} deep; a recipe has sections of "
                           "keys (and free text in `sources`), nothing deeper.")
     version = data.get("recipe_version", RECIPE_VERSION)
