@@ -406,7 +406,8 @@ class TrainingFailedError(ValueError):
 def _non_finite(variables) -> str | None:
     """The path of the first variable holding a NaN or an infinity, or None when all are finite."""
     for variable in variables:
-        if not np.isfinite(np.asarray(variable.numpy(), dtype=np.float64)).all():
+        value = np.asarray(variable.numpy())
+        if value.dtype.kind not in "biu" and not np.isfinite(value).all():  # counters are integers: always finite
             return variable.path
     return None
 
