@@ -10,10 +10,11 @@ before keeping, and before reusing, a downloaded shard. Standard library only.
 
 from __future__ import annotations
 
+import logging
 import os
 import struct
 
-__all__ = ["first_record_problem", "masked_crc32c"]
+__all__ = ["first_record_problem", "masked_crc32c", "usable_cached_shard"]
 
 _CRC32C_POLYNOMIAL = 0x82F63B78  # Castagnoli, reflected.
 _MASK_DELTA = 0xA282EAD8  # TensorFlow's crc32c::Mask
@@ -67,3 +68,18 @@ def first_record_problem(path: str | os.PathLike) -> str | None:
     if 12 + length + 4 > size:
         return f"its first record needs {length + 16} bytes, the file has {size}"
     return None
+
+
+def usable_cached_shard(path) -> bool:
+    """Whether a shard downloaded earlier can be read as it is: it exists and is framed as a TFRecord file.
+
+    One that exists but is not (a web page that a mirror answered and an older version kept) is reported, as a
+    warning, to be downloaded again: kept, it would break every read from then on.
+    """
+    if not path.exists():
+        return False
+    problem = first_record_problem(path)
+    if problem is not None:
+        logging.getLogger(__name__).warning(
+            "The downloaded ClickMe shard %s is not a TFRecord shard (%s): downloading it again.", path, problem)
+    return problem is None

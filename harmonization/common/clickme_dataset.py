@@ -19,13 +19,12 @@ an interrupted one is never kept. `HARMONIZATION_CLICKME_URL` replaces the bucke
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import tensorflow as tf
 
 from harmonization import data, mirrors
-from harmonization.tfrecord_framing import first_record_problem
+from harmonization.tfrecord_framing import first_record_problem, usable_cached_shard
 from harmonization.common.blur import gaussian_kernel
 
 __all__ = [
@@ -106,11 +105,7 @@ def _published_shards(folder: str, count: int) -> list[str]:
     paths = []
     for index in range(count):
         path = _keras_cache() / f"clickme_{folder}_{index}"
-        problem = first_record_problem(path) if path.is_file() else None
-        if problem is not None:  # e.g. a web page a mirror answered, kept by an older version: never a shard
-            print(f"The cached ClickMe shard {path} is not a TFRecord shard ({problem}): downloading it again.",
-                  file=sys.stderr)
-        if problem is not None or not path.is_file():
+        if not usable_cached_shard(path):
             download_file(f"{mirrors.clickme_url()}/{folder}/{folder}-{index}.tfrecords", path,
                           check=first_record_problem)
         paths.append(str(path))

@@ -16,7 +16,7 @@ from google.protobuf import message as protobuf_message
 
 from harmonization import mirrors, network
 from harmonization._io import sha256_file
-from harmonization.tfrecord_framing import first_record_problem, masked_crc32c
+from harmonization.tfrecord_framing import first_record_problem, masked_crc32c, usable_cached_shard
 from tfds_clickme.clickme import published_shards
 
 #: A shard's path under the ClickMe base URL (the bucket's, or HARMONIZATION_CLICKME_URL's); `{folder}` is
@@ -313,16 +313,7 @@ def _download_shards(urls: dict[str, str], directory: epath.Path, instructions: 
 
     directory.mkdir(parents=True, exist_ok=True)
     paths = {name: directory / f"{name}.tfrecords" for name in urls}
-    todo = []
-    for name in urls:
-        if paths[name].exists():
-            problem = first_record_problem(paths[name])
-            if problem is None:
-                continue
-            # E.g. a web page that an earlier version kept as a shard: it would break every build from now on.
-            logging.warning("The downloaded ClickMe shard %s is not a TFRecord shard (%s): downloading it again.",
-                            paths[name], problem)
-        todo.append(name)
+    todo = [name for name in urls if not usable_cached_shard(paths[name])]
 
     def fetch(name: str) -> None:
         url = urls[name]
