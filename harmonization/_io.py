@@ -14,8 +14,8 @@ import re
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 
-__all__ = ["DISTRIBUTION", "TEMPORARY_PREFIX", "fsync_dir", "is_repo_id", "json_depth", "library_version",
-           "library_versions", "moved_names", "sha256_file", "write_atomic"]
+__all__ = ["DISTRIBUTION", "TEMPORARY_PREFIX", "file_facts", "fsync_dir", "is_repo_id", "json_depth",
+           "library_version", "library_versions", "moved_names", "sha256_file", "write_atomic"]
 
 #: The name this library is installed under (what `pip install` and the Hub's user agent see).
 DISTRIBUTION = "harmonization-hub"
@@ -64,6 +64,12 @@ def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
         for chunk in iter(lambda: handle.read(chunk_size), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def file_facts(path: str | os.PathLike) -> dict[str, int | str]:
+    """{"size", "sha256"} of the file at `path`: what a preset's metadata and a checkpoint's state record of each
+    of their files, to find one damaged later before it is loaded."""
+    return {"size": os.stat(path).st_size, "sha256": sha256_file(path)}
 
 
 def json_depth(value: object, stop_after: int | None = None) -> int:

@@ -26,7 +26,7 @@ from typing import Any, Mapping
 
 import keras
 
-from harmonization._io import json_depth, library_versions, moved_names, sha256_file, write_atomic
+from harmonization._io import file_facts, json_depth, library_versions, moved_names, sha256_file, write_atomic
 from harmonization._numbers import check_int, is_int
 
 __all__ = [
@@ -421,11 +421,7 @@ def _files_record(directory: Path, record: Mapping[str, Any]) -> dict[str, dict[
 
 def _files_of(directory: Path) -> dict[str, dict[str, Any]]:
     """The `files` record of the preset files in `directory`: size and sha256 of each of `CHECKED_FILES`."""
-    files = {}
-    for name in CHECKED_FILES:
-        real = _inside(directory, name)
-        files[name] = {"size": real.stat().st_size, "sha256": sha256_file(real)}
-    return files
+    return {name: file_facts(_inside(directory, name)) for name in CHECKED_FILES}
 
 
 def sign_preset(directory: str | os.PathLike) -> dict[str, Any]:

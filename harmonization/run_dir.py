@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from harmonization import recipes
-from harmonization._io import TEMPORARY_PREFIX, fsync_dir, sha256_file, write_atomic
+from harmonization._io import TEMPORARY_PREFIX, file_facts, fsync_dir, sha256_file, write_atomic
 
 RUN_FILE = "run.json"
 CHECKPOINTS = "checkpoints"
@@ -282,8 +282,7 @@ class RunDirectory:
         shutil.rmtree(temporary, ignore_errors=True)
         temporary.mkdir()
         write_files(temporary)
-        files = {item.name: {"size": item.stat().st_size, "sha256": sha256_file(item)}
-                 for item in sorted(temporary.iterdir()) if item.is_file()}
+        files = {item.name: file_facts(item) for item in sorted(temporary.iterdir()) if item.is_file()}
         state = {**state, "step": int(step), "files": files}
         with open(temporary / STATE_FILE, "w", encoding="utf-8") as handle:
             handle.write(json.dumps(state, indent=2))
