@@ -224,7 +224,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     directory, zoo_name, run_name = resolve_model(args.model)
     out = Path(args.out).expanduser() if args.out else Path(DEFAULT_OUT_ROOT) / run_name
-    check_out_dir(out)
+    if not args.out:  # a given --out was checked first thing; the default one is known only now
+        check_out_dir(out)
     model = loader.load_resolved(directory)  # resolve_model verified it
     image_size = input_size(model)
     print(f"Model {args.model} ({zoo_name or 'not a zoo model'}), {image_size}x{image_size} inputs", flush=True)

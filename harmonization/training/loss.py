@@ -57,7 +57,8 @@ def pyramidal_mse_with_tokens(true_heatmaps, predicted_heatmaps, tokens, nb_leve
     Returns:
         A scalar tensor.
     """
-    _check_tokens(tokens, _shape_of(true_heatmaps)[0] if _shape_of(true_heatmaps).rank else None, "true_heatmaps")
+    maps = _shape_of(true_heatmaps)
+    _check_tokens(tokens, maps[0] if maps.rank else None, "true_heatmaps")
     return losses.pyramidal_mse(true_heatmaps, predicted_heatmaps, tokens, levels=nb_levels)
 
 
