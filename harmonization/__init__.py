@@ -1,16 +1,18 @@
 """Harmonization Hub: train and use vision models whose feature importance agrees with humans.
 
-The neural harmonizer (Fel et al., NeurIPS 2022, arXiv 2211.04533) as a Keras 3 / TensorFlow library.
+The neural harmonizer (Fel et al., NeurIPS 2022, arXiv 2211.04533) as a Keras 3 library: TensorFlow by default,
+JAX and PyTorch too (`harmonization._backend`).
 """
 
-import os as _os
-
+from harmonization._backend import check_backend_installed as _check_backend_installed
 from harmonization._conflicts import check_no_published_package as _check_no_published_package
 
 # Before anything else: with 0.0.9 installed too, the files under harmonization/ are a mix of both.
 _check_no_published_package()
 
-_os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+# The backend is the user's choice, by Keras's own rule (KERAS_BACKEND, else ~/.keras/keras.json, else TensorFlow);
+# a backend whose package is missing is named here, with its install command, instead of failing deep in Keras.
+_check_backend_installed()
 
 # Names are imported on first use (PEP 562), so that `import harmonization` and the command's `--help`, `list`
 # and `info` do not pay for importing TensorFlow (~3 s). Everything below is what the package exposes.

@@ -14,41 +14,48 @@ tensor, `class_logit_gradient_at` differentiates the class logit at any point of
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import keras
-import tensorflow as tf
+from keras import ops
 
+from harmonization.autodiff import input_gradient
 from harmonization.saliency_input import SaliencyInput, resolve_saliency_input
 
 
-def one_hot_labels(labels, num_classes: int, dtype=tf.float32) -> tf.Tensor:
+def _is_floating(x) -> bool:
+    return "float" in keras.backend.standardize_dtype(x.dtype)
+
+
+def one_hot_labels(labels, num_classes: int, dtype="float32"):
     """Integer ids of shape (N,) or (N, 1), or one-hot/soft labels (N, C) -> float (N, C)."""
-    labels = tf.convert_to_tensor(labels)
-    if labels.shape.rank == 2 and labels.shape[-1] == num_classes and num_classes != 1:
-        return tf.cast(labels, dtype)
-    if labels.shape.rank == 2 and labels.shape[-1] == 1:
+    labels = ops.convert_to_tensor(labels)
+    rank = len(labels.shape)
+    if rank == 2 and labels.shape[-1] == num_classes and num_classes != 1:
+        return ops.cast(labels, dtype)
+    if rank == 2 and labels.shape[-1] == 1:
         labels = labels[:, 0]
-    if labels.shape.rank != 1:
+        rank = 1
+    if rank != 1:
         raise ValueError(
             f"`labels` must be integer class ids of shape (N,) or one-hot of shape (N, {num_classes}); "
             f"got shape {tuple(labels.shape)}."
         )
-    if labels.dtype.is_floating:
-        labels = tf.cast(tf.round(labels), tf.int32)
-    return tf.one_hot(tf.cast(labels, tf.int32), num_classes, dtype=dtype)
+    if _is_floating(labels):
+        labels = ops.round(labels)
+    return ops.one_hot(ops.cast(labels, "int32"), num_classes, dtype=dtype)
 
 
-def channel_mean(grads: tf.Tensor) -> tf.Tensor:
+def channel_mean(grads):
     """(N, H, W, C) -> (N, H, W): the mean over channels, signed (the published training map's reduction,
     serre-lab/Harmonization `training/loss.py`: `tf.reduce_mean(gradients, -1)`)."""
-    return tf.reduce_mean(grads, axis=-1)
+    return ops.mean(grads, axis=-1)
 
 
-def channel_max_abs(grads: tf.Tensor) -> tf.Tensor:
+def channel_max_abs(grads):
     """(N, H, W, C) -> (N, H, W): the max over channels of the absolute value (Simonyan et al. 2014; xplique
     `Saliency`, which the published `evaluate_clickme` uses: the evaluation map's reduction)."""
-    return tf.reduce_max(tf.abs(grads), axis=-1)
+    return ops.max(ops.abs(grads), axis=-1)
 
 
 def saliency_view(
@@ -59,7 +66,7 @@ def saliency_view(
     preprocessing: Callable | None = None,
     output: int | str | None = None,
     allow_softmax: bool = True,
-) -> tuple[SaliencyInput, tf.Tensor]:
+) -> tuple[SaliencyInput, Any]:
     """(the model split at the differentiated tensor, `images` as a float tensor (N, H, W, C)).
 
     `view.split(images)` is the tensor the published method differentiates (the preprocessed images) and
@@ -71,20 +78,21 @@ def saliency_view(
     view = resolve_saliency_input(
         model, saliency_input=saliency_input, preprocessing=preprocessing, output=output, allow_softmax=allow_softmax
     )
-    images = tf.convert_to_tensor(images)
-    if images.shape.rank != 4:
+    images = ops.convert_to_tensor(images)
+    if len(images.shape) != 4:
         raise ValueError(f"`images` must have shape (N, H, W, C); got {tuple(images.shape)}.")
-    if not images.dtype.is_floating:
-        images = tf.cast(images, tf.float32)
+    if not _is_floating(images):
+        images = ops.cast(images, "float32")
     return view, images
 
 
-def _at_least_float32(values: tf.Tensor) -> tf.Tensor:
+def _at_least_float32(values):
     """Saliency is computed in at least float32, also under mixed precision."""
-    return tf.cast(values, tf.float32) if values.dtype in (tf.float16, tf.bfloat16) else values
+    dtype = keras.backend.standardize_dtype(values.dtype)
+    return ops.cast(values, "float32") if dtype in ("float16", "bfloat16") else values
 
 
-def logits_at(view: SaliencyInput, x, training: bool = False) -> tf.Tensor:
+def logits_at(view: SaliencyInput, x, training: bool = False):
     """The logits of `view.network` at `x` (a point of the differentiated space), in at least float32."""
     return _at_least_float32(view.network(x, training=training))
 
@@ -93,14 +101,16 @@ def class_logit_gradient_at(view: SaliencyInput, x, labels, training: bool = Fal
     """Return (logits, d sum(logits * onehot(labels)) / d x) at `x`, a batch of points of the space that
     `view` differentiates (e.g. the preprocessed images, or noisy copies of them), from one forward pass.
 
-    Called inside an outer `tf.GradientTape`, the gradient stays differentiable w.r.t. the weights.
+    Differentiable w.r.t. the weights (inside an outer `tf.GradientTape`, a differentiated JAX function, or
+    PyTorch autograd; `harmonization.autodiff`).
     """
-    with tf.GradientTape() as tape:
-        tape.watch(x)
-        logits = logits_at(view, x, training=training)
+
+    def class_score(point):
+        logits = logits_at(view, point, training=training)
         onehot = one_hot_labels(labels, logits.shape[-1], logits.dtype)
-        class_score = tf.reduce_sum(logits * onehot, axis=-1)
-    grads = tape.gradient(class_score, x)
+        return ops.sum(logits * onehot), logits
+
+    grads, logits = input_gradient(class_score, x)
     if grads is None:
         raise ValueError(
             "The model's output does not depend on `images` (no gradient). "
@@ -125,8 +135,8 @@ def class_logit_gradient(
     `x` is the tensor the published method differentiates: the *preprocessed* images. For a model with
     its preprocessing inside (every zoo model, or a `Rescaling`/`Normalization` layer at the front) it
     is that layer's output; see `harmonization.saliency_input.resolve_saliency_input` for the options.
-    Logits come back in at least float32; the gradient has x's shape (N, H, W, C). Called inside an
-    outer `tf.GradientTape`, the gradient stays differentiable w.r.t. the weights.
+    Logits come back in at least float32; the gradient has x's shape (N, H, W, C), differentiable w.r.t. the
+    weights on every backend (see `class_logit_gradient_at`).
     """
     view, images = saliency_view(
         model, images, saliency_input=saliency_input, preprocessing=preprocessing, output=output,
@@ -136,7 +146,7 @@ def class_logit_gradient(
     return class_logit_gradient_at(view, x, labels, training=training)
 
 
-def input_gradients(model, images, labels, training: bool = False, **saliency_options) -> tf.Tensor:
+def input_gradients(model, images, labels, training: bool = False, **saliency_options):
     """Training-time saliency: the gradient of the true-class logit w.r.t. the preprocessed input,
     averaged over channels (serre-lab/Harmonization `training/loss.py`: `tf.reduce_mean(gradients, -1)`).
 
@@ -157,7 +167,7 @@ def input_gradients(model, images, labels, training: bool = False, **saliency_op
     return channel_mean(grads)
 
 
-def saliency_map(model, images, labels, training: bool = False, **saliency_options) -> tf.Tensor:
+def saliency_map(model, images, labels, training: bool = False, **saliency_options):
     """Evaluation-time saliency: max over channels of |d logit_y / d preprocessed input| (Simonyan et al.
     2014; xplique `Saliency`, as the published `evaluate_clickme` uses it).
 

@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import keras
 
-from harmonization._validation import is_int
+from harmonization._numbers import is_int
 from harmonization.architectures.base import ImageNetNormalization
 
 __all__ = [

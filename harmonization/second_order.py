@@ -1,4 +1,4 @@
-"""Exact second derivatives through Keras normalisation layers on the TensorFlow backend.
+"""Exact second derivatives through Keras normalisation layers on the TensorFlow backend (the others are exact).
 
 Why: harmonized training differentiates a gradient (the saliency map) with respect to the weights.
 Keras-TF computes the moments of `LayerNormalization`, `BatchNormalization` (training mode) and
@@ -21,7 +21,6 @@ import threading
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 _LOCK = threading.RLock()
 _DEPTH = 0
@@ -38,6 +37,8 @@ class SecondOrderError(RuntimeError):
 
 def _exact_compute_moments(x, axes, keepdims):
     """mean and population variance, differentiable twice (no stop_gradient on the mean)."""
+    import tensorflow as tf  # on use: this module is imported on every backend, and only TensorFlow's is patched
+
     mean = tf.reduce_mean(x, axis=axes, keepdims=True)
     variance = tf.reduce_mean(tf.math.squared_difference(x, mean), axis=axes, keepdims=True)
     if not keepdims:
@@ -49,10 +50,6 @@ def _exact_compute_moments(x, axes, keepdims):
 def _target_module():
     import importlib
 
-    if keras.backend.backend() != "tensorflow":
-        raise SecondOrderError(
-            f"harmonization trains on the TensorFlow backend; KERAS_BACKEND is {keras.backend.backend()!r}."
-        )
     try:
         module = importlib.import_module(_TARGET_MODULE)
     except ImportError as err:  # pragma: no cover - depends on the Keras version
@@ -82,8 +79,15 @@ def exact_moments():
 
     Nothing changes outside the block: the original Keras function is restored when the last
     (possibly concurrent) user leaves. Graphs traced inside the block keep the exact computation.
+
+    On JAX and PyTorch the block changes nothing: Keras computes their moments without a stop-gradient
+    (`jnp.var`; `E[x^2] - E[x]^2` on PyTorch, whose LayerNormalization is `torch.nn.functional.layer_norm`), and
+    tests/test_backends_second_order.py checks their second derivatives against finite differences in float64.
     """
     global _DEPTH, _ORIGINAL
+    if keras.backend.backend() != "tensorflow":
+        yield
+        return
     module = _target_module()
     with _LOCK:
         if _DEPTH == 0:
@@ -113,8 +117,10 @@ def verify_exact_second_order() -> None:
     so a future Keras that computes moments elsewhere fails loudly instead of training silently wrong.
     """
     global _VERIFIED
-    if _VERIFIED:
+    if _VERIFIED or keras.backend.backend() != "tensorflow":  # see `exact_moments` for the other backends
         return
+    import tensorflow as tf  # on use: this module is imported on every backend
+
     rng = np.random.default_rng(0)
     x = tf.constant(rng.normal(size=(3, 6)), tf.float64)
     w = tf.constant(rng.normal(size=(6, 6)), tf.float64)

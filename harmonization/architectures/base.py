@@ -12,7 +12,7 @@ from typing import Any, Mapping, Sequence
 import keras
 from keras import ops
 
-from harmonization._validation import is_int
+from harmonization._numbers import is_int
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "NORMALIZATION_KEYS", "ImageClassifier", "ImageNetNormalization"]
 

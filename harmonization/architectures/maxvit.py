@@ -28,7 +28,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from harmonization._validation import is_int
+from harmonization._numbers import is_int
 from harmonization.architectures.base import ImageClassifier
 from harmonization.layers import BatchNormalization, LayerNormalization
 
