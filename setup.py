@@ -1,5 +1,12 @@
-"""Harmonization Hub: train and use vision models whose feature importance agrees with humans."""
+"""Harmonization Hub: train and use vision models whose feature importance agrees with humans.
 
+TensorFlow is the default backend and part of the base install. For JAX or PyTorch without TensorFlow, build with
+`HARMONIZATION_NO_TENSORFLOW=1 pip install ".[jax]"` (or `".[torch]"`): the variable is read here, at build time,
+because an extra can only add requirements to a wheel, never take the base install's away.
+"""
+
+import os
+import re
 from pathlib import Path
 
 from setuptools import find_packages, setup
@@ -7,7 +14,31 @@ from setuptools import find_packages, setup
 HERE = Path(__file__).parent
 ZOO_ENTRIES_PACKAGE = "harmonization.models.entries"
 
-setup(
+# What only the TensorFlow parts need (the TFDS builders, tf.data pipelines, `harmonization train`, the quickstart;
+# harmonization._backend names them to a user without TensorFlow). Models, presets, saliency, metrics and
+# evaluation run on JAX and PyTorch too.
+TENSORFLOW_ONLY = frozenset(("tensorflow", "tensorflow-datasets", "importlib_resources", "dill", "tensorboard"))
+# torch in [test] is the CPU build this project's machines keep as a local file (2.13.0+cpu, through pip's
+# find-links); an unpinned `torch` resolves to PyPI's multi-GB CUDA build.
+TEST_TORCH = "torch==2.13.0"
+
+
+def setup_with_backends(**kwargs) -> None:
+    """`setup(**kwargs)`, without the TENSORFLOW_ONLY requirements when HARMONIZATION_NO_TENSORFLOW=1.
+
+    Only "1" leaves TensorFlow out; any other value keeps the default install. The base list stays one literal in
+    the call below (tests/test_versions.py reads the pins from it). Requirement names are matched as written
+    there (the project name before any version specifier): the build environment has no `packaging` to parse them.
+    """
+    if os.environ.get("HARMONIZATION_NO_TENSORFLOW") == "1":
+        kwargs["install_requires"] = [
+            requirement for requirement in kwargs["install_requires"]
+            if re.match(r"[A-Za-z0-9._-]+", requirement).group(0) not in TENSORFLOW_ONLY
+        ]
+    setup(**kwargs)
+
+
+setup_with_backends(
     name="harmonization-hub",
     version="0.1.0",
     description=(
@@ -52,7 +83,12 @@ setup(
         "matplotlib",
         "pillow",
     ],
-    extras_require={"test": ["pytest>=7"]},
+    extras_require={
+        "jax": ["jax"],
+        "torch": ["torch>=2.1"],
+        # The cross-backend tests compare TensorFlow, JAX and PyTorch numbers in one environment (child processes).
+        "test": ["pytest>=7", "jax", TEST_TORCH],
+    },
     entry_points={"console_scripts": ["harmonization=harmonization.cli:main"]},
     classifiers=[
         "Programming Language :: Python :: 3",
