@@ -6,10 +6,17 @@ human inter-rater ceiling (`alignment_score`). Dice and IoU of the top `percenti
 (`top_percentile_masks`, compared by `top_percentile_overlap`) are reported alongside. `DEFAULT_METRICS`
 names the per-image metrics `evaluate_alignment` reports: a metric is added there, in this file only.
 
-All three per-image metrics are batched TensorFlow (one sort per map, many maps per op), so
-they run on a GPU, inside `tf.function` and under XLA (`jit_compile=True`): every shape is static.
-Maps are (N, H, W) or (N, H, W, 1); the result is a float32 tensor of shape (N,). In a graph, NaN or
-Inf in the maps fail with an InvalidArgumentError instead of the eager ValueError.
+On the TensorFlow backend, all three per-image metrics are batched TensorFlow (one sort per map, many
+maps per op), so they run on a GPU, inside `tf.function` and under XLA (`jit_compile=True`): every shape
+is static. Maps are (N, H, W) or (N, H, W, 1); the result is a float32 tensor of shape (N,). In a graph,
+NaN or Inf in the maps fail with an InvalidArgumentError instead of the eager ValueError.
+
+On the JAX and PyTorch backends (where TensorFlow may not be installed) the metrics are NumPy: maps may
+be NumPy arrays or tensors of any backend, on any device (they are copied to the host), and the result
+is a NumPy array (float32 by default). They return the same numbers as the TensorFlow path (the same
+integer ranks and exact sums for Spearman, numpy's own percentile for the masks), and refuse the same
+inputs with the same ValueErrors. Metrics are scored once per batch after the saliency is computed, so
+the host copy is small next to the saliency's backward pass.
 
 Large batches are scored `CHUNK_PIXELS` pixels (whole maps) at a time, so that memory stays a small
 multiple of the maps themselves: eagerly with a Python loop, in a graph whose shapes are known with a
@@ -30,10 +37,20 @@ import numbers
 from types import MappingProxyType
 from typing import Callable, Iterator, Mapping, NamedTuple
 
+import keras
 import numpy as np
-import tensorflow as tf
 
-from harmonization._validation import as_maps, check_finite, check_same_shape
+from harmonization import _backend
+
+#: Whether the metrics run as TensorFlow ops (the TensorFlow backend) or NumPy (JAX, PyTorch): Keras picks its
+#: backend once per process, before this module is imported.
+_ON_TENSORFLOW = _backend.is_tensorflow()
+if _ON_TENSORFLOW:
+    # Only the TensorFlow backend needs TensorFlow here: on JAX and PyTorch it may not be installed.
+    import tensorflow as tf
+
+    # The tensor checks are TensorFlow code, as the path that uses them.
+    from harmonization._validation import as_maps, check_finite, check_same_shape
 
 #: Mean Spearman correlation between two human ClickMe maps of the same image: the best a model can
 #: be expected to reach, used to normalise the alignment score (arXiv 2211.04533).
@@ -280,25 +297,111 @@ def _numpy_path_applies(maps) -> bool:
     )
 
 
-def spearman(a, b, *, dtype=tf.float32) -> tf.Tensor:
+# ----------------------------------------------------------------------------- the NumPy path (JAX, PyTorch)
+def as_numpy(values) -> np.ndarray:
+    """`values` as a NumPy array on the host, whatever produced it.
+
+    A NumPy array is returned as is (no copy); a tensor of the current backend is copied from its device
+    (a PyTorch tensor detached from autograd first; bfloat16 kept as ml_dtypes' bfloat16); anything else (a
+    list, a TensorFlow tensor under another backend) goes through `np.asarray`.
+    """
+    if isinstance(values, np.ndarray):
+        return values
+    if keras.ops.is_tensor(values):
+        return keras.ops.convert_to_numpy(values)
+    return np.asarray(values)
+
+
+def _numpy_dtype(dtype) -> np.dtype:
+    """A result dtype given as a string, a NumPy or a backend dtype, as a NumPy dtype."""
+    return np.dtype(keras.backend.standardize_dtype(dtype))
+
+
+def _host_maps(maps, name: str) -> np.ndarray:
+    """`maps` as a NumPy (N, H, W) array, refused with the ValueErrors `_validation.as_maps` raises for a tensor.
+
+    Integer and boolean maps keep their dtype (each chunk is widened to float64 where it is used, as the
+    TensorFlow path widens them); bfloat16, which NumPy cannot sort, becomes float32 (exact).
+    """
+    maps = as_numpy(maps)
+    if maps.dtype.name == "bfloat16":
+        maps = maps.astype(np.float32)
+    if maps.dtype.kind not in "fiub":
+        raise ValueError(f"`{name}` must hold numbers; got dtype {maps.dtype}.")
+    if maps.ndim == 4:
+        if maps.shape[-1] != 1:
+            raise ValueError(
+                f"`{name}` must have shape (N, H, W) or (N, H, W, 1); got shape {maps.shape} with "
+                f"{maps.shape[-1]} channels. Reduce the channels first (e.g. mean over the last axis)."
+            )
+        maps = maps[..., 0]
+    elif maps.ndim != 3:
+        raise ValueError(
+            f"`{name}` must have shape (N, H, W) or (N, H, W, 1); got rank {maps.ndim} with shape {maps.shape}."
+        )
+    # min and max are NaN if any value is, and +-Inf if any value is: no (N, H, W) mask needed.
+    if maps.dtype.kind == "f" and maps.size and not (np.isfinite(maps.min()) and np.isfinite(maps.max())):
+        raise ValueError(f"`{name}` contains NaN or Inf values.")
+    return maps
+
+
+def _host_map_pair(a, b) -> tuple[np.ndarray, np.ndarray]:
+    """The NumPy path's `_as_map_pair`: two validated map batches flattened to (N, H*W), with its errors."""
+    a, b = _host_maps(a, "a"), _host_maps(b, "b")
+    if a.shape != b.shape:
+        raise ValueError(
+            f"`a` and `b` must have the same shape (N, H, W); got {a.shape} and {b.shape}. Resize the human maps "
+            "to the image size (harmonization.data does this for ClickMe)."
+        )
+    n, height, width = a.shape
+    if height * width == 0:
+        raise ValueError(f"`a` and `b` must have at least one pixel per map; got shape {a.shape}.")
+    return a.reshape(n, height * width), b.reshape(n, height * width)
+
+
+def _numpy_by_chunks(fn: Callable, *arrays: np.ndarray) -> list[np.ndarray]:
+    """The NumPy path's `_by_chunks`: `fn` on `CHUNK_PIXELS` pixels (whole rows) of each (N, P) array at a time.
+
+    `fn(*rows)` returns a tuple of per-row results; they are concatenated. Working memory (numpy's percentile
+    partitions a copy of its input) then stays a small multiple of one chunk, whatever the batch.
+    """
+    n, p = arrays[0].shape
+    step = _chunk_maps(p, CHUNK_PIXELS)
+    parts = [fn(*(x[i : i + step] for x in arrays)) for i in range(0, max(n, 1), step)]
+    return [np.concatenate(column) for column in zip(*parts)]
+
+
+def _top_percentile_rows_numpy(maps: np.ndarray, percentile: float) -> np.ndarray:
+    """The NumPy path's `_top_percentile_rows`: the published `row > np.percentile(row, 100 - percentile)`
+    itself, for every row of `maps` (N, P) at once (integers and booleans compared in float64)."""
+    if maps.dtype.kind in "iub":
+        maps = maps.astype(np.float64)
+    return maps > np.percentile(maps, 100.0 - percentile, axis=1, keepdims=True)
+
+
+def spearman(a, b, *, dtype="float32"):
     """Per-map Spearman rank correlation between two batches of maps, ties ranked by their average.
 
     Equal to `scipy.stats.spearmanr(a[i].ravel(), b[i].ravel())` for each i, except for a constant map:
     it ranks nothing, so it gets 0.0 (no agreement) where scipy returns NaN, and one blank map cannot
     turn a dataset's mean into NaN. The correlation is computed in float64, exact for 224x224 maps.
 
-    Maps are scored `CHUNK_PIXELS` pixels at a time. Executed eagerly on a machine without a GPU or TPU,
-    the ranks are computed with NumPy (faster there than TensorFlow's sort); in a `tf.function`, or
-    with an accelerator, with TensorFlow. Both give identical results.
+    Maps are scored `CHUNK_PIXELS` pixels at a time. On the TensorFlow backend, executed eagerly on a machine
+    without a GPU or TPU, the ranks are computed with NumPy (faster there than TensorFlow's sort); in a
+    `tf.function`, or with an accelerator, with TensorFlow. On the JAX and PyTorch backends, with NumPy on the
+    host. All give identical results.
 
     Args:
         a: (N, H, W) or (N, H, W, 1) maps, e.g. model saliency.
         b: maps of the same shape, e.g. human feature importance.
-        dtype: float dtype of the result. Defaults to float32; float64 returns the computation as is.
+        dtype: float dtype of the result ("float32" by default; "float64" returns the computation as is).
 
     Returns:
-        A tensor (N,) in [-1, 1].
+        A tensor (N,) in [-1, 1]; a NumPy array on the JAX and PyTorch backends.
     """
+    if not _ON_TENSORFLOW:
+        rho = _spearman_numpy(*_host_map_pair(a, b))
+        return np.clip(rho, -1.0, 1.0).astype(_numpy_dtype(dtype))
     a, b = _map_pair(a, b)
     if _numpy_path_applies(a):
         # np.asarray shares a tensor's memory (`.numpy()` would copy it).
@@ -362,7 +465,7 @@ def _top_percentile_rows(maps: tf.Tensor, percentile: float) -> tf.Tensor:
     return maps > threshold[:, None]
 
 
-def top_percentile_masks(maps, percentile: float = 10) -> tf.Tensor:
+def top_percentile_masks(maps, percentile: float = 10):
     """The published binarisation of each map: `m > np.percentile(m, 100 - percentile)`, a boolean (N, H, W).
 
     What Dice and IoU compare (and what a new overlap metric starts from): the top `percentile` % pixels
@@ -373,9 +476,17 @@ def top_percentile_masks(maps, percentile: float = 10) -> tf.Tensor:
         percentile: share of pixels kept per map, in %, strictly between 0 and 100. Defaults to 10.
 
     Returns:
-        A boolean tensor (N, H, W).
+        A boolean tensor (N, H, W); a NumPy array on the JAX and PyTorch backends.
     """
     percentile = check_percentile(percentile)
+    if not _ON_TENSORFLOW:
+        maps = _host_maps(maps, "maps")
+        n, height, width = maps.shape
+        if height * width == 0:
+            raise ValueError(f"`maps` must have at least one pixel per map; got shape {maps.shape}.")
+        flat = maps.reshape(n, height * width)
+        (masks,) = _numpy_by_chunks(lambda rows: (_top_percentile_rows_numpy(rows, percentile),), flat)
+        return masks.reshape(maps.shape)
     maps = tf.convert_to_tensor(maps)
     maps = check_finite(as_maps(maps, "maps", tf.float64 if not maps.dtype.is_floating else None), "maps")
     flat = tf.reshape(maps, [tf.shape(maps)[0], -1])
@@ -383,27 +494,48 @@ def top_percentile_masks(maps, percentile: float = 10) -> tf.Tensor:
 
 
 class Overlap(NamedTuple):
-    """Pixel counts of two maps' top-percentile masks A and B, float32 tensors (N,)."""
+    """Pixel counts of two maps' top-percentile masks A and B, float32 tensors (N,) (NumPy arrays on the JAX
+    and PyTorch backends)."""
 
     intersection: tf.Tensor  # |A & B|
     sizes: tf.Tensor  # |A| + |B|
     union: tf.Tensor  # |A | B|
 
 
-def _overlap_counts(a: tf.Tensor, b: tf.Tensor, percentile: float) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-    """Return |A & B|, |A| + |B| and |A | B| (float32, (n,)) of the top-`percentile` % masks of (n, P)."""
-    mask_a = _top_percentile_rows(a, percentile)
-    mask_b = _top_percentile_rows(b, percentile)
+def _overlap_counts(a, b, percentile: float) -> tuple:
+    """Return |A & B|, |A| + |B| and |A | B| (float32, (n,)) of the top-`percentile` % masks of (n, P).
 
-    def count(mask):
-        return tf.reduce_sum(tf.cast(mask, tf.float32), axis=1)
+    Tensors on the TensorFlow backend, NumPy arrays on the others: one formula for both paths.
+    """
+    if _ON_TENSORFLOW:
+        mask_a, mask_b = _top_percentile_rows(a, percentile), _top_percentile_rows(b, percentile)
 
-    intersection = count(tf.logical_and(mask_a, mask_b))
-    return intersection, count(mask_a) + count(mask_b), count(tf.logical_or(mask_a, mask_b))
+        def count(mask):
+            return tf.reduce_sum(tf.cast(mask, tf.float32), axis=1)
+
+    else:
+        mask_a, mask_b = _top_percentile_rows_numpy(a, percentile), _top_percentile_rows_numpy(b, percentile)
+
+        def count(mask):
+            return np.count_nonzero(mask, axis=1).astype(np.float32)
+
+    intersection = count(mask_a & mask_b)
+    return intersection, count(mask_a) + count(mask_b), count(mask_a | mask_b)
 
 
 # Overlaps computed inside `shared_overlaps()`: (id(a), id(b), percentile) -> (a, b, Overlap); None outside.
 _SHARED_OVERLAPS: contextvars.ContextVar[dict | None] = contextvars.ContextVar("shared_overlaps", default=None)
+
+
+def _immutable(maps) -> bool:
+    """Whether `maps` cannot change while a `shared_overlaps` block keeps it: a TensorFlow or JAX tensor, or a
+    NumPy array that owns its memory and was made read-only (how `evaluate_alignment` hands its maps over on the
+    JAX and PyTorch backends). PyTorch tensors and writeable arrays can change in place, so they are not shared."""
+    if isinstance(maps, np.ndarray):
+        return not maps.flags.writeable and maps.flags.owndata
+    if _ON_TENSORFLOW:
+        return isinstance(maps, tf.Tensor)
+    return keras.backend.backend() == "jax" and keras.ops.is_tensor(maps)
 
 
 @contextlib.contextmanager
@@ -411,8 +543,8 @@ def shared_overlaps() -> Iterator[None]:
     """Inside the block, `top_percentile_overlap` of the same two tensors and percentile is computed once.
 
     `evaluate_alignment` scores a batch with every metric inside one block, so that Dice and IoU binarise its
-    maps once (half the cost of the two). Tensors are immutable, and the block keeps a reference to each pair
-    it saw, so an id is never reused for other values while the block lasts.
+    maps once (half the cost of the two). Only maps that cannot change are shared (`_immutable`), and the block
+    keeps a reference to each pair it saw, so an id is never reused for other values while the block lasts.
     """
     token = _SHARED_OVERLAPS.set({})
     try:
@@ -432,32 +564,41 @@ def top_percentile_overlap(a, b, percentile: float = 10) -> Overlap:
         percentile: share of pixels kept per map, in %, strictly between 0 and 100.
 
     Returns:
-        An `Overlap` of float32 tensors (N,).
+        An `Overlap` of float32 tensors (N,) (NumPy arrays on the JAX and PyTorch backends).
     """
     percentile = check_percentile(percentile)
     shared = _SHARED_OVERLAPS.get()
-    if shared is not None and not (isinstance(a, tf.Tensor) and isinstance(b, tf.Tensor)):
-        shared = None  # arrays can change in place: only tensors are shared
+    if shared is not None and not (_immutable(a) and _immutable(b)):
+        shared = None  # arrays can change in place: only maps that cannot are shared
     key = (id(a), id(b), percentile)
     if shared is not None and key in shared:
         return shared[key][2]
-    pair = _map_pair(a, b)
-    overlap = Overlap(*_by_chunks(lambda x, y: _overlap_counts(x, y, percentile), *pair, [tf.float32] * 3))
+
+    def counts(x, y):
+        return _overlap_counts(x, y, percentile)
+
+    if _ON_TENSORFLOW:
+        overlap = Overlap(*_by_chunks(counts, *_map_pair(a, b), [tf.float32] * 3))
+    else:
+        overlap = Overlap(*_numpy_by_chunks(counts, *_host_map_pair(a, b)))
     if shared is not None:
         shared[key] = (a, b, overlap)
     return overlap
 
 
-def _published_ratio(numerator: tf.Tensor, denominator: tf.Tensor, dtype=tf.float32) -> tf.Tensor:
+def _published_ratio(numerator, denominator, dtype="float32"):
     """numerator / (denominator + EPSILON), the published Dice and IoU formula, cast to `dtype`.
 
     Computed in float64 like the published IoU (numpy counts are int64); the pixel counts are exact.
     """
+    if not _ON_TENSORFLOW:
+        numerator, denominator = np.asarray(numerator, np.float64), np.asarray(denominator, np.float64)
+        return (numerator / (denominator + EPSILON)).astype(_numpy_dtype(dtype))
     numerator, denominator = tf.cast(numerator, tf.float64), tf.cast(denominator, tf.float64)
     return tf.cast(numerator / (denominator + EPSILON), dtype)
 
 
-def dice(a, b, percentile: float = 10, *, dtype=tf.float32) -> tf.Tensor:
+def dice(a, b, percentile: float = 10, *, dtype="float32"):
     """Per-map Dice coefficient 2|A & B| / (|A| + |B|) of the top `percentile` % pixels of each map.
 
     Each map is binarised as published: `m > np.percentile(m, 100 - percentile)` (linear
@@ -469,23 +610,23 @@ def dice(a, b, percentile: float = 10, *, dtype=tf.float32) -> tf.Tensor:
         a: (N, H, W) or (N, H, W, 1) maps.
         b: maps of the same shape.
         percentile: share of pixels kept per map, in %, strictly between 0 and 100.
-        dtype: float dtype of the result (computed in float64). Defaults to float32.
+        dtype: float dtype of the result (computed in float64). Defaults to "float32".
 
     Returns:
-        A tensor (N,) in [0, 1].
+        A tensor (N,) in [0, 1]; a NumPy array on the JAX and PyTorch backends.
     """
     overlap = top_percentile_overlap(a, b, percentile)
     return _published_ratio(2.0 * overlap.intersection, overlap.sizes, dtype)
 
 
-def iou(a, b, percentile: float = 10, *, dtype=tf.float32) -> tf.Tensor:
+def iou(a, b, percentile: float = 10, *, dtype="float32"):
     """Per-map intersection over union |A & B| / |A | B| of the top `percentile` % pixels of each map.
 
     Binarised like `dice`; the denominator gets the published `EPSILON`, so two empty masks score 0.0.
-    `dtype` is the result's float dtype (computed in float64; default float32).
+    `dtype` is the result's float dtype (computed in float64; default "float32").
 
     Returns:
-        A tensor (N,) in [0, 1].
+        A tensor (N,) in [0, 1]; a NumPy array on the JAX and PyTorch backends.
     """
     overlap = top_percentile_overlap(a, b, percentile)
     return _published_ratio(overlap.intersection, overlap.union, dtype)
@@ -497,14 +638,15 @@ def alignment_score(spearmans, ceiling: float = HUMAN_CEILING) -> float:
     1.0 means the model agrees with a person as well as two people agree with each other.
 
     Args:
-        spearmans: per-image Spearman correlations, shape (N,) with N >= 1 (e.g. from `spearman`).
+        spearmans: per-image Spearman correlations, shape (N,) with N >= 1 (e.g. from `spearman`): a NumPy
+            array, a list, or a tensor of any backend.
         ceiling: the human inter-rater Spearman correlation; defaults to ClickMe's, `HUMAN_CEILING`.
 
     Returns:
         A Python float.
     """
     ceiling = check_ceiling(ceiling)
-    values = np.asarray(spearmans.numpy() if isinstance(spearmans, tf.Tensor) else spearmans)
+    values = as_numpy(spearmans)
     if values.ndim != 1 or values.size == 0 or not np.issubdtype(values.dtype, np.number):
         raise ValueError(
             "`spearmans` must be a non-empty 1-D array of per-image correlations; "
