@@ -12,12 +12,22 @@ Standard library only, and Keras is imported on use: `import harmonization` must
 from __future__ import annotations
 
 import importlib.util
+import os
+import sys
 
 #: The install commands, by what is missing.
 INSTALL = {
-    "tensorflow": 'pip install "harmonization-hub"  (the default install brings TensorFlow)',
+    # What the default install adds for TensorFlow (setup.py's TENSORFLOW_ONLY; TensorBoard comes with TensorFlow).
+    # Not `pip install harmonization-hub`: pip keeps an installed copy built without TensorFlow as it is.
+    "tensorflow": 'pip install "tensorflow>=2.21,<2.22" "tensorflow-datasets>=4.9,<5" importlib_resources dill',
     "jax": 'pip install "harmonization-hub[jax]"',
     "torch": 'pip install "harmonization-hub[torch]"',
+}
+
+
+#: The package each Keras backend imports (Keras 3.15's backends; numpy and openvino run inference only).
+BACKEND_PACKAGES = {
+    "tensorflow": "tensorflow", "jax": "jax", "torch": "torch", "numpy": "numpy", "openvino": "openvino",
 }
 
 
@@ -30,6 +40,18 @@ def name() -> str:
     import keras  # on use: importing Keras picks the backend, which `import harmonization` must not do
 
     return keras.backend.backend()
+
+
+def chosen() -> str:
+    """The backend Keras runs on, or will once imported, without importing it (commands check before paying for it).
+
+    Keras's rule: `KERAS_BACKEND` when set and not empty, else the `backend` of `$KERAS_HOME/keras.json` (default
+    `~/.keras/keras.json`), else "tensorflow". Once Keras is imported, its own answer.
+    """
+    keras = sys.modules.get("keras")
+    if keras is not None and hasattr(keras, "backend"):
+        return keras.backend.backend()
+    return os.environ.get("KERAS_BACKEND") or _configured_backend() or "tensorflow"
 
 
 def is_tensorflow() -> bool:
@@ -49,7 +71,7 @@ def require_tensorflow(what: str) -> None:
     """
     if not has_tensorflow():
         raise MissingBackendError(
-            f"{what} needs TensorFlow, which is not installed (the Keras backend is {name()!r}). "
+            f"{what} needs TensorFlow, which is not installed (the Keras backend is {chosen()!r}). "
             f"Install it with: {INSTALL['tensorflow']}; models, presets, saliency, metrics, evaluation and "
             "HarmonizedModel.fit work without it."
         )
@@ -61,38 +83,54 @@ def require_tensorflow_backend(what: str) -> None:
     `what` completes "... runs on the TensorFlow backend only".
     """
     require_tensorflow(what)
-    if not is_tensorflow():
+    backend = chosen()
+    if backend != "tensorflow":
         raise MissingBackendError(
-            f"{what} runs on the TensorFlow backend only; the Keras backend is {name()!r}. Run it with "
+            f"{what} runs on the TensorFlow backend only; the Keras backend is {backend!r}. Run it with "
             "KERAS_BACKEND=tensorflow, or train in your own loop with HarmonizedModel.fit, which runs on every "
             "backend."
         )
 
 
 def check_backend_installed() -> None:
-    """Raise a MissingBackendError when the package of the chosen backend is missing (e.g. KERAS_BACKEND=jax
-    without JAX), with the install command; Keras itself fails later with a bare ModuleNotFoundError."""
-    import os
-
-    wanted = os.environ.get("KERAS_BACKEND") or _configured_backend() or "tensorflow"  # Keras's default
-    module = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}.get(wanted)
-    if module is not None and importlib.util.find_spec(module) is None:
+    """Raise a MissingBackendError when the chosen backend is not one Keras has, or its package is missing (e.g.
+    KERAS_BACKEND=jax without JAX), with the fix; Keras itself fails later with a bare ModuleNotFoundError."""
+    wanted = chosen()
+    module = BACKEND_PACKAGES.get(wanted)
+    if module is None:
+        where = "KERAS_BACKEND" if os.environ.get("KERAS_BACKEND") else _config_path()
         raise MissingBackendError(
-            f"The Keras backend is {wanted!r} but {module} is not installed. Install it with: {INSTALL[module]}, "
+            f"{where} names the Keras backend {wanted!r}, which Keras does not have; expected one of "
+            f"{', '.join(BACKEND_PACKAGES)} (tensorflow, jax or torch for training)."
+        )
+    if importlib.util.find_spec(module) is None:
+        install = INSTALL.get(module, f"pip install {module}")
+        raise MissingBackendError(
+            f"The Keras backend is {wanted!r} but {module} is not installed. Install it with: {install}, "
             "or choose another backend with KERAS_BACKEND (tensorflow, jax or torch)."
         )
 
 
-def _configured_backend() -> str | None:
-    """The backend named in Keras's config file (`$KERAS_HOME/keras.json`, else `~/.keras/keras.json`), if any."""
-    import json
-    import os
+def _config_path() -> str:
+    """Keras's config file, found as Keras finds it: `$KERAS_HOME/keras.json`, else `~/.keras/keras.json`, or
+    `/tmp/.keras/keras.json` when the home folder is not writable."""
+    if "KERAS_HOME" in os.environ:
+        folder = os.environ["KERAS_HOME"]
+    else:
+        home = os.path.expanduser("~")
+        folder = os.path.join(home if os.access(home, os.W_OK) else "/tmp", ".keras")
+    return os.path.expanduser(os.path.join(folder, "keras.json"))
 
-    home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+
+def _configured_backend() -> str | None:
+    """The backend named in Keras's config file (`_config_path()`), if any; an unreadable file names none, as
+    Keras then falls back to its default too."""
+    import json  # on use: only when KERAS_BACKEND is unset
+
     try:
-        with open(os.path.join(home, "keras.json"), encoding="utf-8") as file:
+        with open(_config_path(), encoding="utf-8") as file:
             config = json.load(file)
     except (OSError, ValueError):
         return None
     backend = config.get("backend") if isinstance(config, dict) else None
-    return backend if isinstance(backend, str) else None
+    return backend if isinstance(backend, str) and backend else None

@@ -1,8 +1,9 @@
 """The `harmonization` command: browse the zoo, download, convert, publish, predict, explain, evaluate, train,
 quickstart.
 
-Heavy imports (TensorFlow, Keras) happen inside the subcommands, so `harmonization --help` and
-`harmonization list` answer at once.
+Heavy imports (Keras and its backend) happen inside the subcommands, so `harmonization --help` and
+`harmonization list` answer at once. Every command but `train`, `evaluate` and `quickstart` runs on any Keras
+backend; those three are refused with one line (exit status 2) where TensorFlow is missing, before any work.
 """
 
 from __future__ import annotations
@@ -12,12 +13,23 @@ import json
 import sys
 from typing import Sequence
 
-from harmonization.cli_common import import_tensorflow_quietly, input_size
+from harmonization import _backend
+from harmonization.cli_common import import_backend_quietly, input_size
+from harmonization.evaluate_command import EVALUATE_NEEDS_TENSORFLOW as _EVALUATE_NEEDS_TENSORFLOW
 
-# Commands that answer from the zoo's JSON entries: TensorFlow is not imported at all.
-_WITHOUT_TENSORFLOW = frozenset(("list", "info"))
-# Commands that check their own arguments first and import TensorFlow themselves.
-_TENSORFLOW_LATER = frozenset(("train",))
+# Commands that answer from the zoo's JSON entries: Keras is not imported at all.
+_WITHOUT_KERAS = frozenset(("list", "info"))
+# Commands that check their own arguments first and import Keras themselves.
+_KERAS_LATER = frozenset(("train",))
+# What each TensorFlow command needs it for, completing "... needs TensorFlow" (harmonization._backend).
+_NEEDS_TENSORFLOW = {
+    "evaluate": _EVALUATE_NEEDS_TENSORFLOW,
+    "quickstart": "harmonization quickstart (it builds its dataset with TensorFlow Datasets)",
+}
+# Commands that run on the TensorFlow backend only, completing "... runs on the TensorFlow backend only".
+_NEEDS_TENSORFLOW_BACKEND = {
+    "train": "harmonization train (tf.data pipelines and tf.distribute strategies)",
+}
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -229,7 +241,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     # A bad recipe or --set is reported at once, before TensorFlow's few seconds of start-up.
     recipes.with_settings(recipes.load_recipe(args.recipe, args.set or ()), epochs=args.epochs,
                           batch_size=args.batch_size)
-    import_tensorflow_quietly()
+    import_backend_quietly()
     from harmonization import trainer
 
     return trainer.main(args)
@@ -358,18 +370,50 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _refused_without_tensorflow(command: str) -> str | None:
+    """The one-line error for a command that needs TensorFlow (or its backend) where it is missing, else None.
+
+    Checked before any argument is read or model loaded, without importing Keras: only `find_spec` and Keras's
+    backend rule (harmonization._backend.chosen).
+    """
+    try:
+        if command in _NEEDS_TENSORFLOW:
+            _backend.require_tensorflow(_NEEDS_TENSORFLOW[command])
+        if command in _NEEDS_TENSORFLOW_BACKEND:
+            _backend.require_tensorflow_backend(_NEEDS_TENSORFLOW_BACKEND[command])
+    except _backend.MissingBackendError as error:
+        return f"harmonization {command}: error: {error}"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the `harmonization` command with `argv` (default: `sys.argv[1:]`); return the exit status."""
+    """Run the `harmonization` command with `argv` (default: `sys.argv[1:]`); return the exit status.
+
+    1 for an error of the run (a missing file, a bad value), 2 for a usage error: argparse's, and a command that
+    needs TensorFlow where it is missing (what is missing is the caller's setup, as a wrong option is).
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     if argv and argv[0] == "quickstart":
+        refused = _refused_without_tensorflow("quickstart")
+        if refused:
+            print(refused, file=sys.stderr)
+            return 2
         # Everything after `quickstart` belongs to the quickstart, including --help (quiet start-up: its run).
         return _cmd_quickstart(argparse.Namespace(command="quickstart"), argv[1:])
     args = parser.parse_args(argv)
+    refused = _refused_without_tensorflow(args.command)
+    if refused:
+        print(refused, file=sys.stderr)
+        return 2
     try:
-        if args.command not in _WITHOUT_TENSORFLOW | _TENSORFLOW_LATER:
-            import_tensorflow_quietly()
+        if args.command not in _WITHOUT_KERAS | _KERAS_LATER:
+            import_backend_quietly()
         return args.func(args)
+    except _backend.MissingBackendError as error:
+        # Something deeper needs TensorFlow (or another backend) than this command's own check knew: one line.
+        print(f"harmonization {args.command}: error: {error}", file=sys.stderr)
+        return 2
     except (KeyError, ValueError, OSError) as error:
         print(f"harmonization {args.command}: error: {error}", file=sys.stderr)
         return 1

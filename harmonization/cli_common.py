@@ -28,11 +28,13 @@ def startup_noise_removed(text: str) -> str:
     return "".join(line for line in text.splitlines(keepends=True) if not _STARTUP_NOISE.search(line))
 
 
-def import_tensorflow_quietly() -> None:
-    """Import TensorFlow and Keras (and initialise the devices) without their start-up noise on stderr.
+def import_backend_quietly() -> None:
+    """Import Keras, and TensorFlow with its devices initialised when it is the backend, without TensorFlow's
+    start-up noise on stderr.
 
-    Only what `startup_noise_removed` recognises is dropped; anything else written meanwhile is replayed. A user
-    who set `TF_CPP_MIN_LOG_LEVEL` chose what to see, so nothing is filtered then.
+    On JAX or PyTorch, TensorFlow is not imported (it may not even be installed). Only what
+    `startup_noise_removed` recognises is dropped; anything else written meanwhile is replayed. A user who set
+    `TF_CPP_MIN_LOG_LEVEL` chose what to see, so nothing is filtered then.
     """
     if "tensorflow" in sys.modules or "TF_CPP_MIN_LOG_LEVEL" in os.environ:
         return
@@ -41,10 +43,12 @@ def import_tensorflow_quietly() -> None:
     with tempfile.TemporaryFile() as capture:
         os.dup2(capture.fileno(), 2)
         try:
-            import keras  # noqa: F401 - imported here so that its start-up output is filtered too
-            import tensorflow as tf
+            import keras  # imported here so that its start-up output (TensorFlow's, on that backend) is filtered
 
-            tf.config.list_physical_devices()  # the device initialisation that logs "failed call to cuInit"
+            if keras.backend.backend() == "tensorflow":
+                import tensorflow as tf
+
+                tf.config.list_physical_devices()  # the device initialisation that logs "failed call to cuInit"
         finally:
             sys.stderr.flush()
             os.dup2(saved, 2)

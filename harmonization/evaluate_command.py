@@ -23,6 +23,8 @@ DEFAULT_DATASET = "clickme"
 DEFAULT_SPLIT = "validation"
 DEFAULT_BATCH_SIZE = 64  # published
 GRID_IMAGES = 6
+#: What needs TensorFlow here, for harmonization._backend.require_tensorflow: the model may run on any backend.
+EVALUATE_NEEDS_TENSORFLOW = "harmonization evaluate (it reads ClickMe through TensorFlow Datasets)"
 
 #: The built-in saliency methods (`harmonization.saliency_methods`), by name, for `--method` and its `--help`
 #: without importing TensorFlow; tests/test_saliency_methods.py keeps it equal to the registry.
@@ -103,23 +105,28 @@ def protocol(image_size: int, method: str = DEFAULT_SALIENCY_METHOD) -> dict[str
 
 
 def library_versions() -> dict[str, str]:
+    """The versions that produced a results.json: ours, Keras and the backend it ran on, NumPy, Python, and
+    TensorFlow and TensorFlow Datasets (which read the data whatever the backend)."""
+    import importlib
     import platform
 
     import keras
     import numpy as np
-    import tensorflow as tf
-    import tensorflow_datasets as tfds
 
     import harmonization
 
-    return {
+    backend = keras.backend.backend()
+    versions = {
         "harmonization": harmonization.__version__,
-        "tensorflow": tf.__version__,
         "keras": keras.__version__,
+        "keras_backend": backend,
         "numpy": np.__version__,
-        "tensorflow_datasets": tfds.__version__,
         "python": platform.python_version(),
     }
+    # The data's packages, and the backend's own (JAX or PyTorch): all imported by now, so this costs nothing.
+    for module in ("tensorflow", "tensorflow_datasets", *(() if backend == "tensorflow" else (backend,))):
+        versions[module] = importlib.import_module(module).__version__
+    return versions
 
 
 def resolve_model(spec: str) -> tuple[Path, str | None, str]:
@@ -209,6 +216,9 @@ def draw_grid(model, examples: dict, spearman, path: Path, method: str = DEFAULT
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """The whole command; returns what it writes to results.json."""
+    from harmonization import _backend  # here: this module imports only the standard library at load
+
+    _backend.require_tensorflow(EVALUATE_NEEDS_TENSORFLOW)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if args.out:
         check_out_dir(Path(args.out).expanduser())

@@ -216,9 +216,9 @@ def draw_figures(baseline, harmonized, examples: dict, results: dict, class_name
 
 def run(args: argparse.Namespace) -> dict:
     """The whole quickstart; returns the results that it also writes to `results.json`."""
-    from harmonization.cli_common import import_tensorflow_quietly
+    from harmonization.cli_common import import_backend_quietly
 
-    import_tensorflow_quietly()
+    import_backend_quietly()
     import harmonization
 
     out = Path(args.out)
