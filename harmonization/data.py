@@ -26,6 +26,11 @@ import os
 import re
 from typing import Iterable, Sequence
 
+from harmonization import _backend
+
+# Before `import tensorflow`: without it, one sentence naming what needs it and the install command.
+_backend.require_tensorflow("harmonization.data (tf.data input pipelines: load_clickme, from_tfrecords, mix_datasets)")
+
 import numpy as np
 import tensorflow as tf
 

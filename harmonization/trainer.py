@@ -37,6 +37,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from harmonization import _backend
+
+# Before `import tensorflow`: without it, one sentence naming what needs it and the install command.
+_backend.require_tensorflow("harmonization.trainer (harmonization.train and `harmonization train`)")
+
+#: What runs on the TensorFlow backend only, for harmonization._backend (`harmonization train` says it too).
+TRAIN_NEEDS_TENSORFLOW_BACKEND = "harmonization.train (tf.data pipelines and tf.distribute strategies)"
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -634,7 +642,11 @@ def train(
     Process-wide effects, as for any TensorFlow training script: the recipe's seed is set for Python, NumPy and
     TensorFlow (`keras.utils.set_random_seed`), and with `deterministic` TensorFlow's op determinism stays on
     for the rest of the process (TensorFlow has no public way to turn it off). The precision policy is restored.
+
+    Raises:
+        MissingBackendError: Keras runs on JAX or PyTorch; the run's strategies, checkpoints and step are TensorFlow's.
     """
+    _backend.require_tensorflow_backend(TRAIN_NEEDS_TENSORFLOW_BACKEND)
     resolved = _resolve_recipe(recipe, overrides, model, epochs, batch_size)
     fraction = resolved["data"]["clickme_fraction"]
     data_dir = _check_folder(data_dir, "--data-dir", " (the TFDS data directory; omit it for TFDS's default)")

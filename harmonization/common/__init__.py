@@ -6,6 +6,11 @@ the published blur. The work is done by `harmonization.data`; the native `harmon
 (TFDS, augmentation, no dropped images) is the better choice for new code.
 """
 
+from harmonization import _backend
+
+# Before the submodules import TensorFlow: without it, one sentence naming what needs it and the install command.
+_backend.require_tensorflow("The published 0.0.9 data API harmonization.common (tf.data ClickMe loaders)")
+
 from harmonization.common.blur import gaussian_blur, gaussian_kernel
 from harmonization.common.clickme_dataset import (
     CLICKME_BASE_URL,

@@ -6,6 +6,11 @@
 `harmonization.HarmonizedModel` runs the same step inside Keras `fit` (one device or `tf.distribute`).
 """
 
+from harmonization import _backend
+
+# Before the submodules import TensorFlow: without it, one sentence naming what needs it and the install command.
+_backend.require_tensorflow("The published 0.0.9 training API harmonization.training (TensorFlow code)")
+
 from harmonization.training.loss import harmonizer_loss, pyramidal_mse_with_tokens, standardize_cut
 
 __all__ = ["harmonizer_loss", "pyramidal_mse_with_tokens", "standardize_cut"]
