@@ -5,12 +5,13 @@ first (so values that float32 cannot tell apart tie, as published). The work is 
 metrics in `harmonization.metrics`, which reproduce scipy's average-rank Spearman and numpy's linear-
 interpolation percentile exactly; only the published answer for a constant map is kept here: scipy gives NaN
 (the native `harmonization.metrics.spearman` gives 0.0, so that one blank map cannot turn a mean into NaN).
+
+Backend-neutral (NumPy in, NumPy out), so that `harmonization.evaluation` imports without TensorFlow.
 """
 
 from __future__ import annotations
 
 import numpy as np
-import tensorflow as tf
 
 from harmonization import metrics
 
@@ -21,8 +22,15 @@ EPSILON = metrics.EPSILON
 
 
 def _as_float32(heatmaps) -> np.ndarray:
-    """The published `tf.cast(heatmaps, tf.float32).numpy()`."""
-    return tf.cast(heatmaps, tf.float32).numpy()
+    """The published `tf.cast(heatmaps, tf.float32).numpy()`, for NumPy arrays and any backend's tensors."""
+    return to_numpy(heatmaps).astype(np.float32)
+
+
+def to_numpy(values) -> np.ndarray:
+    """`values` (a NumPy array, a list, or a TensorFlow, JAX or PyTorch tensor on any device) as a NumPy array."""
+    if hasattr(values, "detach"):  # a PyTorch tensor: np.asarray refuses one on a GPU or that requires grad
+        return values.detach().cpu().numpy()
+    return np.asarray(values)
 
 
 def spearman_correlation(heatmaps_a, heatmaps_b) -> np.ndarray:
@@ -32,7 +40,7 @@ def spearman_correlation(heatmaps_a, heatmaps_b) -> np.ndarray:
         A float64 array (N,); NaN for a map that is constant (scipy's `spearmanr`, as published).
     """
     heatmaps_a, heatmaps_b = _as_float32(heatmaps_a), _as_float32(heatmaps_b)
-    scores = metrics.spearman(heatmaps_a, heatmaps_b, dtype=tf.float64).numpy()
+    scores = to_numpy(metrics.spearman(heatmaps_a, heatmaps_b, dtype="float64")).copy()  # NaNs are set below
     flat_a = heatmaps_a.reshape(len(heatmaps_a), -1)
     flat_b = heatmaps_b.reshape(len(heatmaps_b), -1)
     constant = (np.ptp(flat_a, axis=1) == 0) | (np.ptp(flat_b, axis=1) == 0)
@@ -42,9 +50,9 @@ def spearman_correlation(heatmaps_a, heatmaps_b) -> np.ndarray:
 
 def intersection_over_union(heatmaps_a, heatmaps_b, percentile=10) -> np.ndarray:
     """Per-map IoU of the pixels above each map's `100 - percentile` percentile; a float64 array (N,)."""
-    return metrics.iou(_as_float32(heatmaps_a), _as_float32(heatmaps_b), percentile, dtype=tf.float64).numpy()
+    return to_numpy(metrics.iou(_as_float32(heatmaps_a), _as_float32(heatmaps_b), percentile, dtype="float64"))
 
 
 def dice(heatmaps_a, heatmaps_b, percentile=10) -> np.ndarray:
     """Per-map Sorensen-Dice score of the pixels above each map's `100 - percentile` percentile; float64 (N,)."""
-    return metrics.dice(_as_float32(heatmaps_a), _as_float32(heatmaps_b), percentile, dtype=tf.float64).numpy()
+    return to_numpy(metrics.dice(_as_float32(heatmaps_a), _as_float32(heatmaps_b), percentile, dtype="float64"))
