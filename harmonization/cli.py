@@ -14,7 +14,7 @@ import sys
 from typing import Sequence
 
 from harmonization import _backend
-from harmonization.cli_common import import_backend_quietly, input_size
+from harmonization.cli_common import import_backend_quietly, input_size, to_numpy
 from harmonization.evaluate_command import EVALUATE_NEEDS_TENSORFLOW as _EVALUATE_NEEDS_TENSORFLOW
 
 # Commands that answer from the zoo's JSON entries: Keras is not imported at all.
@@ -190,7 +190,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     label = int(np.argmax(logits))
     name = _imagenet_labels(logits.shape[-1], class_names(model))[label]
     # W.r.t. the preprocessed input, as published (harmonization.saliency_input), by the chosen method.
-    saliency = np.asarray(get_saliency_method(args.method)(model, image, [label]))[0]
+    saliency = to_numpy(get_saliency_method(args.method)(model, image, [label]))[0]
     figure, axes = plt.subplots(1, 2, figsize=(8, 4))
     axes[0].imshow(image[0].astype("uint8"))
     axes[0].set_title("image")

@@ -60,6 +60,17 @@ def import_backend_quietly() -> None:
                 sys.stderr.flush()
 
 
+def to_numpy(values):
+    """`values` as a NumPy array, from any backend's tensor (a PyTorch one may be on a GPU or still require grad,
+    which `np.asarray` refuses) or anything `np.asarray` takes."""
+    import keras  # here: this module imports only the standard library at load
+    import numpy as np
+
+    if keras.ops.is_tensor(values):
+        return keras.ops.convert_to_numpy(values)
+    return np.asarray(values)
+
+
 def input_size(model) -> int:
     """The side of the square images `model` takes, or a ValueError that shows its input shape."""
     shape = model.input_shape

@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from harmonization.cli_common import input_size
+from harmonization.cli_common import input_size, to_numpy
 
 DEFAULT_OUT_ROOT = "harmonization_evaluate"
 DEFAULT_DATASET = "clickme"
@@ -193,7 +193,7 @@ def draw_grid(model, examples: dict, spearman, path: Path, method: str = DEFAULT
     from harmonization.saliency_methods import get_saliency_method
 
     images, heatmaps, labels = examples["image"], examples["heatmap"][..., 0], examples["label"]
-    saliency = np.asarray(get_saliency_method(method)(model, images, labels))
+    saliency = to_numpy(get_saliency_method(method)(model, images, labels))
     rows = len(images)
     shown = "saliency" if method == DEFAULT_SALIENCY_METHOD else method
     figure, axes = plt.subplots(rows, 3, figsize=(6.3, 2.1 * rows), squeeze=False)
