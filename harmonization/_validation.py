@@ -13,6 +13,10 @@ import tensorflow as tf
 # part of this module's interface.
 from harmonization._numbers import INT64_MAX, check_int, check_number, is_int, is_number  # noqa: F401
 
+# The checks of concrete values live apart, free of TensorFlow, for the JAX and PyTorch steps; they are part of
+# this module's interface too.
+from harmonization._host_checks import label_layout, label_problem, shape_text, token_problem  # noqa: F401
+
 
 def as_maps(maps, name: str, dtype=None) -> tf.Tensor:
     """Return `maps` as a (N, H, W) tensor, accepting (N, H, W) or (N, H, W, 1).
@@ -69,76 +73,7 @@ def check_finite(x: tf.Tensor, name: str) -> tf.Tensor:
 # ----------------------------------------------------------------------------- labels and tokens
 def _shape(shape) -> str:
     """A static shape for a message, also when its rank is unknown (a relaxed tf.function trace)."""
-    shape = tf.TensorShape(shape)
-    return "of unknown rank" if shape.rank is None else str(tuple(shape))
-
-
-def _preview(values: np.ndarray, limit: int = 8) -> str:
-    """The first `limit` values of an array for an error message, and how many there are."""
-    values = np.asarray(values).reshape(-1)
-    shown = np.array2string(values[:limit], separator=", ", threshold=limit + 1)
-    return shown if values.size <= limit else f"{shown[:-1]}, ...] ({values.size} in all)"
-
-
-def label_layout(shape, num_classes: int | None, name: str = "label") -> str:
-    """"ids" for class ids (N,) or (N, 1), "soft" for one-hot/soft labels (N, C); a ValueError otherwise.
-
-    The same reading as `harmonization.saliency.one_hot_labels`. Without `num_classes` (an explainer
-    whose class count is unknown), any (N, C > 1) is read as one-hot.
-    """
-    shape = tf.TensorShape(shape)
-    width = shape[-1] if shape.rank == 2 else None
-    if shape.rank == 2 and width is not None and width > 1 and num_classes in (None, width):
-        return "soft"
-    if shape.rank == 1 or (shape.rank == 2 and width == 1):
-        return "ids"
-    classes = "C" if num_classes is None else str(num_classes)
-    raise ValueError(
-        f"`{name}` must be class ids of shape (N,) or (N, 1), or one-hot/soft labels of shape (N, {classes})"
-        f"{'' if num_classes is None else ' (the number of logits)'}; got shape {_shape(shape)}."
-    )
-
-
-def label_problem(labels: np.ndarray, num_classes: int | None, layout: str) -> str | None:
-    """What is wrong with NumPy `labels` (completing "`label` ..."), or None when they are valid.
-
-    Class ids must be whole numbers in [0, num_classes) (tf.one_hot turns any other id into an all-zero
-    row, which trains and scores nothing, silently); float ids are not rounded. One-hot/soft rows must
-    be finite, >= 0 and not all zero. Without `num_classes` only the lower bound is checked.
-    """
-    if not (np.issubdtype(labels.dtype, np.number) or labels.dtype == np.bool_):
-        return f"must be numeric; got dtype {labels.dtype}."
-    if layout == "soft":
-        rows = labels.astype(np.float64)
-        bad = ~(np.all(np.isfinite(rows) & (rows >= 0), axis=1) & (np.sum(rows, axis=1) > 0))
-        if not bad.any():
-            return None
-        return (
-            "one-hot/soft rows must be finite, >= 0 and not all zero (an all-zero row trains and scores "
-            f"nothing); got {int(bad.sum())} such row(s), at index {_preview(np.flatnonzero(bad))}: "
-            f"{_preview(rows[bad][:2])}."
-        )
-    ids = labels.reshape(-1)
-    allowed = "[0, num_classes)" if num_classes is None else f"[0, {num_classes}) (num_classes = {num_classes})"
-    if np.issubdtype(ids.dtype, np.floating):
-        ids = ids.astype(np.float64)
-        whole = np.isfinite(ids) & (ids == np.round(ids))
-    else:
-        ids = ids.astype(np.int64) if ids.dtype != np.uint64 else ids.astype(np.float64)
-        whole = np.ones(ids.shape, bool)
-    inside = whole & (ids >= 0) & (True if num_classes is None else ids < num_classes)
-    if inside.all():
-        return None
-    problems = []
-    if not whole.all():
-        problems.append(f"value(s) that are not whole numbers (float labels are not rounded): {_preview(ids[~whole])}")
-    outside = whole & ~inside
-    if outside.any():
-        problems.append(f"out-of-range value(s) {_preview(ids[outside])}")
-    return (
-        f"must hold class ids in {allowed}; got " + " and ".join(problems)
-        + f", at index {_preview(np.flatnonzero(~inside))}."
-    )
+    return shape_text(tf.TensorShape(shape) if not isinstance(shape, tf.TensorShape) else shape)
 
 
 def _assert_in_graph(ok: tf.Tensor, message: str, details: list, value: tf.Tensor) -> tf.Tensor:
@@ -179,24 +114,6 @@ def check_class_labels(labels, num_classes: int | None, name: str = "label") -> 
     allowed = "[0, num_classes)" if num_classes is None else f"[0, {num_classes}) (num_classes = {num_classes})"
     message = f"`{name}` must hold whole-number class ids in {allowed}; offending values:"
     return _assert_in_graph(tf.reduce_all(ok), message, [tf.boolean_mask(ids, ~ok)], labels)
-
-
-def token_problem(tokens: np.ndarray) -> str | None:
-    """What is wrong with NumPy (N,) `tokens` (completing "`token` ..."), or None when they are valid.
-
-    A token weights an example's harmonization term: outside [0, 1] (e.g. -1) it would reverse or
-    inflate it silently.
-    """
-    if not (np.issubdtype(tokens.dtype, np.number) or tokens.dtype == np.bool_):
-        return f"must be numeric; got dtype {tokens.dtype}."
-    values = tokens.astype(np.float64)
-    bad = ~(np.isfinite(values) & (values >= 0) & (values <= 1))
-    if not bad.any():
-        return None
-    return (
-        "must be finite and in [0, 1] (1 = the example has a human map, 0 = none); got "
-        f"{_preview(values[bad])} at index {_preview(np.flatnonzero(bad))}."
-    )
 
 
 def as_tokens(tokens, batch_size, dtype, name: str = "tokens", check_values: bool = False) -> tf.Tensor:

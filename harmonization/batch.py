@@ -19,9 +19,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping, NamedTuple
 
-import tensorflow as tf
-
-from harmonization._validation import _shape
+from harmonization._host_checks import shape_text, static_rank
 
 IMAGE = "image"
 HEATMAP = "heatmap"
@@ -94,11 +92,12 @@ def heatmap_maps(heatmap, name: str = "`heatmap`"):
 
     Raises a ValueError naming `name` for any other shape (e.g. 3 channels: reduce them first).
     """
-    shape = tf.TensorShape(heatmap.shape)
-    if shape.rank == 4 and shape[-1] == 1:
+    shape = heatmap.shape
+    rank = static_rank(shape)
+    if rank == 4 and shape[-1] == 1:
         return heatmap[..., 0]
-    if shape.rank != 3:
-        raise ValueError(f"{name} must have shape (N, H, W) or (N, H, W, 1); got {_shape(shape)}.")
+    if rank != 3:
+        raise ValueError(f"{name} must have shape (N, H, W) or (N, H, W, 1); got {shape_text(shape)}.")
     return heatmap
 
 
@@ -109,9 +108,10 @@ def check_heatmap_size(image, heatmap) -> None:
     pixel; the published pipeline resizes ClickMe maps to the image size first. (Evaluation does not
     need this: `evaluate_alignment` resizes the saliency to the human map instead.)
     """
-    image_hw = tf.TensorShape(image.shape)[1:3]
-    heat_hw = tf.TensorShape(heatmap.shape)[1:3]
-    if not image_hw.is_compatible_with(heat_hw):
+    if static_rank(image.shape) is None or static_rank(heatmap.shape) is None:
+        return  # unknown until the graph runs (a relaxed tf.function trace): the loss's shape check fails there
+    image_hw, heat_hw = tuple(image.shape)[1:3], tuple(heatmap.shape)[1:3]
+    if any(a is not None and b is not None and a != b for a, b in zip(image_hw, heat_hw)):
         raise ValueError(
             f"`heatmap` spatial size {tuple(heat_hw)} does not match `image` spatial size {tuple(image_hw)}. "
             "Resize the human maps to the image size in the input pipeline (harmonization.data.load_clickme "

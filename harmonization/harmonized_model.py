@@ -1,36 +1,25 @@
-"""`HarmonizedModel`: wrap any Keras logits classifier so that `fit` applies the neural harmonizer.
+"""`HarmonizedModel`: wrap any Keras logits classifier so that `fit` applies the neural harmonizer, on any backend.
 
-Only what needs the input gradient lives in the custom `train_step`/`test_step`: the saliency map is
-computed inside the weight tape (so its dependence on the weights is differentiated, exactly, also
-through normalisation layers), the cross-entropy goes through `compute_loss` as in any Keras model,
-and the harmonization and weight-decay terms are added with the per-replica scaling that
-`tf.distribute` needs (Keras already divides `compute_loss` by the replica count; our terms too).
+Only what needs the input gradient lives in the custom `train_step`/`test_step`, and that is the one part each
+backend does its own way (as Keras documents custom steps): the class takes them from
+`harmonized_step_tensorflow` (nested gradient tapes, `tf.distribute`), `harmonized_step_jax` (a stateless step,
+the input gradient taken inside the differentiated function) or `harmonized_step_torch` (`torch.autograd.grad`
+with `create_graph=True`). Everything else (the arguments, the loss terms, saving) is written once, here.
 """
 
 from __future__ import annotations
 
-import contextlib
 from typing import Sequence
 
 import keras
-import tensorflow as tf
+from keras import ops
 
-from harmonization import second_order
-from harmonization._validation import (
-    as_maps,
-    as_tokens,
-    check_class_labels,
-    check_finite,
-    check_int,
-    check_number,
-    check_same_shape,
-)
+from harmonization import _host_checks, second_order
+from harmonization._numbers import check_int, check_number
 from harmonization.batch import check_heatmap_size, heatmap_maps, unpack
-from harmonization.losses import MAX_PYRAMID_LEVELS, harmonization_loss_unchecked
-from harmonization.metrics import spearman
-from harmonization.saliency import channel_max_abs, class_logit_gradient, one_hot_labels
-from harmonization.saliency_methods import SaliencyMethod, get_saliency_method, training_saliency_method
+from harmonization.losses import MAX_PYRAMID_LEVELS, half_squared_norm, harmonization_loss_unchecked
 from harmonization.saliency_input import SaliencyInput, resolve_saliency_input
+from harmonization.saliency_methods import SaliencyMethod, get_saliency_method, training_saliency_method
 
 #: Substrings of variable paths left out of the weight decay, as in the published training code
 #: (normalisation parameters, embeddings, the class token).
@@ -43,31 +32,6 @@ _NO_DECAY_LAYER_TYPES = (
     keras.layers.UnitNormalization,
     keras.layers.Embedding,
 )
-
-def _multi_worker(strategy) -> bool:
-    """True for a MultiWorkerMirroredStrategy that spans several workers (Keras's own test)."""
-    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
-        return False
-    in_multi_worker_mode = getattr(strategy.extended, "_in_multi_worker_mode", None)
-    if in_multi_worker_mode is None:
-        raise RuntimeError(
-            f"TensorFlow {tf.__version__} changed MultiWorkerMirroredStrategy internals that HarmonizedModel "
-            "relies on; pin tensorflow to 2.21."
-        )
-    return bool(in_multi_worker_mode())
-
-
-def _logs_for_reduction(logs: dict) -> dict:
-    """Give scalar logs a length-1 axis across several workers.
-
-    Keras 3.12-3.15 reduces step outputs across workers with `strategy.reduce("MEAN", v, axis=0)`,
-    which fails on scalars ("Invalid reduction dimension 0 for input with 0 dimensions"). The
-    values are synchronised metric results, so the mean over the added axis returns them unchanged.
-    """
-    if not _multi_worker(tf.distribute.get_strategy()):
-        return logs
-    return {key: tf.reshape(value, [1]) if value.shape.rank == 0 else value for key, value in logs.items()}
-
 
 def decayed_weights(model: keras.Model, exclude: Sequence[str] = DEFAULT_WEIGHT_DECAY_EXCLUDE) -> list:
     """The trainable variables of `model` that get the L2 penalty.
@@ -85,24 +49,31 @@ def decayed_weights(model: keras.Model, exclude: Sequence[str] = DEFAULT_WEIGHT_
     ]
 
 
-def weight_decay(model: keras.Model, exclude: Sequence[str] = DEFAULT_WEIGHT_DECAY_EXCLUDE) -> tf.Tensor:
+def weight_decay(model: keras.Model, exclude: Sequence[str] = DEFAULT_WEIGHT_DECAY_EXCLUDE):
     """sum(0.5 * ||w||^2) over `decayed_weights(model, exclude)` (0 when there are none), in float32 at least."""
-    weights = decayed_weights(model, exclude)
-    if not weights:
-        return tf.constant(0.0)
-    return tf.add_n(
-        [tf.nn.l2_loss(tf.cast(v, "float32") if v.dtype in ("float16", "bfloat16") else v) for v in weights]
-    )
+    return half_squared_norm(decayed_weights(model, exclude))
 
 
-def _replica_scale(value: tf.Tensor) -> tf.Tensor:
-    """Divide by the replica count, as Keras does for `compute_loss` under tf.distribute."""
-    replicas = tf.distribute.get_strategy().num_replicas_in_sync
-    return value / tf.cast(replicas, value.dtype) if replicas > 1 else value
+def _step_class() -> type:
+    """The mixin with `train_step`/`test_step` for the backend Keras runs on."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        from harmonization.harmonized_step_tensorflow import TensorFlowStep  # on use: only the running backend's
+
+        return TensorFlowStep
+    if backend == "jax":
+        from harmonization.harmonized_step_jax import JaxStep  # on use: only the running backend's
+
+        return JaxStep
+    if backend == "torch":
+        from harmonization.harmonized_step_torch import TorchStep  # on use: only the running backend's
+
+        return TorchStep
+    raise NotImplementedError(f"HarmonizedModel trains on the tensorflow, jax and torch backends, not {backend!r}.")
 
 
 @keras.saving.register_keras_serializable(package="harmonization")
-class HarmonizedModel(keras.Model):
+class HarmonizedModel(_step_class(), keras.Model):
     """Trains a wrapped classifier with the neural harmonizer (Fel et al., NeurIPS 2022).
 
     The loss is cross-entropy (from logits, label smoothing) + `lambda_harmonization` x the
@@ -247,12 +218,12 @@ class HarmonizedModel(keras.Model):
         """Like `keras.Model.compile`, with "auto" defaults.
 
         "auto" means: Adam(1e-3); categorical cross-entropy from logits with this model's label
-        smoothing (labels are one-hot encoded by the step); top-1 accuracy. `jit_compile` defaults to
-        False, not Keras's "auto" (XLA on a GPU): XLA drops the assertions that refuse bad labels and
-        tokens in the step, and on CPU it is slower (bench/train_step.py). Pass `jit_compile=True`
-        to trade those checks for XLA.
+        smoothing (labels are one-hot encoded by the step); top-1 accuracy. On TensorFlow `jit_compile`
+        defaults to False, not Keras's "auto" (XLA on a GPU): XLA drops the assertions that refuse bad labels
+        and tokens in the step, and on CPU it is slower (bench/train_step.py); pass `jit_compile=True` to trade
+        those checks for XLA. On JAX and PyTorch Keras's own default stays: they check each batch on the host.
         """
-        if kwargs.get("jit_compile", "auto") == "auto":
+        if kwargs.get("jit_compile", "auto") == "auto" and keras.backend.backend() == "tensorflow":
             kwargs["jit_compile"] = False
         if optimizer == "auto":
             optimizer = keras.optimizers.Adam(1e-3)
@@ -323,186 +294,89 @@ class HarmonizedModel(keras.Model):
             )
         return cls(**config)
 
-    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
-        """Build loss, metrics and optimizer state before a distributed fit, from one local batch.
-
-        Keras (3.12-3.15) builds them by calling the model on the raw batch, which is our dict (not
-        the model's input), after averaging it across *all* workers with `strategy.reduce`, which
-        fails under MultiWorkerMirroredStrategy (keras#20585). We feed it (images, one-hot labels)
-        from this worker's first replica instead, inside the strategy scope (keras#23085).
-        """
-        strategy = getattr(self, "_distribute_strategy", "missing")
-        if strategy == "missing" or not hasattr(self, "_symbolic_build"):
-            raise RuntimeError(
-                f"Keras {keras.__version__} changed its trainer internals (_distribute_strategy, "
-                "_symbolic_build) that HarmonizedModel relies on under tf.distribute; pin keras to 3.12-3.15."
-            )
-        if strategy is None:  # Keras builds lazily when tracing the step; nothing to do.
-            return
-        if data_batch is None:
-            for _, _, batches in iterator:
-                data_batch = next(batches)
-                break
-        data_batch = tf.nest.map_structure(
-            lambda v: strategy.experimental_local_results(v)[0]
-            if isinstance(v, tf.distribute.DistributedValues) else v,
-            data_batch,
-        )
-        images = unpack(data_batch).image[:1]
-        with strategy.scope():
-            num_classes = self(images, training=False).shape[-1]
-            self._symbolic_build(data_batch=(images, tf.zeros([1, num_classes], tf.float32)))
-
     # ------------------------------------------------------------------ the loss terms
     def decayed_weights(self) -> list:
         """The trainable variables that get the L2 penalty (not normalisation/embedding/class token)."""
         return decayed_weights(self.model, self.weight_decay_exclude)
 
-    def weight_decay(self) -> tf.Tensor:
+    def weight_decay(self):
         """sum(0.5 * ||w||^2) over `decayed_weights()` (0 when there are none)."""
         return weight_decay(self.model, self.weight_decay_exclude)
 
-    def _num_classes(self, images: tf.Tensor) -> int | None:
-        """The logits' width, known before the forward pass, so that bad labels fail before it runs.
-
-        Read once: from a functional model's single output, else from a trace of `call` in a scratch
-        graph (nothing runs). None when the model is not built or cannot be traced alone; the labels'
-        upper bound is then checked after the forward pass (still before the weights change, but after
-        normalisation statistics may have moved).
-        """
+    # ------------------------------------------------------------------ shared by the JAX and PyTorch steps
+    def _static_num_classes(self, images) -> int | None:
+        """The logits' width before the step (a functional model's output, else a symbolic call); None if unknown."""
         if self._logits_width_tried or not self.model.built:
             return self._logits_width
-        self._logits_width_tried = True  # a model that cannot be traced alone is not traced again at every step
+        self._logits_width_tried = True
         outputs = getattr(self.model, "outputs", None)
-        if outputs and len(outputs) == 1 and len(outputs[0].shape) == 2:  # a functional model: no trace needed
-            logits = outputs[0]
-        else:
-            forward = tf.function(lambda x: self.call(x, training=False), autograph=False)
-            try:
-                logits = forward.get_concrete_function(tf.TensorSpec(images.shape, images.dtype)).structured_outputs
-            except Exception:  # noqa: BLE001 (only an earlier check is lost; the forward pass raises its own error)
-                return None
-        if getattr(logits, "shape", None) is not None and len(logits.shape) == 2 and logits.shape[-1] is not None:
+        try:
+            if outputs and len(outputs) == 1:
+                logits = outputs[0]
+            else:
+                logits = self.compute_output_spec(keras.KerasTensor((None, *tuple(images.shape)[1:]), "float32"))
+        except Exception:  # noqa: BLE001 (only the early check is lost; the step checks the labels' width again)
+            return None
+        if len(getattr(logits, "shape", ())) == 2 and logits.shape[-1] is not None:
             self._logits_width = int(logits.shape[-1])
         return self._logits_width
 
-    def _forward(self, data, training: bool):
-        """Logits, one-hot labels, raw input gradients, heatmaps and tokens of one batch.
+    def _checked_batch(self, data):
+        """(images, heatmaps (N, H, W), labels, tokens (N,)) of one batch, checked on the host before the step.
 
-        The batch is checked here, once per step (`_loss_terms` does not check it again): labels, tokens
-        and the heatmaps' values first; in a graph the model's input waits for those checks, so a bad
-        batch changes nothing (not even BatchNormalization's moving statistics).
+        JAX runs the step compiled (where a value cannot raise) and PyTorch eagerly: both refuse a bad batch here,
+        with the sentences TensorFlow's in-graph checks give, before anything changes.
         """
         batch = unpack(data)
-        images = tf.convert_to_tensor(batch.image)
-        if not images.dtype.is_floating:
-            images = tf.cast(images, tf.float32)
-        heatmaps = heatmap_maps(tf.convert_to_tensor(batch.heatmap))
+        images = batch.image
+        heatmaps = heatmap_maps(batch.heatmap)
         check_heatmap_size(images, heatmaps)
-        num_classes = self._num_classes(images)
-        labels = check_class_labels(batch.label, num_classes, "label")
-        tokens = as_tokens(batch.token, tf.shape(images)[0], tf.float32, name="token", check_values=True)
-        heatmaps = check_finite(tf.cast(heatmaps, tf.float32), "heatmap")
-        if not tf.executing_eagerly():
-            with tf.control_dependencies([labels, tokens, heatmaps]):
-                images = tf.identity(images)
-        exact = second_order.exact_moments() if self.exact_second_order else contextlib.nullcontext()
-        with exact:
-            logits, grads = class_logit_gradient(
-                self.model, images, labels, training=training, **self._saliency_options()
-            )
-        if num_classes is None:
-            labels = check_class_labels(labels, logits.shape[-1], "label")
-        onehot = one_hot_labels(labels, logits.shape[-1], logits.dtype)
-        return images, logits, onehot, grads, heatmaps, tokens
+        num_classes = self._static_num_classes(images)
+        _host_checks.check_labels_on_host(batch.label, num_classes, "label")
+        tokens = _host_checks.check_tokens_on_host(batch.token, int(images.shape[0]), "token")
+        _host_checks.check_finite_on_host(heatmaps, "heatmap")
+        return images, heatmaps, batch.label, tokens
 
-    def _loss_terms(self, images, logits, onehot, grads, heatmaps, tokens, training: bool,
-                    decay_on_tape: bool = True):
-        """(total loss scaled for the replica count, cross-entropy, harmonization term).
+    def _symbolic_batch(self, iterator=None, data_batch=None):
+        """What Keras should build the model, loss and metrics from: (one image, a zero one-hot row).
 
-        With `decay_on_tape` False the weight-decay term is in the total's value but not differentiated
-        through it: `train_step` adds its gradient itself (`_add_weight_decay_gradients`), later and cheaper.
+        Keras (JAX and PyTorch trainers) builds by calling the model on the raw batch, which is our dict, not the
+        model's input; it gets (images[:1], zeros (1, num_classes)) instead, taken as Keras takes its batch.
         """
-        cross_entropy = self.compute_loss(x=images, y=onehot, y_pred=logits, training=training)
+        if data_batch is None:
+            for _, _, batches in iterator:
+                data_batch = batches[0] if isinstance(batches, (list, tuple)) else next(batches)
+                break
+        images = ops.convert_to_tensor(unpack(data_batch).image[:1])
+        if "float" not in keras.backend.standardize_dtype(images.dtype):
+            images = ops.cast(images, "float32")
+        num_classes = self(images, training=False).shape[-1]
+        return images, ops.zeros([1, num_classes], "float32")
+
+    def _batch_tensors(self, data):
+        """(images float, heatmaps (N, H, W) float32, labels, tokens (N,) float32) of a batch already checked."""
+        batch = unpack(data)
+        images = ops.convert_to_tensor(batch.image)
+        if "float" not in keras.backend.standardize_dtype(images.dtype):
+            images = ops.cast(images, "float32")
+        heatmaps = ops.cast(heatmap_maps(ops.convert_to_tensor(batch.heatmap)), "float32")
+        tokens = ops.ones([images.shape[0]], "float32") if batch.token is None else ops.cast(batch.token, "float32")
+        if len(tokens.shape) == 2:
+            tokens = tokens[:, 0]
+        elif len(tokens.shape) == 0:
+            tokens = tokens * ops.ones([images.shape[0]], "float32")
+        return images, heatmaps, batch.label, tokens
+
+    def _saliency_term(self, grads, heatmaps, tokens):
+        """The harmonization loss between this model's saliency (the method's reduction of `grads`) and the maps."""
         saliency = self.saliency_method.reduce(grads)  # published: channel mean (`tf.reduce_mean(grads, -1)`)
-        # `_forward` checked the heatmaps and tokens; only the saliency is new here: a registered method's
-        # map must be (N, H, W), and a preprocessing that resizes would make it differ from the images'.
-        saliency = as_maps(saliency, "saliency")
-        check_same_shape(saliency, heatmaps, "saliency", "human_maps")
-        harmonization = harmonization_loss_unchecked(
-            saliency, tf.cast(heatmaps, saliency.dtype), tf.cast(tokens, saliency.dtype), self.pyramid_levels,
+        if len(saliency.shape) != 3 or tuple(saliency.shape) != tuple(heatmaps.shape):
+            raise ValueError(
+                f"`saliency` and `human_maps` must have the same shape (N, H, W); got {tuple(saliency.shape)} and "
+                f"{tuple(heatmaps.shape)}. Resize the human maps to the image size (harmonization.data does this)."
+            )
+        return harmonization_loss_unchecked(
+            saliency, ops.cast(heatmaps, saliency.dtype), ops.cast(tokens, saliency.dtype), self.pyramid_levels,
             self.epsilon,
         )
-        extra = self.lambda_harmonization * harmonization
-        if self.lambda_weights:
-            decay = tf.cast(self.weight_decay(), harmonization.dtype)
-            extra += self.lambda_weights * (decay if decay_on_tape else tf.stop_gradient(decay))
-        total = cross_entropy + _replica_scale(tf.cast(extra, cross_entropy.dtype))
-        return total, cross_entropy, harmonization
 
-    def _add_weight_decay_gradients(self, gradients: list, variables: list) -> list:
-        """Each decayed weight's gradient plus that of `lambda_weights` x 0.5 ||w||^2, scaled as the loss is.
-
-        The gradient of differentiating the term on the tape (lambda_weights x w / replicas, times the
-        optimizer's loss scale; computed in float32, as `weight_decay` is, then cast to the gradient's dtype),
-        with less memory: on the tape, TensorFlow computes every weight's decay gradient as soon as the step
-        starts (it depends on the weights only) and keeps them all alive through the whole double backward
-        pass. Here each is made once its weight's gradient exists, and used at once (bench/train_memory.py:
-        the harmonized step's share fell by ~320 MiB for ResNet50V2 and ~640 MiB for ViT-B/16 at batch 8).
-        A decayed weight that the loss does not reach gets the decay term alone, as on the tape.
-        """
-        if not self.lambda_weights:
-            return gradients
-        decayed = {id(v) for v in self.decayed_weights()}
-        factor = self.lambda_weights / tf.distribute.get_strategy().num_replicas_in_sync
-
-        def decay_of(variable, dtype):
-            term = self.optimizer.scale_loss(tf.cast(variable, tf.float32) * factor)
-            return tf.cast(term, dtype)
-
-        result = []
-        for gradient, variable in zip(gradients, variables):
-            if id(variable) not in decayed:
-                result.append(gradient)
-            elif gradient is None:
-                result.append(decay_of(variable, variable.dtype))
-            else:
-                gradient = tf.convert_to_tensor(gradient)  # a sparse gradient (an embedding lookup) made dense
-                with tf.control_dependencies([gradient]):  # not before: it would live through the backward pass
-                    result.append(gradient + decay_of(variable, gradient.dtype))
-        return result
-
-    def _update_trackers(self, total, cross_entropy, harmonization, batch_size):
-        replicas = tf.distribute.get_strategy().num_replicas_in_sync
-        self._loss_tracker.update_state(total * replicas, sample_weight=batch_size)
-        self.cross_entropy_tracker.update_state(cross_entropy * replicas, sample_weight=batch_size)
-        self.harmonization_tracker.update_state(harmonization, sample_weight=batch_size)
-
-    # ------------------------------------------------------------------ steps
-    def train_step(self, data):
-        with tf.GradientTape() as tape:
-            images, logits, onehot, grads, heatmaps, tokens = self._forward(data, training=True)
-            total, cross_entropy, harmonization = self._loss_terms(
-                images, logits, onehot, grads, heatmaps, tokens, training=True, decay_on_tape=False
-            )
-            scaled = self.optimizer.scale_loss(total)
-        variables = self.trainable_variables
-        gradients = self._add_weight_decay_gradients(tape.gradient(scaled, variables), variables)
-        # The optimizer's own state (its step count) waits for the checks of labels, tokens and heatmaps too.
-        with tf.control_dependencies([onehot, tokens, heatmaps]):
-            self.optimizer.apply_gradients(zip(gradients, variables))
-        self._update_trackers(total, cross_entropy, harmonization, tf.shape(images)[0])
-        logs = self.compute_metrics(images, onehot, logits)
-        logs.pop("spearman", None)
-        return _logs_for_reduction(logs)
-
-    def test_step(self, data):
-        images, logits, onehot, grads, heatmaps, tokens = self._forward(data, training=False)
-        total, cross_entropy, harmonization = self._loss_terms(
-            images, logits, onehot, grads, heatmaps, tokens, training=False
-        )
-        self._update_trackers(total, cross_entropy, harmonization, tf.shape(images)[0])
-        # Alignment as reported in the paper: |gradient| max over channels vs the human map.
-        rho = spearman(channel_max_abs(grads), heatmaps)
-        self.spearman_tracker.update_state(tf.cast(rho, tf.float32), sample_weight=tf.cast(tokens > 0, tf.float32))
-        return _logs_for_reduction(self.compute_metrics(images, onehot, logits))

@@ -1,6 +1,6 @@
 """The harmonization loss of the neural harmonizer (Fel et al., NeurIPS 2022, arXiv 2211.04533).
 
-Pure TensorFlow functions, each testable on its own:
+Functions of `keras.ops`, so the same code runs on TensorFlow, JAX and PyTorch, each testable on its own:
 
     standardize_cut  ->  gaussian_pyramid  ->  pyramidal_mse  ->  harmonization_loss
 
@@ -17,10 +17,14 @@ weighted by its token (0 = this example has no human map; it still counts in the
 
 from __future__ import annotations
 
-import numpy as np
-import tensorflow as tf
+from typing import Sequence
 
-from harmonization._validation import as_maps, as_tokens, check_finite, check_int, check_number, check_same_shape
+import keras
+import numpy as np
+from keras import ops
+
+from harmonization import _host_checks
+from harmonization._numbers import check_int, check_number
 
 #: Added to both peaks before the rescaling, as in the published code.
 PEAK_EPSILON = 1e-6
@@ -30,10 +34,89 @@ PEAK_EPSILON = 1e-6
 MAX_PYRAMID_LEVELS = 16
 
 
-def _safe_sqrt(x: tf.Tensor) -> tf.Tensor:
+def _tensorflow_checks():
+    """`harmonization._validation` (checks that also run inside a tf.function) on the TensorFlow backend, else None.
+
+    On JAX and PyTorch the public functions check concrete values on the host instead (`_host_checks`).
+    """
+    if keras.backend.backend() != "tensorflow":
+        return None
+    from harmonization import _validation  # on use: it imports TensorFlow, which the other backends may lack
+
+    return _validation
+
+
+def _is_traced(x) -> bool:
+    """True for a value whose numbers are unknown until it runs (a JAX tracer inside `jit`, a symbolic tensor)."""
+    return "Tracer" in type(x).__name__ or isinstance(x, keras.KerasTensor)
+
+
+def _as_maps(maps, name: str, dtype=None):
+    """`maps` as float (N, H, W) from (N, H, W) or (N, H, W, 1), on any backend (see `_validation.as_maps`)."""
+    checks = _tensorflow_checks()
+    if checks is not None:
+        return checks.as_maps(maps, name, dtype)
+    maps = ops.convert_to_tensor(maps)
+    if dtype is not None:
+        maps = ops.cast(maps, dtype)
+    elif "float" not in keras.backend.standardize_dtype(maps.dtype):
+        maps = ops.cast(maps, "float32")
+    shape = tuple(maps.shape)
+    if len(shape) == 4 and shape[-1] == 1:
+        return maps[..., 0]
+    if len(shape) != 3:
+        raise ValueError(
+            f"`{name}` must have shape (N, H, W) or (N, H, W, 1); got shape {shape}"
+            + (f" with {shape[-1]} channels. Reduce the channels first (e.g. mean over the last axis)."
+               if len(shape) == 4 else ".")
+        )
+    return maps
+
+
+def _check_same_shape(a, b, name_a: str, name_b: str) -> None:
+    checks = _tensorflow_checks()
+    if checks is not None:
+        return checks.check_same_shape(a, b, name_a, name_b)
+    if tuple(a.shape) != tuple(b.shape):
+        raise ValueError(
+            f"`{name_a}` and `{name_b}` must have the same shape (N, H, W); got {tuple(a.shape)} and "
+            f"{tuple(b.shape)}. Resize the human maps to the image size (harmonization.data does this for ClickMe)."
+        )
+    return None
+
+
+def _check_finite(x, name: str):
+    checks = _tensorflow_checks()
+    if checks is not None:
+        return checks.check_finite(x, name)
+    if not _is_traced(x):
+        _host_checks.check_finite_on_host(x, name)
+    return x
+
+
+def _as_tokens(tokens, batch_size, dtype, name: str = "tokens"):
+    """(N,) per-example weights of `dtype` (all ones for None), as `_validation.as_tokens` without value checks."""
+    checks = _tensorflow_checks()
+    if checks is not None:
+        return checks.as_tokens(tokens, batch_size, dtype, name=name)
+    if tokens is None:
+        return ops.ones([batch_size], dtype)
+    tokens = ops.convert_to_tensor(tokens)
+    if len(tokens.shape) == 0:
+        tokens = ops.full([batch_size], tokens)
+    elif len(tokens.shape) == 2 and tokens.shape[-1] == 1:
+        tokens = tokens[:, 0]
+    if len(tokens.shape) != 1:
+        raise ValueError(
+            f"`{name}` must have shape (N,) or (N, 1) (one weight per example); got shape {tuple(tokens.shape)}."
+        )
+    return ops.cast(tokens, dtype)
+
+
+def _safe_sqrt(x):
     """sqrt with a finite gradient at 0: a blank map (std 0) must not turn the whole step into NaN."""
     positive = x > 0
-    return tf.where(positive, tf.sqrt(tf.where(positive, x, tf.ones_like(x))), tf.zeros_like(x))
+    return ops.where(positive, ops.sqrt(ops.where(positive, x, ops.ones_like(x))), ops.zeros_like(x))
 
 
 def _check_epsilon(epsilon):
@@ -42,13 +125,19 @@ def _check_epsilon(epsilon):
     A negative epsilon can make std + epsilon vanish or flip its sign, an infinite one zeroes every
     map, silently. 0 is allowed here (an exact z-score; a blank map then gives NaN).
     """
-    value = tf.get_static_value(epsilon) if isinstance(epsilon, (tf.Tensor, tf.Variable)) else epsilon
+    value = epsilon
+    if keras.backend.backend() == "tensorflow" and ops.is_tensor(epsilon):
+        import tensorflow as tf  # on use: only a TensorFlow tensor's static value is read here
+
+        value = tf.get_static_value(epsilon)
+    elif ops.is_tensor(epsilon):
+        value = None if _is_traced(epsilon) else float(_host_checks.host_array(epsilon))
     if value is not None:
         check_number(value, "epsilon", minimum=0, strict=False, why=" (added to each map's std)")
     return epsilon
 
 
-def standardize_cut(maps, epsilon: float = 1e-5) -> tf.Tensor:
+def standardize_cut(maps, epsilon: float = 1e-5):
     """Per map: subtract the mean, divide by (std + epsilon) over H, W, then ReLU.
 
     Args:
@@ -59,29 +148,29 @@ def standardize_cut(maps, epsilon: float = 1e-5) -> tf.Tensor:
         A tensor of the input's shape.
     """
     epsilon = _check_epsilon(epsilon)
-    original = tf.convert_to_tensor(maps)
-    out = _standardize_cut(as_maps(original, "maps"), epsilon)
-    return tf.reshape(out, tf.shape(original)) if original.shape.rank == 4 else out
+    original = ops.convert_to_tensor(maps)
+    out = _standardize_cut(_as_maps(original, "maps"), epsilon)
+    return ops.expand_dims(out, -1) if len(original.shape) == 4 else out
 
 
-def _standardize_cut(maps: tf.Tensor, epsilon) -> tf.Tensor:
+def _standardize_cut(maps, epsilon):
     """`standardize_cut` of float (N, H, W) maps and an epsilon already checked."""
-    mean = tf.reduce_mean(maps, axis=(1, 2), keepdims=True)
+    mean = ops.mean(maps, axis=(1, 2), keepdims=True)
     centred = maps - mean
     # Population std, as tf.math.reduce_std; written out so the gradient is exact and finite.
-    std = _safe_sqrt(tf.reduce_mean(tf.square(centred), axis=(1, 2), keepdims=True))
-    return tf.nn.relu(centred / (std + tf.cast(epsilon, maps.dtype)))
+    std = _safe_sqrt(ops.mean(ops.square(centred), axis=(1, 2), keepdims=True))
+    return ops.relu(centred / (std + ops.cast(epsilon, maps.dtype)))
 
 
-def binomial_kernel(dtype=tf.float32) -> tf.Tensor:
+def binomial_kernel(dtype="float32"):
     """The 5x5 binomial kernel, outer([1,4,6,4,1]) / 256, shaped (5, 5, 1, 1) for conv2d."""
     taps = np.array([1.0, 4.0, 6.0, 4.0, 1.0])
     kernel = np.outer(taps, taps)
     kernel /= kernel.sum()
-    return tf.constant(kernel[:, :, None, None], dtype=dtype)
+    return ops.convert_to_tensor(kernel[:, :, None, None], dtype=dtype)
 
 
-def gaussian_pyramid(maps, levels: int) -> list[tf.Tensor]:
+def gaussian_pyramid(maps, levels: int) -> list:
     """Blur with the binomial kernel and downsample by 2 (SAME padding), `levels` times.
 
     Args:
@@ -92,20 +181,22 @@ def gaussian_pyramid(maps, levels: int) -> list[tf.Tensor]:
         `levels + 1` tensors of shape (N, H_k, W_k, 1), the input first.
     """
     levels = check_int(levels, "levels", minimum=0, maximum=MAX_PYRAMID_LEVELS)
-    return _gaussian_pyramid(as_maps(maps, "maps")[..., None], levels)
+    return _gaussian_pyramid(ops.expand_dims(_as_maps(maps, "maps"), -1), levels)
 
 
-def _gaussian_pyramid(maps: tf.Tensor, levels: int) -> list[tf.Tensor]:
+def _gaussian_pyramid(maps, levels: int) -> list:
     """`gaussian_pyramid` of float (N, H, W, 1) maps and a level count already checked."""
     kernel = binomial_kernel(maps.dtype)
     pyramid = [maps]
     for _ in range(levels):
-        maps = tf.nn.conv2d(maps, kernel, strides=2, padding="SAME")
+        # TensorFlow's SAME padding (more on the bottom/right for an even size), which keras.ops.conv applies on
+        # every backend: the published `tf.nn.conv2d(..., strides=2, padding="SAME")`.
+        maps = ops.conv(maps, kernel, strides=2, padding="same", data_format="channels_last")
         pyramid.append(maps)
     return pyramid
 
 
-def pyramidal_mse(a, b, tokens=None, levels: int = 5) -> tf.Tensor:
+def pyramidal_mse(a, b, tokens=None, levels: int = 5):
     """Mean over pyramid levels 0..levels-1 of mean((a - b)^2 * token).
 
     Args:
@@ -117,24 +208,24 @@ def pyramidal_mse(a, b, tokens=None, levels: int = 5) -> tf.Tensor:
         A scalar.
     """
     levels = check_int(levels, "levels", minimum=1, maximum=MAX_PYRAMID_LEVELS)
-    a = as_maps(a, "a")
-    b = as_maps(b, "b", dtype=a.dtype)
-    check_same_shape(a, b, "a", "b")
-    return _pyramidal_mse(a, b, as_tokens(tokens, tf.shape(a)[0], a.dtype), levels)
+    a = _as_maps(a, "a")
+    b = _as_maps(b, "b", dtype=a.dtype)
+    _check_same_shape(a, b, "a", "b")
+    return _pyramidal_mse(a, b, _as_tokens(tokens, ops.shape(a)[0], a.dtype), levels)
 
 
-def _pyramidal_mse(a: tf.Tensor, b: tf.Tensor, tokens: tf.Tensor, levels: int) -> tf.Tensor:
+def _pyramidal_mse(a, b, tokens, levels: int):
     """`pyramidal_mse` of (N, H, W) maps of one shape and dtype, and (N,) tokens of that dtype, checked."""
     # The published code builds levels+1 maps and compares the first `levels` of them
     # (serre-lab/Harmonization `training/loss.py`, `pyramidal_mse_with_tokens`).
     pyr_a = _gaussian_pyramid(a[..., None], levels - 1)
     pyr_b = _gaussian_pyramid(b[..., None], levels - 1)
     weights = tokens[:, None, None, None]
-    per_level = [tf.reduce_mean(tf.square(la - lb) * weights) for la, lb in zip(pyr_a, pyr_b)]
-    return tf.reduce_mean(tf.stack(per_level))
+    per_level = [ops.mean(ops.square(la - lb) * weights) for la, lb in zip(pyr_a, pyr_b)]
+    return ops.mean(ops.stack(per_level))
 
 
-def harmonization_loss(saliency, human_maps, tokens=None, levels: int = 5, epsilon: float = 1e-5) -> tf.Tensor:
+def harmonization_loss(saliency, human_maps, tokens=None, levels: int = 5, epsilon: float = 1e-5):
     """The published harmonization term between saliency maps and human feature-importance maps.
 
     Both are `standardize_cut`; the human maps are rescaled so that their peak equals the saliency
@@ -153,19 +244,17 @@ def harmonization_loss(saliency, human_maps, tokens=None, levels: int = 5, epsil
     """
     epsilon = _check_epsilon(epsilon)
     levels = check_int(levels, "levels", minimum=1, maximum=MAX_PYRAMID_LEVELS)
-    saliency = as_maps(saliency, "saliency")
-    if saliency.dtype in (tf.float16, tf.bfloat16):
-        saliency = tf.cast(saliency, tf.float32)
-    human_maps = as_maps(human_maps, "human_maps", dtype=saliency.dtype)
-    check_same_shape(saliency, human_maps, "saliency", "human_maps")
-    human_maps = check_finite(human_maps, "human_maps")
-    tokens = as_tokens(tokens, tf.shape(saliency)[0], saliency.dtype)
+    saliency = _as_maps(saliency, "saliency")
+    if keras.backend.standardize_dtype(saliency.dtype) in ("float16", "bfloat16"):
+        saliency = ops.cast(saliency, "float32")
+    human_maps = _as_maps(human_maps, "human_maps", dtype=saliency.dtype)
+    _check_same_shape(saliency, human_maps, "saliency", "human_maps")
+    human_maps = _check_finite(human_maps, "human_maps")
+    tokens = _as_tokens(tokens, ops.shape(saliency)[0], saliency.dtype)
     return harmonization_loss_unchecked(saliency, human_maps, tokens, levels, epsilon)
 
 
-def harmonization_loss_unchecked(
-    saliency: tf.Tensor, human_maps: tf.Tensor, tokens: tf.Tensor, levels: int, epsilon
-) -> tf.Tensor:
+def harmonization_loss_unchecked(saliency, human_maps, tokens, levels: int, epsilon):
     """`harmonization_loss` of arguments already checked: float (N, H, W) maps of one shape and dtype
     (float32 at least, human maps finite), (N,) tokens of that dtype, levels >= 1, epsilon >= 0.
 
@@ -174,7 +263,24 @@ def harmonization_loss_unchecked(
     """
     saliency_cut = _standardize_cut(saliency, epsilon)
     human_cut = _standardize_cut(human_maps, epsilon)
-    human_peak = tf.reduce_max(human_cut, axis=(1, 2), keepdims=True) + PEAK_EPSILON
-    saliency_peak = tf.stop_gradient(tf.reduce_max(saliency_cut, axis=(1, 2), keepdims=True)) + PEAK_EPSILON
+    human_peak = ops.max(human_cut, axis=(1, 2), keepdims=True) + PEAK_EPSILON
+    saliency_peak = ops.stop_gradient(ops.max(saliency_cut, axis=(1, 2), keepdims=True)) + PEAK_EPSILON
     human_rescaled = human_cut / human_peak * saliency_peak
     return _pyramidal_mse(saliency_cut, human_rescaled, tokens, levels)
+
+
+def half_squared_norm(values: Sequence):
+    """sum(0.5 * ||v||^2) over `values` (variables or tensors), in float32 at least; 0.0 for none.
+
+    TensorFlow keeps `tf.nn.l2_loss`, the published training code's term (serre-lab/Harmonization
+    `training/loss.py`), so its numbers do not move; the other backends compute the same sum with keras.ops.
+    """
+    values = [ops.cast(v, "float32") if keras.backend.standardize_dtype(v.dtype) in ("float16", "bfloat16") else v
+              for v in values]
+    if not values:
+        return ops.convert_to_tensor(0.0)
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf  # on use: the TensorFlow backend's own op, the published one
+
+        return tf.add_n([tf.nn.l2_loss(v) for v in values])
+    return sum(ops.sum(ops.square(v)) for v in values) * 0.5

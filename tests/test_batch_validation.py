@@ -235,7 +235,7 @@ def test_the_loss_does_not_check_again_what_the_step_checked(monkeypatch, run_ea
     def checked_again(*args, **kwargs):
         raise AssertionError("the harmonization loss checked its arguments again inside the step")
 
-    for name in ("as_maps", "as_tokens", "check_finite", "check_same_shape", "check_int", "_check_epsilon"):
+    for name in ("_as_maps", "_as_tokens", "_check_finite", "_check_same_shape", "check_int", "_check_epsilon"):
         monkeypatch.setattr(losses, name, checked_again)
     logs = compiled(run_eagerly=run_eagerly).train_on_batch(batch(), return_dict=True)
     assert np.isfinite(logs["harmonization"]) and logs["harmonization"] > 0

@@ -26,12 +26,17 @@ DISTRIBUTION = (
     "harmonization.loader",  # names, hf:// URIs and paths -> presets; the cache of converted originals
 )
 TRAINING = (
-    "harmonization._validation",
+    "harmonization._host_checks",  # NumPy checks of concrete values, every backend
+    "harmonization._validation",  # the same checks inside a TensorFlow graph
     "harmonization.batch",
     "harmonization.losses",
     "harmonization.saliency_input",
+    "harmonization.autodiff",  # each backend's input gradient
     "harmonization.saliency",
     "harmonization.saliency_methods",
+    "harmonization.harmonized_step_tensorflow",  # one train/test step per backend
+    "harmonization.harmonized_step_jax",
+    "harmonization.harmonized_step_torch",
     "harmonization.harmonized_model",
 )
 RUNS = (
