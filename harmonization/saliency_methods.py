@@ -26,6 +26,12 @@ Add one with `register_saliency_method(method)`: a `GradientSaliency` (a channel
 gradient; it can train), a subclass of `SaliencyMethod`, or any function wrapped by
 `get_saliency_method(fn)`. `harmonization.evaluate_command.SALIENCY_METHODS` lists the built-in names
 for the console's `--help` without importing TensorFlow; a test keeps it equal to this registry.
+
+Every method is written in `keras.ops` and runs on the TensorFlow, JAX and PyTorch backends with the same
+numbers: the gradient comes from `harmonization.saliency` (each backend's own autodiff), and SmoothGrad's noise
+is TensorFlow's `stateless_normal` stream on every backend (reproduced with NumPy where TensorFlow is absent), so
+a seed gives the same maps whichever backend computes them. On TensorFlow the passes over noisy copies or path
+points run in a `tf.while_loop`, so that a traced graph holds the model a few times, not once per point.
 """
 
 from __future__ import annotations
@@ -35,10 +41,12 @@ import dataclasses
 import difflib
 from typing import Any, Callable, Sequence
 
+import keras
 import numpy as np
-import tensorflow as tf
+from keras import ops
 
-from harmonization._validation import check_int, check_number
+from harmonization import _backend
+from harmonization._numbers import check_int, check_number
 from harmonization.saliency import (
     channel_max_abs,
     channel_mean,
@@ -65,24 +73,27 @@ __all__ = [
     "training_saliency_method",
 ]
 
-ChannelReduction = Callable[[tf.Tensor], tf.Tensor]
+#: A backend tensor (TensorFlow, JAX or PyTorch).
+Tensor = Any
+ChannelReduction = Callable[[Tensor], Tensor]
 
 
-def abs_channel_sum(attributions: tf.Tensor) -> tf.Tensor:
+def abs_channel_sum(attributions: Tensor) -> Tensor:
     """(N, H, W, C) -> (N, H, W): |sum over channels|, the reduction of additive attributions.
 
     Integrated Gradients' attributions add up to f(x) - f(baseline) (completeness, Sundararajan et al.
     2017), so a pixel's share is the sum of its channels' shares; its magnitude ranks its importance,
     which is what a human map records (the sign says only whether it raised or lowered the logit).
     """
-    return tf.abs(tf.reduce_sum(attributions, axis=-1))
+    return ops.abs(ops.sum(attributions, axis=-1))
 
 
 class SaliencyMethod(abc.ABC):
     """A saliency method: `method(model, images, labels) -> maps (N, H, W)`.
 
-    Subclasses implement `logits_and_maps`; they are run inside `tf.function` by `evaluate_alignment`,
-    so they must be traceable (TensorFlow ops, Python loops of static length).
+    Subclasses implement `logits_and_maps` with `keras.ops` (so that they run on every backend); on
+    TensorFlow `evaluate_alignment` runs them inside `tf.function`, so they must be traceable (no NumPy on
+    tensors, Python loops of static length).
 
     Attributes:
         name: the name it is registered under (and saved under in a `HarmonizedModel`'s config).
@@ -100,7 +111,7 @@ class SaliencyMethod(abc.ABC):
     @abc.abstractmethod
     def logits_and_maps(
         self, model, images, labels, *, training: bool = False, **saliency_options
-    ) -> tuple[tf.Tensor, tf.Tensor]:
+    ) -> tuple[Tensor, Tensor]:
         """(logits (N, num_classes) of the clean images, maps (N, H, W)).
 
         Args:
@@ -112,7 +123,7 @@ class SaliencyMethod(abc.ABC):
                 `harmonization.saliency.class_logit_gradient`.
         """
 
-    def __call__(self, model, images, labels, *, training: bool = False, **saliency_options) -> tf.Tensor:
+    def __call__(self, model, images, labels, *, training: bool = False, **saliency_options) -> Tensor:
         """The maps (N, H, W) alone."""
         return self.logits_and_maps(model, images, labels, training=training, **saliency_options)[1]
 
@@ -154,51 +165,142 @@ def _points_per_pass(batch_size: int, num_images: int | None, num_points: int) -
     return max(1, min(num_points, batch_size // num_images))
 
 
-def _repeat(values: tf.Tensor, times: int) -> tf.Tensor:
+def _repeat(values: Tensor, times: int) -> Tensor:
     """`values` stacked `times` times along the batch axis: point-major, image-minor."""
-    return values if times == 1 else tf.concat([values] * times, axis=0)
+    return values if times == 1 else ops.concatenate([values] * times, axis=0)
 
 
 def _gradient_sum(
     view,
-    x: tf.Tensor,
-    labels: tf.Tensor,
+    x: Tensor,
+    labels: Tensor,
     training: bool,
     num_points: int,
     per_pass: int,
-    points: Callable[[tf.Tensor], tf.Tensor],
+    points: Callable[[Tensor], Tensor],
     weights: Sequence[float] | None = None,
-) -> tf.Tensor:
+) -> Tensor:
     """sum_j w_j * d logit_y / d x at `points(j)`, j < num_points, per image: (N, H, W, C), in at least float32.
 
     `points(indices)` returns the points of the images for each of the (static-length) `indices`, point-major:
-    (len(indices) * N, H, W, C). Each pass differentiates `per_pass` of them; the full passes run in a
-    `tf.while_loop`, so a traced graph holds the model twice (a full pass and the remainder), not once per point.
+    (len(indices) * N, H, W, C). Each pass differentiates `per_pass` of them. On TensorFlow the full passes run
+    in a `tf.while_loop`, so a traced graph holds the model twice (a full pass and the remainder), not once per
+    point; JAX and PyTorch run eagerly here, with a Python loop.
     """
-    dtype = tf.float32 if x.dtype in (tf.float16, tf.bfloat16) else x.dtype
-    weights = None if weights is None else tf.constant(weights, dtype)
+    dtype = "float32" if keras.backend.standardize_dtype(x.dtype) in ("float16", "bfloat16") else x.dtype
+    weights = None if weights is None else ops.convert_to_tensor(weights, dtype)
 
-    def pass_sum(start, count: int) -> tf.Tensor:
-        indices = start + tf.range(count)
+    def pass_sum(start, count: int) -> Tensor:
+        indices = start + ops.arange(count, dtype="int32")
         _, grads = class_logit_gradient_at(view, points(indices), _repeat(labels, count), training=training)
-        grads = tf.reshape(grads, tf.concat([[count], tf.shape(x)], axis=0))
+        grads = ops.reshape(grads, (count, *ops.shape(x)))
         if weights is not None:
-            grads = grads * tf.reshape(tf.gather(weights, indices), [count, 1, 1, 1, 1])
-        return tf.reduce_sum(grads, axis=0)
+            grads = grads * ops.reshape(ops.take(weights, indices), (count, 1, 1, 1, 1))
+        return ops.sum(grads, axis=0)
 
     full, remainder = divmod(num_points, per_pass)
     if full == 1:
-        total = pass_sum(tf.constant(0), per_pass)
-    else:
+        total = pass_sum(0, per_pass)
+    elif _backend.is_tensorflow():
+        import tensorflow as tf  # the loop primitive that keeps a traced graph small (see above)
+
         _, total = tf.while_loop(
             lambda i, _: i < full,
             lambda i, total: (i + 1, total + pass_sum(i * per_pass, per_pass)),
             (tf.constant(0), tf.zeros_like(x, dtype)),
             parallel_iterations=1,
         )
+    else:
+        total = pass_sum(0, per_pass)
+        for i in range(1, full):
+            total = total + pass_sum(i * per_pass, per_pass)
     if remainder:
-        total += pass_sum(tf.constant(full * per_pass), remainder)
+        total = total + pass_sum(full * per_pass, remainder)
     return total
+
+
+# ----------------------------------------------------------------------------- SmoothGrad's noise
+# TensorFlow's `tf.random.stateless_normal` on CPU and GPU is Philox4x32-10 (Salmon et al., SC 2011) turned into
+# normals by Box-Muller; reproducing it with NumPy gives the other backends the very noise TensorFlow draws, so that
+# SmoothGrad's maps agree across backends (to one float32 ulp of the noise: NumPy's and the C library's sin, cos and
+# log may round differently).
+_PHILOX_MULTIPLIERS = (np.uint64(0xD2511F53), np.uint64(0xCD9E8D57))
+_PHILOX_KEY_STEPS = (np.uint32(0x9E3779B9), np.uint32(0xBB67AE85))
+#: The key TensorFlow scrambles a stateless seed with (its seed -> key/counter derivation).
+_SEED_SCRAMBLE_KEY = (np.uint32(0x3EC8F720), np.uint32(0x02461E29))
+_LOW_32 = np.uint64(0xFFFFFFFF)
+
+
+def _philox(counter: Sequence[np.ndarray], key: Sequence[np.ndarray]) -> tuple[np.ndarray, ...]:
+    """Philox4x32-10 of 4 uint32 counter words (arrays, one block per element) under a 2-word key."""
+    c0, c1, c2, c3 = (np.asarray(word, np.uint32) for word in counter)
+    k0, k1 = (np.asarray(word, np.uint32) for word in key)
+    for round_ in range(10):
+        product0 = _PHILOX_MULTIPLIERS[0] * c0.astype(np.uint64)
+        product1 = _PHILOX_MULTIPLIERS[1] * c2.astype(np.uint64)
+        high0, low0 = (product0 >> np.uint64(32)).astype(np.uint32), (product0 & _LOW_32).astype(np.uint32)
+        high1, low1 = (product1 >> np.uint64(32)).astype(np.uint32), (product1 & _LOW_32).astype(np.uint32)
+        c0, c1, c2, c3 = high1 ^ c1 ^ k0, low1, high0 ^ c3 ^ k1, low0
+        if round_ < 9:
+            with np.errstate(over="ignore"):  # the key words wrap around modulo 2**32, by design
+                k0, k1 = k0 + _PHILOX_KEY_STEPS[0], k1 + _PHILOX_KEY_STEPS[1]
+    return c0, c1, c2, c3
+
+
+def _unit_float(bits: np.ndarray) -> np.ndarray:
+    """uint32 -> float32 in [0, 1): 23 random mantissa bits under the exponent of 1.0, minus 1."""
+    return (np.uint32(127 << 23) | (bits & np.uint32(0x7FFFFF))).view(np.float32) - np.float32(1.0)
+
+
+def _stateless_normal_numpy(shape: Sequence[int], seed: int, sample: int) -> np.ndarray:
+    """`tf.random.stateless_normal(shape, seed=[seed, sample])` (float32) computed with NumPy.
+
+    The seed pair is scrambled into a Philox key and counter by one Philox block; block g of the stream gives
+    normals 4g .. 4g+3, two per pair of uint32 words by Box-Muller (sin and cos of one angle), rounded as float32
+    arithmetic rounds them.
+    """
+    size = int(np.prod(shape))
+    words = [np.uint64(value % 2**64) for value in (seed, sample)]
+    seed_counter = [np.uint32(words[0] & _LOW_32), np.uint32(words[0] >> np.uint64(32)),
+                    np.uint32(words[1] & _LOW_32), np.uint32(words[1] >> np.uint64(32))]
+    mix = _philox(seed_counter, _SEED_SCRAMBLE_KEY)
+    block = np.arange((size + 3) // 4, dtype=np.uint64)  # the counter's low 64 bits start at 0
+    counter = [(block & _LOW_32).astype(np.uint32), (block >> np.uint64(32)).astype(np.uint32),
+               np.full(block.shape, mix[2]), np.full(block.shape, mix[3])]
+    bits = _philox(counter, mix[:2])
+    normals = np.empty((len(block), 4), np.float32)
+    for first in (0, 2):
+        radius_uniform = np.maximum(_unit_float(bits[first]), np.float32(1e-7))
+        # float32(2 pi (in double) * u); float32 log, sin and cos as the correctly rounded double results.
+        angle = (2.0 * np.pi * _unit_float(bits[first + 1]).astype(np.float64)).astype(np.float32)
+        radius = np.sqrt(np.float32(-2.0) * np.log(radius_uniform.astype(np.float64)).astype(np.float32))
+        normals[:, first] = np.sin(angle.astype(np.float64)).astype(np.float32) * radius
+        normals[:, first + 1] = np.cos(angle.astype(np.float64)).astype(np.float32) * radius
+    return normals.reshape(-1)[:size].reshape(tuple(shape))
+
+
+def _noise_like(x: Tensor, seed, sample) -> Tensor:
+    """Standard normal noise of x's shape for SmoothGrad sample `sample`: TensorFlow's stateless stream.
+
+    On TensorFlow `tf.random.stateless_normal(tf.shape(x), seed=[seed, sample], dtype=x.dtype)` itself (traceable;
+    `seed` and `sample` may be tensors); elsewhere the same float32 numbers from NumPy, cast to x's dtype.
+    """
+    if _backend.is_tensorflow():
+        import tensorflow as tf  # its own generator: inside a traced graph the noise is drawn by the graph
+
+        seed = tf.stack([tf.cast(seed, tf.int64), tf.cast(sample, tf.int64)])
+        return tf.random.stateless_normal(tf.shape(x), seed=seed, dtype=x.dtype)
+    return ops.convert_to_tensor(_stateless_normal_numpy(tuple(x.shape), int(seed), int(sample)), x.dtype)
+
+
+def _fresh_seed() -> Any:
+    """A seed for `SmoothGrad(seed=None)`: new noise at every call (from TensorFlow's or NumPy's global generator,
+    both set by `keras.utils.set_random_seed`)."""
+    if _backend.is_tensorflow():
+        import tensorflow as tf  # a traced graph draws a new seed each time it runs
+
+        return tf.random.uniform([], 0, np.iinfo(np.int32).max, dtype=tf.int64)
+    return int(np.random.randint(0, np.iinfo(np.int32).max))
 
 
 class _AttributionSaliency(SaliencyMethod):
@@ -210,10 +312,10 @@ class _AttributionSaliency(SaliencyMethod):
     reduce: ChannelReduction
 
     @abc.abstractmethod
-    def attributions_at(self, view, x, labels, training: bool = False) -> tf.Tensor:
+    def attributions_at(self, view, x, labels, training: bool = False) -> Tensor:
         """The per-channel attributions (N, H, W, C) of `x`, a batch of preprocessed images."""
 
-    def attributions(self, model, images, labels, *, training: bool = False, **saliency_options) -> tf.Tensor:
+    def attributions(self, model, images, labels, *, training: bool = False, **saliency_options) -> Tensor:
         """The per-channel attributions (N, H, W, C) of `images`, before the channel reduction."""
         view, images = saliency_view(model, images, **saliency_options)
         return self.attributions_at(view, view.split(images, training=training), labels, training)
@@ -240,7 +342,9 @@ class SmoothGrad(_AttributionSaliency):
 
     The noise of sample s is `sigma * tf.random.stateless_normal(tf.shape(x), seed=[seed, s])` (sigma
     per image), so a seed gives the same maps whatever `batch_size` (an image's noise depends on the seed,
-    the sample and its row in the batch); `seed=None` draws fresh noise at every call. Each pass
+    the sample and its row in the batch) and whatever the backend (JAX and PyTorch draw the same float32
+    numbers with NumPy; for float64 inputs TensorFlow draws float64 noise, the others float32 noise cast to
+    float64); `seed=None` draws fresh noise at every call. Each pass
     differentiates up to `batch_size` points: (batch_size // N) noisy copies of the N images (at least one).
 
     Not for training (`twice_differentiable` is False): n backward passes per step, differentiated again.
@@ -264,26 +368,22 @@ class SmoothGrad(_AttributionSaliency):
             check_int(self.seed, "seed", expected="an integer or None")
         _check_batch_size(self.batch_size)
 
-    def attributions_at(self, view, x, labels, training: bool = False) -> tf.Tensor:
+    def attributions_at(self, view, x, labels, training: bool = False) -> Tensor:
         """The mean gradient (N, H, W, C) over the noisy copies of `x`, a batch of preprocessed images."""
-        x = tf.convert_to_tensor(x)
-        labels = tf.convert_to_tensor(labels)
+        x = ops.convert_to_tensor(x)
+        labels = ops.convert_to_tensor(labels)
         # sigma as a share of each image's range, the paper's parametrisation (Smilkov et al. 2017, section 3).
-        spread = tf.reduce_max(x, axis=[1, 2, 3]) - tf.reduce_min(x, axis=[1, 2, 3])
-        sigma = tf.reshape(tf.cast(self.noise_level, x.dtype) * spread, [-1, 1, 1, 1])
-        if self.seed is None:
-            seed = tf.random.uniform([], 0, np.iinfo(np.int32).max, dtype=tf.int64)
-        else:
-            seed = tf.constant(self.seed, tf.int64)
+        spread = ops.max(x, axis=(1, 2, 3)) - ops.min(x, axis=(1, 2, 3))
+        sigma = ops.reshape(ops.cast(self.noise_level, x.dtype) * spread, (-1, 1, 1, 1))
+        seed = _fresh_seed() if self.seed is None else self.seed
         per_pass = _points_per_pass(self.batch_size, x.shape[0], self.samples)
 
-        def noisy(samples: tf.Tensor) -> tf.Tensor:
-            seeds = [tf.stack([seed, tf.cast(samples[k], tf.int64)]) for k in range(samples.shape[0])]
-            copies = [x + sigma * tf.random.stateless_normal(tf.shape(x), seed=s, dtype=x.dtype) for s in seeds]
-            return copies[0] if len(copies) == 1 else tf.concat(copies, axis=0)
+        def noisy(samples: Tensor) -> Tensor:
+            copies = [x + sigma * _noise_like(x, seed, samples[k]) for k in range(samples.shape[0])]
+            return copies[0] if len(copies) == 1 else ops.concatenate(copies, axis=0)
 
         total = _gradient_sum(view, x, labels, training, self.samples, per_pass, noisy)
-        return total / tf.cast(self.samples, total.dtype)
+        return total / ops.cast(self.samples, total.dtype)
 
 
 #: The quadrature rules of `IntegratedGradients`: steps -> (path positions alpha, weights summing to 1).
@@ -335,22 +435,22 @@ class IntegratedGradients(_AttributionSaliency):
         check_int(self.steps, "steps", minimum=2 if self.rule == "trapezoid" else 1)
         _check_batch_size(self.batch_size)
 
-    def attributions_at(self, view, x, labels, training: bool = False) -> tf.Tensor:
+    def attributions_at(self, view, x, labels, training: bool = False) -> Tensor:
         """The per-channel attributions (N, H, W, C) of `x`, a batch of preprocessed images."""
-        x = tf.convert_to_tensor(x)
-        labels = tf.convert_to_tensor(labels)
-        baseline = tf.broadcast_to(tf.cast(self.baseline, x.dtype), tf.shape(x))
+        x = ops.convert_to_tensor(x)
+        labels = ops.convert_to_tensor(labels)
+        baseline = ops.broadcast_to(ops.cast(self.baseline, x.dtype), ops.shape(x))
         delta = x - baseline
         alphas, weights = _RULES[self.rule](self.steps)
         per_pass = _points_per_pass(self.batch_size, x.shape[0], self.steps)
-        positions = tf.constant(alphas, x.dtype)
+        positions = ops.convert_to_tensor(alphas, x.dtype)
 
-        def on_path(steps: tf.Tensor) -> tf.Tensor:
-            alpha = tf.reshape(tf.gather(positions, steps), [-1, 1, 1, 1, 1])
-            return tf.reshape(baseline[None] + alpha * delta[None], tf.concat([[-1], tf.shape(x)[1:]], axis=0))
+        def on_path(steps: Tensor) -> Tensor:
+            alpha = ops.reshape(ops.take(positions, steps), (-1, 1, 1, 1, 1))
+            return ops.reshape(baseline[None] + alpha * delta[None], (-1, *ops.shape(x)[1:]))
 
         total = _gradient_sum(view, x, labels, training, self.steps, per_pass, on_path, weights)
-        return tf.cast(delta, total.dtype) * total
+        return ops.cast(delta, total.dtype) * total
 
 
 @dataclasses.dataclass(frozen=True)
