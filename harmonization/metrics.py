@@ -41,6 +41,7 @@ import keras
 import numpy as np
 
 from harmonization import _backend
+from harmonization._host_checks import check_finite_on_host, host_array
 
 #: Whether the metrics run as TensorFlow ops (the TensorFlow backend) or NumPy (JAX, PyTorch): Keras picks its
 #: backend once per process, before this module is imported.
@@ -298,20 +299,6 @@ def _numpy_path_applies(maps) -> bool:
 
 
 # ----------------------------------------------------------------------------- the NumPy path (JAX, PyTorch)
-def as_numpy(values) -> np.ndarray:
-    """`values` as a NumPy array on the host, whatever produced it.
-
-    A NumPy array is returned as is (no copy); a tensor of the current backend is copied from its device
-    (a PyTorch tensor detached from autograd first; bfloat16 kept as ml_dtypes' bfloat16); anything else (a
-    list, a TensorFlow tensor under another backend) goes through `np.asarray`.
-    """
-    if isinstance(values, np.ndarray):
-        return values
-    if keras.ops.is_tensor(values):
-        return keras.ops.convert_to_numpy(values)
-    return np.asarray(values)
-
-
 def _numpy_dtype(dtype) -> np.dtype:
     """A result dtype given as a string, a NumPy or a backend dtype, as a NumPy dtype."""
     return np.dtype(keras.backend.standardize_dtype(dtype))
@@ -323,7 +310,7 @@ def _host_maps(maps, name: str) -> np.ndarray:
     Integer and boolean maps keep their dtype (each chunk is widened to float64 where it is used, as the
     TensorFlow path widens them); bfloat16, which NumPy cannot sort, becomes float32 (exact).
     """
-    maps = as_numpy(maps)
+    maps = host_array(maps)
     if maps.dtype.name == "bfloat16":
         maps = maps.astype(np.float32)
     if maps.dtype.kind not in "fiub":
@@ -339,9 +326,7 @@ def _host_maps(maps, name: str) -> np.ndarray:
         raise ValueError(
             f"`{name}` must have shape (N, H, W) or (N, H, W, 1); got rank {maps.ndim} with shape {maps.shape}."
         )
-    # min and max are NaN if any value is, and +-Inf if any value is: no (N, H, W) mask needed.
-    if maps.dtype.kind == "f" and maps.size and not (np.isfinite(maps.min()) and np.isfinite(maps.max())):
-        raise ValueError(f"`{name}` contains NaN or Inf values.")
+    check_finite_on_host(maps, name)
     return maps
 
 
@@ -646,7 +631,7 @@ def alignment_score(spearmans, ceiling: float = HUMAN_CEILING) -> float:
         A Python float.
     """
     ceiling = check_ceiling(ceiling)
-    values = as_numpy(spearmans)
+    values = host_array(spearmans)
     if values.ndim != 1 or values.size == 0 or not np.issubdtype(values.dtype, np.number):
         raise ValueError(
             "`spearmans` must be a non-empty 1-D array of per-image correlations; "

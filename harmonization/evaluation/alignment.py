@@ -7,35 +7,58 @@ image, the Spearman correlation, Dice and IoU between its saliency map and the h
 (arXiv 2211.04533): mean Spearman / human inter-rater ceiling. Both ends are seams: `saliency=` picks
 the saliency method (`harmonization.saliency_methods`; the published evaluation map by default) and
 `metrics=` the per-image metrics (`harmonization.metrics.DEFAULT_METRICS` by default).
+
+It runs on every Keras backend. On TensorFlow a Keras model's saliency is traced once (`tf.function`) and the
+maps stay tensors on their device; on JAX and PyTorch the saliency runs eagerly and the maps are scored on the
+host (`harmonization.metrics` is NumPy there). The data may be NumPy arrays, any iterable of batches, or a
+`tf.data.Dataset` (on any backend where TensorFlow is installed: its batches are read as NumPy arrays).
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import sys
 from typing import Any, Callable, Iterable, Mapping
 
 import keras
 import numpy as np
-import tensorflow as tf
 
+from harmonization import _backend
 from harmonization import metrics as _metrics  # `metrics` is evaluate_alignment's argument
-from harmonization._validation import as_maps, check_int, label_layout, label_problem, token_problem
+from harmonization._host_checks import host_array, label_layout, label_problem, token_problem
+from harmonization._numbers import check_int
 from harmonization.batch import HEATMAP, IMAGE, KEYS, LABEL, TOKEN, heatmap_maps, unpack
-from harmonization.saliency_methods import GRADIENT_MAX_ABS, FunctionSaliency, SaliencyMethod, get_saliency_method
 from harmonization.saliency_input import AUTO, RAW_INPUT, resolve_saliency_input
+from harmonization.saliency_methods import GRADIENT_MAX_ABS, FunctionSaliency, SaliencyMethod, get_saliency_method
+
+#: Whether Keras runs on TensorFlow: then the saliency is traced and the maps stay tensors (see the docstring).
+_ON_TENSORFLOW = _backend.is_tensorflow()
+if _ON_TENSORFLOW:
+    # Only the TensorFlow backend needs TensorFlow here: on JAX and PyTorch it may not be installed.
+    import tensorflow as tf
+
+    # The tensor check of the maps, TensorFlow code as the path that uses it.
+    from harmonization._validation import as_maps
 
 
 def _to_numpy(value, what: str) -> np.ndarray:
-    if isinstance(value, (tf.Tensor, tf.Variable)):
-        return value.numpy()
+    """`value` (a NumPy array, or a tensor of any backend on any device) as a NumPy array, or a TypeError naming
+    `what`."""
     try:
-        return np.asarray(value)
-    except Exception as error:  # e.g. a torch tensor that requires grad
+        return host_array(value)
+    except Exception as error:  # e.g. an object NumPy cannot read
         raise TypeError(
             f"{what} must be a NumPy array or a tensor convertible with np.asarray; got "
             f"{type(value).__name__} ({error}). Detach it and move it to the CPU first."
         ) from error
+
+
+def _tf_dataset_type() -> type | None:
+    """`tf.data.Dataset` when TensorFlow has been imported, else None (no dataset can exist then): recognising one
+    costs no TensorFlow import on JAX or PyTorch."""
+    tensorflow = sys.modules.get("tensorflow")
+    return getattr(getattr(tensorflow, "data", None), "Dataset", None)
 
 
 def _batch_arrays(batch, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
@@ -104,8 +127,8 @@ def _keras_saliency(model: keras.layers.Layer, method: SaliencyMethod, options: 
     def logits_and_saliency(images, labels):
         return method.logits_and_maps(model, images, labels, training=False, **options)
 
-    if isinstance(method, FunctionSaliency):
-        return logits_and_saliency  # a plain function may use NumPy: called eagerly
+    if isinstance(method, FunctionSaliency) or not _ON_TENSORFLOW:
+        return logits_and_saliency  # a plain function may use NumPy; JAX and PyTorch run it eagerly
     return tf.function(logits_and_saliency, reduce_retracing=True)
 
 
@@ -149,18 +172,34 @@ def _per_image(values, num_images: int, name: str, index: int) -> np.ndarray:
 _RESERVED_KEYS = frozenset(("alignment_score", "num_images", "accuracy"))
 
 
-def _as_saliency(maps, num_images: int, size: tuple[int, int], index: int) -> tf.Tensor:
-    """Validate an explainer's output and resize it (bilinear) to the human maps' size."""
-    if not isinstance(maps, tf.Tensor):  # TensorFlow maps stay on their device
+def _frozen(array: np.ndarray) -> np.ndarray:
+    """A read-only copy of `array` that owns its memory: maps that cannot change, which `metrics.shared_overlaps`
+    then binarises once for both Dice and IoU (on JAX and PyTorch, where the metrics take NumPy arrays)."""
+    array = np.array(array, copy=True)
+    array.setflags(write=False)
+    return array
+
+
+def _as_saliency(maps, num_images: int, size: tuple[int, int], index: int):
+    """Validate an explainer's output and resize it (bilinear) to the human maps' size.
+
+    On TensorFlow the maps become (or stay, on their device) a tensor; on JAX and PyTorch a read-only NumPy array.
+    """
+    if not (_ON_TENSORFLOW and isinstance(maps, tf.Tensor)):  # TensorFlow maps stay on their device
         maps = _to_numpy(maps, f"The explainer's output for batch {index}")
         if maps.dtype != np.float64:
             maps = maps.astype(np.float32)  # e.g. float16 or bfloat16 from PyTorch/JAX
+    if not _ON_TENSORFLOW:
+        maps = heatmap_maps(maps, "`model_or_explainer` output")
+        _check_map_count(maps, num_images, index)
+        if tuple(maps.shape[1:]) != tuple(size):
+            resized = keras.ops.image.resize(maps[..., None], size, interpolation="bilinear")
+            maps = keras.ops.convert_to_numpy(resized)[..., 0]
+        if not np.all(np.isfinite(maps)):
+            raise ValueError(f"The saliency maps of batch {index} contain NaN or Inf values.")
+        return _frozen(maps)
     maps = as_maps(maps, "model_or_explainer output")
-    if maps.shape[0] != num_images:
-        raise ValueError(
-            f"`model_or_explainer` returned {maps.shape[0]} maps for batch {index}, which has "
-            f"{num_images} scored images; it must return one (H, W) map per image."
-        )
+    _check_map_count(maps, num_images, index)
     if tuple(maps.shape[1:]) != tuple(size):
         maps = tf.image.resize(maps[..., None], size, method="bilinear")[..., 0]
     if not bool(tf.reduce_all(tf.math.is_finite(maps))):
@@ -168,11 +207,21 @@ def _as_saliency(maps, num_images: int, size: tuple[int, int], index: int) -> tf
     return maps
 
 
+def _check_map_count(maps, num_images: int, index: int) -> None:
+    """Refuse an explainer that returned a number of maps other than the batch's scored images."""
+    if maps.shape[0] != num_images:
+        raise ValueError(
+            f"`model_or_explainer` returned {maps.shape[0]} maps for batch {index}, which has "
+            f"{num_images} scored images; it must return one (H, W) map per image."
+        )
+
+
 def _progress_target(dataset, max_batches: int | None) -> int | None:
     known = None
-    if isinstance(dataset, tf.data.Dataset):
+    dataset_type = _tf_dataset_type()
+    if dataset_type is not None and isinstance(dataset, dataset_type):
         cardinality = int(dataset.cardinality())
-        if cardinality == tf.data.INFINITE_CARDINALITY and max_batches is None:
+        if cardinality == sys.modules["tensorflow"].data.INFINITE_CARDINALITY and max_batches is None:
             raise ValueError(
                 "`dataset` is infinite (e.g. it ends with `.repeat()`); pass `max_batches` to bound it."
             )
@@ -186,7 +235,7 @@ def _progress_target(dataset, max_batches: int | None) -> int | None:
 
 def evaluate_alignment(
     model_or_explainer: keras.Model | Callable[[Any, Any], Any],
-    dataset: tf.data.Dataset | Iterable,
+    dataset: Iterable,
     *,
     percentile: float = 10,
     ceiling: float = _metrics.HUMAN_CEILING,
@@ -211,7 +260,7 @@ def evaluate_alignment(
         model_or_explainer: a Keras model (or layer) returning logits, explained with `saliency`; or any
             callable `f(images, labels) -> maps` taking NumPy arrays and returning one map per image,
             (N, H, W) or (N, H, W, 1), as a NumPy array or a tensor: e.g. a PyTorch or JAX model's saliency.
-        dataset: a `tf.data.Dataset` or any iterable of batches, each a dict
+        dataset: a `tf.data.Dataset` (any backend, TensorFlow installed) or any iterable of batches, each a dict
             `{"image": (N, H, W, C), "heatmap": (N, H, W[, 1]), "label": (N,) or (N, C)[, "token": (N,)]}`
             or a tuple `(image, heatmap, label[, token])`.
         percentile: share of pixels (in %) kept in each map for Dice and IoU; see `metrics.dice`.
@@ -284,7 +333,7 @@ def evaluate_alignment(
             "`model_or_explainer` must be a Keras model or a callable f(images, labels) -> maps; "
             f"got {type(model_or_explainer).__name__}."
         )
-    if not isinstance(dataset, tf.data.Dataset) and not isinstance(dataset, Iterable):
+    if not isinstance(dataset, Iterable):  # a tf.data.Dataset is one
         raise TypeError(
             f"`dataset` must be a tf.data.Dataset or an iterable of batches; got {type(dataset).__name__}."
         )
@@ -310,14 +359,14 @@ def evaluate_alignment(
             images, heatmaps, labels = images[keep], heatmaps[keep], labels[keep]
         if images.shape[0] > 0:
             if is_keras:
-                logits, maps = explain(tf.convert_to_tensor(images), tf.convert_to_tensor(labels))
+                logits, maps = explain(keras.ops.convert_to_tensor(images), keras.ops.convert_to_tensor(labels))
                 _check_label_range(all_labels, logits.shape[-1], index)
-                predicted = np.argmax(logits.numpy(), axis=-1)
+                predicted = np.argmax(keras.ops.convert_to_numpy(logits), axis=-1)
                 num_correct += int(np.sum(predicted == _class_ids(labels)))
             else:
                 maps = explain(images, labels)
             maps = _as_saliency(maps, images.shape[0], heatmaps.shape[1:], index)
-            heatmaps = as_maps(heatmaps, "heatmap")
+            heatmaps = as_maps(heatmaps, "heatmap") if _ON_TENSORFLOW else _frozen(heatmaps)
             with _metrics.shared_overlaps():  # Dice and IoU binarise the maps once
                 for name, fn in metric_functions.items():
                     scores[name].append(_per_image(fn(maps, heatmaps), images.shape[0], name, index))
