@@ -193,7 +193,8 @@ def _as_saliency(maps, num_images: int, size: tuple[int, int], index: int):
         maps = heatmap_maps(maps, "`model_or_explainer` output")
         _check_map_count(maps, num_images, index)
         if tuple(maps.shape[1:]) != tuple(size):
-            resized = keras.ops.image.resize(maps[..., None], size, interpolation="bilinear")
+            # In float32: JAX has no float64 unless x64 is enabled (the scores only rank the resized values).
+            resized = keras.ops.image.resize(maps[..., None].astype(np.float32), size, interpolation="bilinear")
             maps = keras.ops.convert_to_numpy(resized)[..., 0]
         if not np.all(np.isfinite(maps)):
             raise ValueError(f"The saliency maps of batch {index} contain NaN or Inf values.")
