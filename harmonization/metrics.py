@@ -16,14 +16,15 @@ be NumPy arrays or tensors of any backend, on any device (they are copied to the
 is a NumPy array (float32 by default). They return the same numbers as the TensorFlow path (the same
 integer ranks and exact sums for Spearman, numpy's own percentile for the masks), and refuse the same
 inputs with the same ValueErrors. Metrics are scored once per batch after the saliency is computed, so
-the host copy is small next to the saliency's backward pass.
+the host copy is small next to the saliency's backward pass. Inside a compiled JAX function they need a host
+callback (`jax.pure_callback`), as the JAX harmonized step's validation Spearman does.
 
 Large batches are scored `CHUNK_PIXELS` pixels (whole maps) at a time, so that memory stays a small
 multiple of the maps themselves: eagerly with a Python loop, in a graph whose shapes are known with a
 sequential `tf.while_loop` of static-shape steps (which XLA compiles too). Eagerly, valid NumPy maps
 are read in place rather than converted to tensors (TensorFlow copies a large array once or twice).
 
-Executed eagerly on a machine with no GPU or TPU, `spearman` ranks with NumPy instead, a map or a few
+On TensorFlow, executed eagerly on a machine with no GPU or TPU, `spearman` ranks with NumPy, a map or a few
 at a time: TensorFlow's full CPU sort is several times slower than NumPy's. Both paths compute the same
 integer ranks and the same exact sums, so they return identical results.
 """
