@@ -113,7 +113,7 @@ def _shown(value: float | None) -> str:
 
 
 def _metrics_table(entry: Mapping[str, Any], checks: Mapping[str, Any] | None) -> str:
-    # Imported here: harmonization.metrics imports TensorFlow, which rendering a card needs for nothing else.
+    # Imported here: harmonization.metrics imports Keras (which picks the backend), which a card needs for nothing else.
     from harmonization.metrics import HUMAN_CEILING
 
     metrics = entry["metrics"]

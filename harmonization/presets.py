@@ -17,16 +17,19 @@ can be built.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import keras
 
-from harmonization._io import file_facts, json_depth, library_versions, moved_names, sha256_file, write_atomic
+from harmonization._io import (
+    file_facts, json_depth, library_version, library_versions, moved_names, sha256_file, write_atomic,
+)
 from harmonization._numbers import check_int, is_int
 
 __all__ = [
@@ -57,9 +60,20 @@ REQUIRED_FILES = (CONFIG_FILE, WEIGHTS_FILE, METADATA_FILE)
 _PRESET_FILES = frozenset((*REQUIRED_FILES, README_FILE))
 # Keys `save_preset` computes itself; user metadata may not override them (they are what makes a preset checkable).
 _RESERVED_METADATA_KEYS = frozenset(
-    ("format_version", "keras_version", "tensorflow_version", "harmonization_version", "python_version",
-     "parameter_count", "model_class", "files")
+    ("format_version", "keras_version", "keras_backend", "tensorflow_version", "harmonization_version",
+     "python_version", "parameter_count", "model_class", "files")
 )
+#: Keras layers that run on some backends only (class name -> the backends that run them). A preset holding one is
+#: refused on any other backend by name, before Keras fails deep inside (a bare `No module named 'torch'` on JAX).
+_BACKEND_BOUND_LAYERS = {
+    "TorchModuleWrapper": ("torch",),
+    "JaxLayer": ("jax", "tensorflow"),
+    "FlaxLayer": ("jax", "tensorflow"),
+    "TFSMLayer": ("tensorflow",),
+}
+_BACKEND_NAMES = {"tensorflow": "TensorFlow", "jax": "JAX", "torch": "PyTorch"}
+#: Libraries whose classes Keras imports by module path when a config names them (module -> pip name).
+_KERAS_LIBRARIES = {"keras_hub": "keras-hub", "keras_cv": "keras-cv", "keras_nlp": "keras-nlp"}
 
 
 class PresetError(OSError):
@@ -273,6 +287,8 @@ def save_preset(
             "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
             "parameter_count": int(model.count_params()),
             **library_versions(),
+            # Which backend wrote the weights: a preset loads on every backend, and this says where it came from.
+            "keras_backend": keras.backend.backend(),
             "files": _files_of(staging),
         }
         (staging / METADATA_FILE).write_text(json.dumps(record, indent=2, sort_keys=True), encoding="utf-8")
@@ -458,12 +474,88 @@ def _read_config(directory: Path) -> dict[str, Any]:
     return config
 
 
+def _serialized_objects(config: Any) -> Iterator[dict[str, Any]]:
+    """Every serialised Keras object (a JSON object with a `class_name`) inside `config`, outermost first.
+
+    Iterative: `_read_json` has already bounded the depth, and a walk must not recurse on a crafted file either.
+    """
+    stack = [config]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, dict):
+            if isinstance(value.get("class_name"), str):
+                yield value
+            stack.extend(reversed(list(value.values())))
+        elif isinstance(value, list):
+            stack.extend(reversed(value))
+
+
+def _described(obj: Mapping[str, Any]) -> str:
+    """`layer 'name' (ClassName)`, or the class name alone for an object without a name."""
+    inner = obj.get("config")
+    name = inner.get("name") if isinstance(inner, dict) else None
+    return f"layer {name!r} ({obj['class_name']})" if isinstance(name, str) else repr(obj["class_name"])
+
+
+def _check_buildable(config: dict[str, Any], directory: Path, record: Mapping[str, Any]) -> None:
+    """Refuse, in one sentence that names the layer and the fix, a config this process cannot build.
+
+    Keras reports these cases from deep inside (a bare `ModuleNotFoundError: No module named 'torch'` for a
+    PyTorch-only layer on JAX; a `TypeError` carrying the whole object config for an unregistered class or a
+    missing keras-hub), which does not tell a user of a downloaded preset what to do. Checked on the parsed
+    config before anything is built; whatever passes is still built with Keras `safe_mode`.
+    """
+    backend = keras.backend.backend()
+    where = f"Preset {str(directory)!r}"
+    for obj in _serialized_objects(config):
+        class_name = obj["class_name"]
+        module = obj.get("module") if isinstance(obj.get("module"), str) else ""
+        package = module.split(".", 1)[0]
+        if package == "keras" and class_name == "TorchModuleWrapper":  # on every backend, its own fix
+            raise PresetError(
+                f"{where} holds {_described(obj)}, which runs only on the PyTorch backend and stores its "
+                "torch.nn.Module as a pickle, which load_model never unpickles (Keras safe_mode: a pickle can run "
+                "any code). Rebuild the model in your code with KERAS_BACKEND=torch (wrap the same torch.nn.Module), "
+                f"then load the weights with model.load_weights({str(directory / WEIGHTS_FILE)!r})."
+            )
+        backends = _BACKEND_BOUND_LAYERS.get(class_name, (backend,)) if package == "keras" else (backend,)
+        if backend not in backends:
+            runs_on = " or ".join(_BACKEND_NAMES[b] for b in backends)
+            raise PresetError(
+                f"{where} holds {_described(obj)}, which runs only on the {runs_on} backend; the Keras backend here "
+                f"is {backend!r}. Load it with KERAS_BACKEND={backends[0]} (pip install "
+                f"\"harmonization-hub[{backends[0]}]\" if that backend is missing)."
+            )
+        if package in _KERAS_LIBRARIES and importlib.util.find_spec(package) is None:
+            raise PresetError(
+                f"{where} holds {_described(obj)} from {package}, which is not installed. Install it with: "
+                f"pip install {_KERAS_LIBRARIES[package]}"
+            )
+        # A registered class is named "package>Name" (a registered function: class_name "function", config "p>f").
+        registered = obj.get("config") if class_name == "function" else obj.get("registered_name")
+        if isinstance(registered, str) and ">" in registered and keras.saving.get_registered_object(registered) is None:
+            written_by = record.get("harmonization_version")
+            newer = (f" If it is one of harmonization-hub's own, this preset was written by harmonization-hub "
+                     f"{written_by} and this is {library_version()}: upgrade with pip install -U harmonization-hub."
+                     if registered.startswith("harmonization>") and isinstance(written_by, str) else "")
+            raise PresetError(
+                f"{where} needs the custom class {registered!r} ({_described(obj)}), which is not registered in this "
+                "process. Import the module that defines it (decorated with "
+                f"@keras.saving.register_keras_serializable) before loading.{newer}"
+            )
+
+
 def _deserialize(config: dict[str, Any], directory: Path) -> keras.Model:
     # Importing the architectures registers their classes, so zoo presets deserialise without user imports.
     import harmonization.architectures  # noqa: F401
 
     try:
         model = keras.saving.deserialize_keras_object(config, safe_mode=True)
+    except ModuleNotFoundError as error:  # a class whose code needs a package that is not installed here
+        raise PresetError(
+            f"Could not build the model in preset {str(directory)!r}: it needs the Python package {error.name!r}, "
+            f"which is not installed ({error}). Install it, then load the preset again."
+        ) from error
     except RecursionError:
         raise PresetError(
             f"Could not build the model in preset {str(directory)!r}: {CONFIG_FILE} nests layers or models too "
@@ -531,6 +623,9 @@ def load_verified_preset(
     """
     directory = Path(directory)
     config = _read_config(directory)
+    import harmonization.architectures  # noqa: F401  (registers the zoo's classes, which the check looks up)
+
+    _check_buildable(config, directory, record)
     model = _deserialize(config, directory)
     _inside(directory, WEIGHTS_FILE)  # Keras needs the name ending in .weights.h5, which a cache blob lacks
     try:
