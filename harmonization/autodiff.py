@@ -38,17 +38,14 @@ def input_gradient(fn: Callable[[Any], tuple[Any, Any]], x, *, differentiable: b
             value, aux = fn(x)
         return tape.gradient(value, x), aux
     if backend == "jax":
-        import jax  # on use: the backend's own autodiff
-
-        gradient, aux = jax.grad(fn, has_aux=True)(x)
-        return gradient, aux
+        return _jax_input_gradient(fn, x)
     if backend == "torch":
         import torch  # on use: the backend's own autodiff
 
         # A graph for a second derivative only where one can follow: Keras's predict/evaluate run under no_grad.
         differentiable = differentiable and torch.is_grad_enabled()
-        with torch.enable_grad():  # the input gradient itself is needed there too
-            if not x.requires_grad:
+        with torch.enable_grad(), _twice_differentiable_attention(differentiable):
+            if not x.requires_grad:  # the input gradient itself is needed under no_grad too
                 x = x.detach().requires_grad_(True)
             value, aux = fn(x)
             if not value.requires_grad:
@@ -58,3 +55,60 @@ def input_gradient(fn: Callable[[Any], tuple[Any, Any]], x, *, differentiable: b
     raise NotImplementedError(
         f"harmonization runs on the tensorflow, jax and torch Keras backends; this one is {backend!r}."
     )
+
+
+class _RecordingScope(keras.StatelessScope):
+    """A StatelessScope that also remembers which variables were assigned (Keras keeps only their ids)."""
+
+    def __init__(self):
+        super().__init__()
+        self.assigned = {}
+
+    def add_update(self, update):
+        super().add_update(update)
+        self.assigned[id(update[0])] = update[0]
+
+
+def _jax_input_gradient(fn, x):
+    """`jax.grad` of `fn` at `x`, with the variable assignments made inside (BatchNormalization's moving statistics
+    in training mode) carried out as auxiliary results and applied afterwards, as TensorFlow applies them.
+
+    Assigning a value computed under `jax.grad` to a variable would leak a tracer. A caller that runs statelessly
+    (the harmonized step) has its own StatelessScope inside `fn`, which catches the assignments first.
+    """
+    import jax  # on use: the backend's own autodiff
+
+    def recorded(point):
+        with _RecordingScope() as scope:
+            value, aux = fn(point)
+        updates = [(variable, scope.state_mapping[key]) for key, variable in scope.assigned.items()]
+        return value, (aux, [value for _, value in updates], [variable for variable, _ in updates])
+
+    variables_box = []
+
+    def traced(point):
+        value, (aux, values, variables) = recorded(point)
+        variables_box[:] = variables
+        return value, (aux, values)
+
+    gradient, (aux, values) = jax.grad(traced, has_aux=True)(x)
+    for variable, value in zip(variables_box, values):
+        variable.assign(value)
+    return gradient, aux
+
+
+def _twice_differentiable_attention(differentiable: bool):
+    """On PyTorch, attention through the plain "math" kernel while a second derivative is wanted.
+
+    `keras.layers.MultiHeadAttention` calls `torch.nn.functional.scaled_dot_product_attention`, whose fused CPU and
+    CUDA kernels (flash, memory-efficient) have no double backward ("derivative for
+    aten::_scaled_dot_product_flash_attention_for_cpu_backward is not implemented"); the math kernel is ordinary
+    differentiable operations, exact to every order.
+    """
+    import contextlib
+
+    if not differentiable:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel  # on use: PyTorch only
+
+    return sdpa_kernel([SDPBackend.MATH])
