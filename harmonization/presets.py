@@ -27,6 +27,7 @@ from typing import Any, Iterator, Mapping
 
 import keras
 
+from harmonization._backend import INSTALL
 from harmonization._io import (
     file_facts, json_depth, library_version, library_versions, moved_names, sha256_file, write_atomic,
 )
@@ -523,8 +524,8 @@ def _check_buildable(config: dict[str, Any], directory: Path, record: Mapping[st
             runs_on = " or ".join(_BACKEND_NAMES[b] for b in backends)
             raise PresetError(
                 f"{where} holds {_described(obj)}, which runs only on the {runs_on} backend; the Keras backend here "
-                f"is {backend!r}. Load it with KERAS_BACKEND={backends[0]} (pip install "
-                f"\"harmonization-hub[{backends[0]}]\" if that backend is missing)."
+                f"is {backend!r}. Load it with KERAS_BACKEND={backends[0]} (if that backend is missing: "
+                f"{INSTALL[backends[0]]})."
             )
         if package in _KERAS_LIBRARIES and importlib.util.find_spec(package) is None:
             raise PresetError(
@@ -561,7 +562,7 @@ def _deserialize(config: dict[str, Any], directory: Path) -> keras.Model:
             f"Could not build the model in preset {str(directory)!r}: {CONFIG_FILE} nests layers or models too "
             "deeply for Keras to build.", bad_file=directory / CONFIG_FILE,
         ) from None
-    except (TypeError, ValueError) as error:
+    except (TypeError, ValueError, KeyError) as error:  # KeyError: a known class whose config lacks an argument
         raise PresetError(
             f"Could not build the model in preset {str(directory)!r} from {CONFIG_FILE}: {error}\n"
             "Custom classes must be registered with @keras.saving.register_keras_serializable and imported "

@@ -174,11 +174,13 @@ CASES = sorted(TINY["cases"])
 BACKENDS_HERE = [current_backend(), *other_backends()]
 
 
-def on_backend(backend: str, function: str, *, env: Mapping[str, str] | None = None, **kwargs: Any) -> Any:
-    """`function(**kwargs)` of this module on `backend`: here for the current one, else in a child process."""
+def on_backend(backend: str, function: str, *, module: str = __name__, env: Mapping[str, str] | None = None,
+               **kwargs: Any) -> Any:
+    """`function(**kwargs)` of test module `module` on `backend`: here for the current one, else in a child process
+    (which imports the module from this folder, calls the function and prints its JSON result)."""
     if backend == current_backend():
-        return globals()[function](**kwargs)
-    code = (f"import json, sys; sys.path.insert(0, {str(HERE)!r}); import test_backends_zoo as module; "
+        return getattr(sys.modules[module], function)(**kwargs)
+    code = (f"import json, sys; sys.path.insert(0, {str(HERE)!r}); import {module} as module; "
             f"print(json.dumps(module.{function}(**json.loads({json.dumps(kwargs)!r}))))")
     return run_on_backend(backend, code, env=dict(env or {}))
 
@@ -317,8 +319,8 @@ def test_full_size_architectures_agree_across_backends(pytestconfig, tmp_path_fa
             scale = np.abs(reference).max()
         else:
             reference, scale = np.asarray(recorded["logits_head"]), recorded["max_abs"]
-        for backend, logits in results.items():
-            difference = np.abs(np.asarray(logits)[:, :reference.shape[1]] - reference).max() / scale
+        for backend, by_name in results.items():
+            difference = np.abs(np.asarray(by_name[name])[:, :reference.shape[1]] - reference).max() / scale
             if not difference <= TOLERANCE:
                 failures.append(f"{name} on {backend}: {difference:g}")
     assert not failures, f"full-size logits differ from TensorFlow's beyond {TOLERANCE:g}: {failures}"
