@@ -4,14 +4,16 @@ A preset directory holds (the keras-hub layout):
 
 - `config.json` — the model's Keras serialisation (`keras.saving.serialize_keras_object`);
 - `model.weights.h5` — its weights (`model.save_weights`);
-- `metadata.json` — where the weights come from (zoo name, source URL and sha256), the library versions
-  that wrote them, the parameter count and the size and sha256 of every file above, so that a truncated or
-  corrupted copy is detected before it is used, and optionally `class_names`, the label of each output;
+- `metadata.json` — where the weights come from (zoo name, source URL and sha256), the library versions and
+  the Keras backend that wrote them (a preset loads on TensorFlow, JAX and PyTorch alike), the parameter count
+  and the size and sha256 of every file above, so that a truncated or corrupted copy is detected before it is
+  used, and optionally `class_names`, the label of each output;
 - `README.md` — optional, the model card.
 
 Loading never runs code from the preset: the config is deserialised with Keras `safe_mode=True`, so only
 classes registered with `keras.saving.register_keras_serializable` (ours are in the `harmonization` package)
-can be built.
+can be built. What this backend cannot build (a layer bound to another backend, an unregistered class, a missing
+library) is refused in one sentence naming the layer and the fix, before Keras fails from deep inside.
 """
 
 from __future__ import annotations
