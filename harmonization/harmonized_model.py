@@ -18,7 +18,7 @@ from harmonization import _host_checks, second_order
 from harmonization._numbers import check_int, check_number
 from harmonization.batch import check_heatmap_size, heatmap_maps, unpack
 from harmonization.losses import MAX_PYRAMID_LEVELS, half_squared_norm, harmonization_loss_unchecked
-from harmonization.saliency_input import SaliencyInput, resolve_saliency_input
+from harmonization.saliency_input import SaliencyInput, check_not_a_bare_torch_module, resolve_saliency_input
 from harmonization.saliency_methods import SaliencyMethod, get_saliency_method, training_saliency_method
 
 #: Substrings of variable paths left out of the weight decay, as in the published training code
@@ -33,17 +33,42 @@ _NO_DECAY_LAYER_TYPES = (
     keras.layers.Embedding,
 )
 
+#: PyTorch module classes (by name, so that PyTorch need not be imported) whose parameters get no weight decay
+#: inside a `keras.layers.TorchModuleWrapper`: the normalisation and embedding modules of `torch.nn`.
+_TORCH_NO_DECAY_MODULES = ("BatchNorm", "LayerNorm", "GroupNorm", "InstanceNorm", "RMSNorm", "LocalResponseNorm",
+                           "Embedding")
+
+
+def _torch_module_no_decay(layer) -> set:
+    """ids of a TorchModuleWrapper's variables that are parameters of its normalisation or embedding modules.
+
+    The wrapper's variables wrap the module's own parameters (`variable.value is parameter`) and carry no names
+    (variable, variable_1, ...), so neither the layer types nor the path substrings can tell them apart.
+    """
+    module = getattr(layer, "module", None)
+    if type(layer).__name__ != "TorchModuleWrapper" or module is None:
+        return set()
+    parameters = {
+        id(parameter)
+        for child in module.modules()
+        if any(kind in type(child).__name__ for kind in _TORCH_NO_DECAY_MODULES)
+        for parameter in child.parameters(recurse=False)
+    }
+    return {id(v) for v in layer.weights if id(getattr(v, "value", None)) in parameters}
+
+
 def decayed_weights(model: keras.Model, exclude: Sequence[str] = DEFAULT_WEIGHT_DECAY_EXCLUDE) -> list:
     """The trainable variables of `model` that get the L2 penalty.
 
     Left out, as in the published training code: variables whose path contains one of `exclude`, and
     (ours, so that a normalisation layer's name does not matter) every weight of a normalisation or
-    embedding layer.
+    embedding layer, Keras's or, inside a `keras.layers.TorchModuleWrapper`, PyTorch's.
     """
     excluded = set()
     for layer in model._flatten_layers(include_self=True, recursive=True):
         if isinstance(layer, _NO_DECAY_LAYER_TYPES):
             excluded.update(id(v) for v in layer.weights)
+        excluded.update(_torch_module_no_decay(layer))
     return [
         v for v in model.trainable_variables if id(v) not in excluded and not any(p in v.path for p in exclude)
     ]
@@ -147,6 +172,7 @@ class HarmonizedModel(_step_class(), keras.Model):
         saliency: str | SaliencyMethod = "gradient_mean",
         **kwargs,
     ):
+        check_not_a_bare_torch_module(model)
         if not callable(model):
             raise ValueError(f"`model` must be a Keras model mapping images to logits; got {type(model).__name__}.")
         # Weights of penalties: a negative or NaN one would reward what it should penalise, silently.

@@ -342,6 +342,23 @@ _CACHE: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
 _CACHE_LOCK = threading.RLock()  # re-entered for nested models
 
 
+def check_not_a_bare_torch_module(model, name: str = "model") -> None:
+    """Refuse a `torch.nn.Module` given where a Keras model belongs, with the way to wrap it.
+
+    Called plainly it would run, but outside Keras: no preprocessing layer to find, no Keras variables to train,
+    and (on another backend) tensors of the wrong kind; the errors that follow name none of this.
+    """
+    if isinstance(model, keras.layers.Layer):  # on the PyTorch backend every Keras layer is a torch.nn.Module too
+        return
+    if any(cls.__module__ == "torch.nn.modules.module" and cls.__name__ == "Module" for cls in type(model).__mro__):
+        raise TypeError(
+            f"`{name}` is a torch.nn.Module ({type(model).__name__}); harmonization takes Keras models. Wrap it "
+            "(KERAS_BACKEND=torch): inputs = keras.Input((H, W, 3)); x = keras.layers.Rescaling(1 / 255)(inputs); "
+            "logits = keras.layers.TorchModuleWrapper(module, output_shape=(num_classes,))(x); "
+            "model = keras.Model(inputs, logits) (README: \"Harmonize a PyTorch model\")."
+        )
+
+
 def resolve_saliency_input(
     model,
     saliency_input: str | None = AUTO,
@@ -366,6 +383,7 @@ def resolve_saliency_input(
     Returns:
         A `SaliencyInput`. Results are cached per model.
     """
+    check_not_a_bare_torch_module(model)
     if not isinstance(model, keras.layers.Layer):
         if not callable(model):
             raise TypeError(f"`model` must be a Keras model or a callable images -> logits; got {type(model).__name__}.")
