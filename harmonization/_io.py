@@ -106,16 +106,20 @@ def library_version() -> str:
 
 
 def library_versions() -> dict[str, str]:
-    """The versions a saved preset records (`metadata.json`): Keras, TensorFlow, Python and this library."""
-    # Imported here, not at the top: Keras and TensorFlow are only needed once a model is saved.
+    """The versions a saved preset records (`metadata.json`): Keras, TensorFlow, Python and this library.
+
+    TensorFlow's is read from its installed metadata: importing it to read a string would cost seconds on JAX or
+    PyTorch, and it may not be installed there at all.
+    """
+    # Imported here, not at the top: Keras is only needed once a model is saved.
+    import importlib.metadata
+
     import keras
 
     versions = {"keras_version": keras.__version__, "python_version": platform.python_version()}
     try:
-        import tensorflow as tf
-
-        versions["tensorflow_version"] = tf.__version__
-    except ImportError:  # pragma: no cover - TensorFlow is a hard dependency, but keep saving backend-neutral
+        versions["tensorflow_version"] = importlib.metadata.version("tensorflow")
+    except importlib.metadata.PackageNotFoundError:
         versions["tensorflow_version"] = "not installed"
     versions["harmonization_version"] = library_version()
     return versions
