@@ -8,7 +8,9 @@ JAX normalisation layers compute their moments with `jnp.var`, exact to every or
 (`HarmonizedModel._checked_batch`), so a bad batch is refused and changes nothing.
 
 Under `keras.distribution.DataParallel` the same step runs on the global batch, sharded: XLA inserts the
-gradient all-reduce, so no replica scaling is needed (unlike `tf.distribute`).
+gradient all-reduce, so no replica scaling is needed (unlike `tf.distribute`). On several hosts
+(`keras.distribution.initialize`) no host can read the global batch, so each checks the rows it fed
+(`_process_local`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,23 @@ from harmonization.autodiff import input_gradient
 from harmonization.losses import half_squared_norm
 from harmonization.metrics import spearman
 from harmonization.saliency import channel_max_abs, logits_at, one_hot_labels
+
+
+def _process_local(value):
+    """The rows of a batch array that this process holds, as NumPy; any other value unchanged.
+
+    Under a multi-host `keras.distribution` (`keras.distribution.initialize`), Keras hands the step global
+    `jax.Array`s assembled from every host's shard, and NumPy cannot read the rows held by the other hosts. Each host
+    checks the rows it fed: its addressable shards, each counted once (a shard replicated on several local devices
+    appears once per device) and put back in batch order. On one host (one device or several) nothing changes.
+    """
+    if not isinstance(value, jax.Array) or value.is_fully_addressable:
+        return value
+    shards = {}
+    for shard in value.addressable_shards:
+        key = tuple((s.start or 0, s.stop) for s in shard.index)
+        shards.setdefault(key, shard)
+    return np.concatenate([np.asarray(shards[key].data) for key in sorted(shards)], axis=0)
 
 
 def _spearman_on_host(a, b) -> np.ndarray:
@@ -43,7 +62,7 @@ class JaxStep:
         def checked(state, iterator):
             def batches():
                 for data in iterator:
-                    self._checked_batch(data)
+                    self._checked_batch(keras.tree.map_structure(_process_local, data))
                     yield data
 
             return function(state, batches())
