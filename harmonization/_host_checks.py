@@ -115,6 +115,8 @@ def host_array(value) -> np.ndarray:
     """A backend tensor (TensorFlow, JAX, PyTorch, also on a device) or array-like as a NumPy array."""
     if hasattr(value, "detach"):  # a torch tensor, maybe on a GPU or needing grad
         value = value.detach().cpu()
+        if str(value.dtype) == "torch.bfloat16":  # NumPy has no bfloat16: widen, exactly
+            value = value.float()
     return np.asarray(value)
 
 
