@@ -204,7 +204,7 @@ class HarmonizedModel(_step_class(), keras.Model):
         self.logits_output = output  # `output` is a Keras Layer property
         self.allow_softmax = bool(allow_softmax)
         self.saliency_method = saliency_method  # a GradientSaliency: `reduce`s the step's input gradient
-        self._logits_width = None  # the number of classes, (`_num_classes` on TF, else `_static_num_classes`)
+        self._logits_width = None  # the number of classes (`_num_classes` on TF, else `_static_num_classes`)
         self._logits_width_tried = False  # looked for once the model was built (found or not: not again)
         # === Trackers ===
         self.cross_entropy_tracker = keras.metrics.Mean(name="cross_entropy")
