@@ -148,14 +148,16 @@ def test_bad_maps_raise_the_same_errors_on_every_backend(metric):
     good = np.ones((2, 4, 4), np.float32)
     with pytest.raises(ValueError, match="`a`.*rank 2"):
         metric(np.ones((4, 4)), good)
-    with pytest.raises(ValueError, match="`b`.*3 channels"):
-        metric(good, keras.ops.convert_to_tensor(np.ones((2, 4, 4, 3))))
+    for three_channels in (np.ones((2, 4, 4, 3)), keras.ops.convert_to_tensor(np.ones((2, 4, 4, 3)))):
+        with pytest.raises(ValueError, match="`b`.*3 channels"):
+            metric(good, three_channels)
     with pytest.raises(ValueError, match=r"same shape.*\(2, 4, 4\).*\(2, 4, 5\)"):
         metric(good, np.ones((2, 4, 5)))
-    bad = good.copy()
-    bad[1, 2, 2] = np.inf
-    with pytest.raises(ValueError, match="`b` contains NaN or Inf"):
-        metric(good, bad)
+    for value in (np.nan, np.inf):
+        bad = good.copy()
+        bad[1, 2, 2] = value
+        with pytest.raises(ValueError, match="`b` contains NaN or Inf"):
+            metric(good, bad)
 
 
 @pytest.mark.parametrize("percentile", [0, 100, -5, float("nan"), True, "10", None])
