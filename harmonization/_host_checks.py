@@ -25,6 +25,20 @@ def shape_text(shape) -> str:
     return "of unknown rank" if static_rank(shape) is None else str(tuple(shape))
 
 
+def check_same_map_shape(shape_a, shape_b, name_a: str, name_b: str) -> None:
+    """Raise a ValueError naming both unless two static shapes are the same (N, H, W) (e.g. saliency and human maps).
+
+    For backends whose shapes are known when the step is built (JAX, PyTorch); TensorFlow's graph checks dynamic
+    shapes too (`harmonization._validation.check_same_shape`).
+    """
+    if static_rank(shape_a) != 3 or tuple(shape_a) != tuple(shape_b):
+        raise ValueError(
+            f"`{name_a}` and `{name_b}` must have the same shape (N, H, W); got {shape_text(shape_a)} and "
+            f"{shape_text(shape_b)}. Resize the human maps to the image size (harmonization.data does this for "
+            "ClickMe)."
+        )
+
+
 def _preview(values: np.ndarray, limit: int = 8) -> str:
     """The first `limit` values of an array for an error message, and how many there are."""
     values = np.asarray(values).reshape(-1)

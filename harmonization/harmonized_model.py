@@ -396,11 +396,7 @@ class HarmonizedModel(_step_class(), keras.Model):
     def _saliency_term(self, grads, heatmaps, tokens):
         """The harmonization loss between this model's saliency (the method's reduction of `grads`) and the maps."""
         saliency = self.saliency_method.reduce(grads)  # published: channel mean (`tf.reduce_mean(grads, -1)`)
-        if len(saliency.shape) != 3 or tuple(saliency.shape) != tuple(heatmaps.shape):
-            raise ValueError(
-                f"`saliency` and `human_maps` must have the same shape (N, H, W); got {tuple(saliency.shape)} and "
-                f"{tuple(heatmaps.shape)}. Resize the human maps to the image size (harmonization.data does this)."
-            )
+        _host_checks.check_same_map_shape(saliency.shape, heatmaps.shape, "saliency", "human_maps")
         return harmonization_loss_unchecked(
             saliency, ops.cast(heatmaps, saliency.dtype), ops.cast(tokens, saliency.dtype), self.pyramid_levels,
             self.epsilon,

@@ -77,12 +77,7 @@ def _check_same_shape(a, b, name_a: str, name_b: str) -> None:
     checks = _tensorflow_checks()
     if checks is not None:
         return checks.check_same_shape(a, b, name_a, name_b)
-    if tuple(a.shape) != tuple(b.shape):
-        raise ValueError(
-            f"`{name_a}` and `{name_b}` must have the same shape (N, H, W); got {tuple(a.shape)} and "
-            f"{tuple(b.shape)}. Resize the human maps to the image size (harmonization.data does this for ClickMe)."
-        )
-    return None
+    return _host_checks.check_same_map_shape(a.shape, b.shape, name_a, name_b)
 
 
 def _check_finite(x, name: str):
