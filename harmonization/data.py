@@ -17,14 +17,19 @@ window) and resizes the image; the heatmaps of a whole batch are blurred with tw
 products (the published kernel is separable) and cropped, flipped and resized with two gathers per
 axis, instead of one 10x10 convolution and three resizes per example. `bench/input_pipeline.py`
 measures it against the published per-example pipeline.
+
+Each loader is two stages: (encoded example, augmentation seed) pairs in their final order, then decoding, a
+pure function of each pair. `harmonization train` batches the encoded pairs, gives each worker its rows of
+every global batch and decodes only those (`_TaggedDecoder`): N workers decode each image once, not N times.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from harmonization import _backend
 
@@ -390,26 +395,171 @@ def _pipeline(
     drop_remainder: bool,
     reshuffle_each_iteration: bool = True,
 ) -> tf.data.Dataset:
-    """Shuffle (training) -> decode/crop per example -> batch -> heatmaps per batch -> prefetch."""
-    training = preprocessor.training
+    """Shuffle (training) -> decode/crop per example -> batch -> heatmaps per batch -> prefetch.
+
+    The two stages composed: `_encoded_examples` (order and seeds, nothing decoded), then `_decoded_batches`.
+    """
+    pairs = _encoded_examples(examples, preprocessor.training, seed, shuffle_buffer, reshuffle_each_iteration)
+    deterministic = seed is not None or not preprocessor.training
+    return _decoded_batches(pairs, preprocessor.example, preprocessor.batch, batch_size, drop_remainder,
+                            deterministic)
+
+
+def _encoded_examples(
+    examples: tf.data.Dataset,
+    training: bool,
+    seed: int | None,
+    shuffle_buffer: int,
+    reshuffle_each_iteration: bool = True,
+) -> tf.data.Dataset:
+    """The pipeline's first stage: (encoded example, int64 augmentation seed) pairs, in their final order.
+
+    Nothing is decoded here, so the stage is cheap: `harmonization train` batches these pairs and splits each
+    global batch between its workers before any image is decoded (`_TaggedDecoder`). Each example's
+    augmentation is a pure function of its pair (`_Preprocessor.example`), so the pairs fix the data.
+    """
     if training and shuffle_buffer > 1:
         examples = examples.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=reshuffle_each_iteration)
     # One random int64 per example seeds its augmentation: reproducible with `seed`, new every epoch (every
     # iteration of the dataset) unless `reshuffle_each_iteration` is False.
     seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=reshuffle_each_iteration)
-    examples = tf.data.Dataset.zip(examples, seeds)
-    deterministic = seed is not None or not training
-    examples = examples.map(
-        preprocessor.example, num_parallel_calls=_AUTOTUNE, deterministic=deterministic
-    )
+    return tf.data.Dataset.zip(examples, seeds)
+
+
+def _decoded_batches(
+    examples: tf.data.Dataset,
+    decode_example: Callable,
+    finish_batch: Callable[[dict], dict],
+    batch_size: int,
+    drop_remainder: bool,
+    deterministic: bool,
+) -> tf.data.Dataset:
+    """The pipeline's second stage: decode each element (`decode_example`, in parallel) -> batch -> finish each
+    batch (`finish_batch`: the heatmaps' blur, crop, flip and resize) -> prefetch."""
+    examples = examples.map(decode_example, num_parallel_calls=_AUTOTUNE, deterministic=deterministic)
     batches = examples.batch(batch_size, drop_remainder=drop_remainder)
-    batches = batches.map(preprocessor.batch, num_parallel_calls=_AUTOTUNE, deterministic=deterministic)
+    batches = batches.map(finish_batch, num_parallel_calls=_AUTOTUNE, deterministic=deterministic)
     options = tf.data.Options()
     options.deterministic = deterministic
     # Each op of the pipeline runs on one thread: parallelism comes from the parallel maps, and
     # per-op sharding of small images costs more than it saves.
     options.threading.max_intra_op_parallelism = 1
     return batches.with_options(options).prefetch(_AUTOTUNE)
+
+
+# --------------------------------------------------------------------------------------------
+# The loaders cut between their two stages (encoded pairs; decoding), for the loaders and the trainer.
+# --------------------------------------------------------------------------------------------
+
+#: Keys that the trainer's encoded examples (`_EncodedSource.tagged`) add to image, heatmap and label: the
+#: example's augmentation seed, and its source (`_WITH_MAPS`: ClickMe; `_WITHOUT_MAPS`: ImageNet).
+_SEED, _SOURCE = "seed", "source"
+_WITH_MAPS, _WITHOUT_MAPS = 0, 1
+
+
+@dataclasses.dataclass(frozen=True)
+class _EncodedSource:
+    """A loader cut between its two stages: its (encoded example, seed) pairs in their final order, and what
+    decodes them. `decoded` finishes it as the public loader does; `tagged` gives the trainer's form of it."""
+
+    pairs: tf.data.Dataset
+    preprocessor: _Preprocessor
+    deterministic: bool
+
+    def decoded(self, batch_size: int, drop_remainder: bool) -> tf.data.Dataset:
+        """The loader's batches (`load_clickme`, `load_imagenet`)."""
+        return _decoded_batches(self.pairs, self.preprocessor.example, self.preprocessor.batch, batch_size,
+                                drop_remainder, self.deterministic)
+
+    def tagged(self) -> tf.data.Dataset:
+        """Each pair as one dict {"image", "heatmap", "label", "seed", "source"}, the same for ClickMe and ImageNet
+        (whose heatmap is an empty string), so that the two can be mixed, batched and split into workers' slices
+        while still encoded; `_TaggedDecoder` decodes each by its source."""
+        with_maps = self.preprocessor.with_heatmaps
+        spec = self.pairs.element_spec[0]
+        for key in (IMAGE, HEATMAP) if with_maps else (IMAGE,):
+            if spec[key] != tf.TensorSpec([], tf.string):
+                raise ValueError(
+                    f"The training examples' `{key}` must be encoded images (scalar tf.string: a TFDS Image feature); "
+                    f"got {spec[key]}. Examples are mixed and split between workers before they are decoded."
+                )
+        source = _WITH_MAPS if with_maps else _WITHOUT_MAPS
+
+        def tag(example: dict, seed: tf.Tensor) -> dict:
+            return {
+                IMAGE: example[IMAGE], HEATMAP: example[HEATMAP] if with_maps else tf.constant(b""),
+                LABEL: tf.cast(example[LABEL], tf.int64), _SEED: seed, _SOURCE: tf.constant(source, tf.int32),
+            }
+
+        return self.pairs.map(tag)
+
+
+def _clickme_source(
+    split: str,
+    image_size: int,
+    training: bool,
+    data_dir: str | os.PathLike | None,
+    *,
+    name: str,
+    seed: int | None,
+    shuffle_buffer: int,
+    download: bool,
+    manual_dir: str | os.PathLike | None = None,
+    crop_scale: Sequence[float] = DEFAULT_CROP_SCALE,
+    crop_ratio: Sequence[float] = DEFAULT_CROP_RATIO,
+    blur: bool = True,
+    reshuffle_each_iteration: bool = True,
+    per_batch_resize: bool = True,
+) -> _EncodedSource:
+    """`load_clickme` before decoding (its arguments; see there).
+
+    `per_batch_resize` False resizes whole evaluation images per example, in float32, as `load_imagenet`'s centre
+    crops are, instead of batching their pixels and resizing per batch: the same values (the bilinear resize of
+    one image does not depend on its batch), one structure for both sources of the trainer's mix.
+    """
+    builder = _tfds_builder(name, data_dir, download, split, manual_dir=manual_dir)
+    features = builder.info.features
+    missing = [key for key in REQUIRED_KEYS if key not in features]  # ClickMe's features are the batch's parts
+    if missing:
+        raise ValueError(
+            f"Dataset {name!r} lacks the ClickMe features {missing} (it has {sorted(features)}); "
+            "`load_clickme` needs `image`, `heatmap` and `label`."
+        )
+    examples = _tfds_examples(builder, split, training, seed, (IMAGE, HEATMAP), reshuffle_each_iteration)
+    preprocessor = _Preprocessor(
+        image_size, training, with_heatmaps=True, crop_scale=crop_scale, crop_ratio=crop_ratio, blur=blur,
+        source_shape=features[IMAGE].shape if per_batch_resize else None, jpeg=_is_jpeg_feature(features[IMAGE]),
+    )
+    pairs = _encoded_examples(examples, training, seed, shuffle_buffer, reshuffle_each_iteration)
+    return _EncodedSource(pairs, preprocessor, deterministic=seed is not None or not training)
+
+
+def _imagenet_source(
+    split: str,
+    image_size: int,
+    training: bool,
+    data_dir: str | os.PathLike | None,
+    *,
+    manual_dir: str | os.PathLike | None,
+    seed: int | None,
+    shuffle_buffer: int,
+    download: bool,
+    crop_scale: Sequence[float] = DEFAULT_CROP_SCALE,
+    crop_ratio: Sequence[float] = DEFAULT_CROP_RATIO,
+    center_crop_fraction: float = 0.875,
+    reshuffle_each_iteration: bool = True,
+) -> _EncodedSource:
+    """`load_imagenet` before decoding (its arguments; see there)."""
+    if not 0 < center_crop_fraction <= 1:
+        raise ValueError(f"`center_crop_fraction` must be in (0, 1]; got {center_crop_fraction!r}.")
+    builder = _tfds_builder("imagenet2012", data_dir, download, split, manual_dir=manual_dir)
+    examples = _tfds_examples(builder, split, training, seed, (IMAGE,), reshuffle_each_iteration)
+    preprocessor = _Preprocessor(
+        image_size, training, with_heatmaps=False, crop_scale=crop_scale, crop_ratio=crop_ratio,
+        eval_crop_fraction=center_crop_fraction, jpeg=_is_jpeg_feature(builder.info.features[IMAGE]),
+    )
+    pairs = _encoded_examples(examples, training, seed, shuffle_buffer, reshuffle_each_iteration)
+    return _EncodedSource(pairs, preprocessor, deterministic=seed is not None or not training)
 
 
 # --------------------------------------------------------------------------------------------
@@ -478,21 +628,12 @@ def load_clickme(
     ```
     """
     _check_common_args(batch_size, image_size, shuffle_buffer, crop_scale, crop_ratio)
-    builder = _tfds_builder(name, data_dir, download, split, manual_dir=manual_dir)
-    features = builder.info.features
-    missing = [key for key in REQUIRED_KEYS if key not in features]  # ClickMe's features are the batch's parts
-    if missing:
-        raise ValueError(
-            f"Dataset {name!r} lacks the ClickMe features {missing} (it has {sorted(features)}); "
-            "`load_clickme` needs `image`, `heatmap` and `label`."
-        )
-    examples = _tfds_examples(builder, split, training, seed, (IMAGE, HEATMAP), reshuffle_each_iteration)
-    preprocessor = _Preprocessor(
-        image_size, training, with_heatmaps=True, crop_scale=crop_scale, crop_ratio=crop_ratio,
-        blur=blur, source_shape=features[IMAGE].shape, jpeg=_is_jpeg_feature(features[IMAGE]),
+    source = _clickme_source(
+        split, image_size, training, data_dir, name=name, seed=seed, shuffle_buffer=shuffle_buffer,
+        download=download, manual_dir=manual_dir, crop_scale=crop_scale, crop_ratio=crop_ratio, blur=blur,
+        reshuffle_each_iteration=reshuffle_each_iteration,
     )
-    drop = training if drop_remainder is None else bool(drop_remainder)
-    return _pipeline(examples, preprocessor, batch_size, seed, shuffle_buffer, drop, reshuffle_each_iteration)
+    return source.decoded(batch_size, training if drop_remainder is None else bool(drop_remainder))
 
 
 def from_tfrecords(
@@ -702,16 +843,12 @@ def load_imagenet(
         Other arguments: as in `load_clickme`.
     """
     _check_common_args(batch_size, image_size, shuffle_buffer, crop_scale, crop_ratio)
-    if not 0 < center_crop_fraction <= 1:
-        raise ValueError(f"`center_crop_fraction` must be in (0, 1]; got {center_crop_fraction!r}.")
-    builder = _tfds_builder("imagenet2012", data_dir, download, split, manual_dir=manual_dir)
-    examples = _tfds_examples(builder, split, training, seed, (IMAGE,), reshuffle_each_iteration)
-    preprocessor = _Preprocessor(
-        image_size, training, with_heatmaps=False, crop_scale=crop_scale, crop_ratio=crop_ratio,
-        eval_crop_fraction=center_crop_fraction, jpeg=_is_jpeg_feature(builder.info.features[IMAGE]),
+    source = _imagenet_source(
+        split, image_size, training, data_dir, manual_dir=manual_dir, seed=seed, shuffle_buffer=shuffle_buffer,
+        download=download, crop_scale=crop_scale, crop_ratio=crop_ratio, center_crop_fraction=center_crop_fraction,
+        reshuffle_each_iteration=reshuffle_each_iteration,
     )
-    drop = training if drop_remainder is None else bool(drop_remainder)
-    return _pipeline(examples, preprocessor, batch_size, seed, shuffle_buffer, drop, reshuffle_each_iteration)
+    return source.decoded(batch_size, training if drop_remainder is None else bool(drop_remainder))
 
 
 def mix_datasets(
@@ -779,13 +916,7 @@ def mix_datasets(
             f"`clickme` and `imagenet` images must have the same size; got {tuple(clickme_shape)} and "
             f"{tuple(imagenet_shape)}. Load both with the same `image_size`."
         )
-    mixed = tf.data.Dataset.sample_from_datasets(
-        parts,
-        weights=[float(clickme_fraction), 1.0 - float(clickme_fraction)],
-        seed=seed,
-        stop_on_empty_dataset=True,
-        rerandomize_each_iteration=reshuffle_each_iteration,
-    )
+    mixed = _draw(parts[0], parts[1], clickme_fraction, seed, reshuffle_each_iteration)
     if batch_size is not None:
         mixed = mixed.batch(batch_size, drop_remainder=True)
     return mixed.prefetch(_AUTOTUNE)
@@ -807,6 +938,96 @@ def _standardise_fn(has_maps: bool):
         return {IMAGE: image, HEATMAP: heatmap, LABEL: tf.cast(example[LABEL], tf.int32), TOKEN: token}
 
     return standardise
+
+
+def _draw(clickme: tf.data.Dataset, imagenet: tf.data.Dataset, clickme_fraction: float, seed: int | None,
+          reshuffle_each_iteration: bool) -> tf.data.Dataset:
+    """Each element from `clickme` with probability `clickme_fraction`, else from `imagenet`, until one runs out.
+
+    The sequence of choices depends on `seed` only, never on the elements: mixing encoded examples
+    (`_mix_encoded`) and decoding them afterwards gives what mixing the decoded ones (`mix_datasets`) gives.
+    """
+    return tf.data.Dataset.sample_from_datasets(
+        [clickme, imagenet],
+        weights=[float(clickme_fraction), 1.0 - float(clickme_fraction)],
+        seed=seed,
+        stop_on_empty_dataset=True,
+        rerandomize_each_iteration=reshuffle_each_iteration,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The trainer's pipeline: encoded examples mixed, batched and split between workers, then decoded.
+# --------------------------------------------------------------------------------------------
+
+
+def _mix_encoded(clickme: tf.data.Dataset, imagenet: tf.data.Dataset, clickme_fraction: float, *,
+                 seed: int | None, reshuffle_each_iteration: bool = True) -> tf.data.Dataset:
+    """`mix_datasets` of unbatched tagged examples (`_EncodedSource.tagged`), before decoding: the same draw."""
+    if clickme.element_spec != imagenet.element_spec:
+        raise ValueError(
+            "ClickMe and ImageNet examples must have one structure to be mixed before decoding; got "
+            f"{clickme.element_spec} and {imagenet.element_spec}."
+        )
+    return _draw(clickme, imagenet, clickme_fraction, seed, reshuffle_each_iteration)
+
+
+class _TaggedDecoder:
+    """Decodes tagged examples (`_EncodedSource.tagged`) into `fit` batches, each example by its source's
+    `_Preprocessor`: what `load_clickme`, `load_imagenet` and `mix_datasets` give, decoded after the split.
+
+    Decoding is a pure function of (encoded example, seed) per example, and finishing a batch (float32 images,
+    the heatmaps' blur, crop, flip and resize, the tokens) works row by row; so a worker that decodes only its
+    rows of a global batch gets exactly those rows of the batch decoded whole. Examples without a human map
+    (ImageNet) get an all-zero map and token 0, as in `mix_datasets`; ClickMe's get token 1.
+    """
+
+    def __init__(self, clickme: _Preprocessor, imagenet: _Preprocessor | None = None):
+        if not clickme.with_heatmaps or (imagenet is not None and imagenet.with_heatmaps):
+            raise ValueError("`clickme` must decode human maps and `imagenet` must not.")
+        self.preprocessors = [clickme] if imagenet is None else [clickme, imagenet]
+        for preprocessor in self.preprocessors:
+            if preprocessor.resize_per_batch:
+                raise ValueError("Tagged examples are resized per example: make the ClickMe source with "
+                                 "per_batch_resize=False.")
+            if (preprocessor.training, preprocessor.image_size) != (clickme.training, clickme.image_size):
+                raise ValueError("ClickMe and ImageNet examples must be decoded alike (training, image size) to "
+                                 "be batched together.")
+        self.image_size = clickme.image_size
+        self.blur = clickme.blur
+        self.resolution = clickme.heatmap_resolution
+
+    def __call__(self, examples: tf.data.Dataset, batch_size: int) -> tf.data.Dataset:
+        """Batches of `batch_size` of the unbatched tagged `examples`, decoded (a last partial batch is dropped)."""
+        return _decoded_batches(examples, self.example, self.batch, batch_size, drop_remainder=True,
+                                deterministic=True)
+
+    def example(self, tagged: dict) -> dict:
+        """Decode one tagged example by its source; the same structure from both (a zero map without one)."""
+
+        def decode(source: int) -> dict:
+            preprocessor = self.preprocessors[source]
+            encoded = {IMAGE: tagged[IMAGE], HEATMAP: tagged[HEATMAP], LABEL: tagged[LABEL]}
+            out = preprocessor.example(encoded, tagged[_SEED])
+            if not preprocessor.with_heatmaps:  # the whole (empty) map, unflipped: stays zero in `batch`
+                out[HEATMAP] = tf.zeros([self.resolution, self.resolution], tf.float32)
+                out["crop"] = tf.constant([0.0, 1.0, 0.0, 1.0], tf.float32)
+                out["flip"] = tf.constant(0.0, tf.float32)
+            out[TOKEN] = tf.constant(1.0 if preprocessor.with_heatmaps else 0.0, tf.float32)
+            return out
+
+        if len(self.preprocessors) == 1:
+            return decode(_WITH_MAPS)
+        # One branch runs per example: an ImageNet example is never decoded as a ClickMe one, nor the reverse.
+        return tf.switch_case(tagged[_SOURCE], [lambda: decode(_WITH_MAPS), lambda: decode(_WITHOUT_MAPS)])
+
+    def batch(self, batch: dict) -> dict:
+        """Finish a batch as `_Preprocessor.batch` does; rows without a human map keep an all-zero map."""
+        token = batch[TOKEN]
+        heatmap = _transform_heatmaps(batch[HEATMAP], batch["crop"], batch["flip"], self.image_size, self.blur)
+        if len(self.preprocessors) > 1:
+            heatmap = tf.where(token[:, None, None, None] > 0, heatmap, tf.zeros_like(heatmap))
+        return {IMAGE: tf.cast(batch[IMAGE], tf.float32), HEATMAP: heatmap, LABEL: batch[LABEL], TOKEN: token}
 
 
 # --------------------------------------------------------------------------------------------
