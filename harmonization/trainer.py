@@ -18,15 +18,20 @@ augmentation. A run resumed at step `s` of epoch `e` rebuilds epoch `e`'s data a
 batches, restores the weights, the optimizer's state (with its step count, hence the learning rate) and the
 layers' random-generator state. With `deterministic` (TensorFlow's op determinism) the resumed run ends with
 exactly the weights of an uninterrupted one; without it, not bit for bit, as two runs with non-deterministic
-kernels differ. The price of the replay is reading (not training on) the skipped batches again. Raising
-`epochs` extends a run, but its schedule is then laid over the new total (a cosine decay restarts from where
-the longer curve is), so it is no longer the run it would have been.
+kernels differ. The price of the replay is reading the skipped batches' encoded examples again (they are
+skipped before anything is decoded). Raising `epochs` extends a run, but its schedule is then laid over the new
+total (a cosine decay restarts from where the longer curve is), so it is no longer the run it would have been.
+
+**Each worker decodes only what it trains on.** Under `multiworker`, every worker builds the epoch's global
+batches of encoded examples (cheap: no image decoded), keeps its own rows of each, and decodes and augments those
+alone; the rows together are exactly the one-process batch (`_epoch_batches`).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import math
 import os
@@ -197,72 +202,118 @@ def _passes(make_pass, examples_needed: float, examples: int) -> tf.data.Dataset
     return dataset.repeat()
 
 
-def _epoch_batches(recipe, data: _Data, data_dir, imagenet_dir, epoch: int, skip: int,
-                   steps_per_epoch: int) -> tf.data.Dataset:
-    """Epoch `epoch`'s global batches, a pure function of (seed, epoch), without the first `skip`.
+@dataclass(frozen=True)
+class _Rows:
+    """The rows `[start, start + size)` of every global batch that one worker trains on, decoded in batches of
+    `batch` (its per-replica batch; on one worker the whole global batch is its slice)."""
 
-    Every random choice (order, crops, flips, the ClickMe/ImageNet draw) is seeded from (seed, epoch, pass), and
-    iterating the dataset again repeats it: Keras iterates it twice under tf.distribute, and a resumed run
-    rebuilds it to skip what was trained.
+    start: int
+    size: int
+    batch: int
+
+
+def _encoded_epoch(recipe, data: _Data, data_dir, imagenet_dir, epoch: int, skip: int,
+                   steps_per_epoch: int) -> tuple[tf.data.Dataset, data_lib._TaggedDecoder]:
+    """Epoch `epoch`'s global batches of encoded examples (`data._EncodedSource.tagged`: nothing decoded), a pure
+    function of (seed, epoch), without the first `skip`; and the decoder that turns them into `fit` batches.
+
+    Every random choice (order, the seed of each example's crop and flip, the ClickMe/ImageNet draw) is seeded
+    from (seed, epoch, pass), and iterating the dataset again repeats it: Keras iterates it twice under
+    tf.distribute, and a resumed run rebuilds it to skip what was trained (reading, not decoding, the skipped
+    batches). Decoded, the batches are exactly those of the public loaders composed as this trainer composed
+    them before it split its input between workers: `load_clickme` per pass (augmented: shuffled, each pass's
+    last partial batch dropped; not augmented: read in order and shuffled by the pass's seed), mixed with
+    `load_imagenet`'s passes by `mix_datasets` (tests/test_input_split.py compares the two).
     """
     spec = recipe["data"]
-    batch, fraction = recipe["batch_size"], spec["clickme_fraction"]
+    batch, fraction, augment = recipe["batch_size"], spec["clickme_fraction"], spec["augment"]
     seed = _epoch_seed(recipe["seed"], epoch)
-    common = dict(image_size=spec["image_size"], data_dir=data_dir, name=spec["clickme"], download=False)
+    # Each source's preprocessing, the same for every pass: kept from pass 0, which `_passes` makes at once.
+    preprocessors: dict[str, data_lib._Preprocessor] = {}
 
     def clickme_pass(index: int) -> tf.data.Dataset:
         """One pass: the epoch's global batches when ClickMe is alone, single examples for the mix to batch."""
         pass_seed = _epoch_seed(seed, index + 1)
-        if spec["augment"]:
-            batches = data_lib.load_clickme(
-                spec["train_split"], batch, training=True, seed=pass_seed, shuffle_buffer=spec["shuffle_buffer"],
-                crop_scale=spec["crop_scale"], drop_remainder=True, reshuffle_each_iteration=False, **common,
-            )
-            return batches if fraction == 1 else batches.unbatch()
-        examples = (data_lib.load_clickme(spec["train_split"], 256, training=False, **common).unbatch()
-                    .shuffle(spec["shuffle_buffer"], seed=pass_seed, reshuffle_each_iteration=False))
-        return examples.batch(batch, drop_remainder=True) if fraction == 1 else examples
+        source = data_lib._clickme_source(
+            spec["train_split"], spec["image_size"], augment, data_dir, name=spec["clickme"], seed=pass_seed,
+            shuffle_buffer=spec["shuffle_buffer"], download=False, crop_scale=spec["crop_scale"],
+            reshuffle_each_iteration=False, per_batch_resize=False,
+        )
+        preprocessors.setdefault("clickme", source.preprocessor)
+        examples = source.tagged()
+        if not augment:  # read in order (the loader shuffles only when training), shuffled here
+            examples = examples.shuffle(spec["shuffle_buffer"], seed=pass_seed, reshuffle_each_iteration=False)
+        if fraction == 1:
+            return examples.batch(batch, drop_remainder=True)
+        # Augmented, a pass goes into the mix in whole batches (its last partial one dropped), as it always has;
+        # not augmented, whole.
+        return examples.batch(batch, drop_remainder=True).unbatch() if augment else examples
 
     needed = steps_per_epoch * batch
     clickme = _passes(clickme_pass, needed * fraction, data.train_examples)
     if fraction == 1:
-        return clickme.skip(skip)  # endless: `fit` takes the epoch's remaining steps from it
+        # endless: `fit` takes the epoch's remaining steps from it
+        return clickme.skip(skip), data_lib._TaggedDecoder(preprocessors["clickme"])
 
     def imagenet_pass(index: int) -> tf.data.Dataset:
-        return data_lib.load_imagenet(
-            "train", batch, spec["image_size"], training=spec["augment"], data_dir=data_dir, manual_dir=imagenet_dir,
-            seed=_epoch_seed(seed, index + 1), shuffle_buffer=spec["shuffle_buffer"], crop_scale=spec["crop_scale"],
-            download=False, drop_remainder=True, reshuffle_each_iteration=False,
+        source = data_lib._imagenet_source(
+            "train", spec["image_size"], augment, data_dir, manual_dir=imagenet_dir, seed=_epoch_seed(seed, index + 1),
+            shuffle_buffer=spec["shuffle_buffer"], download=False, crop_scale=spec["crop_scale"],
+            reshuffle_each_iteration=False,
         )
+        preprocessors.setdefault("imagenet", source.preprocessor)
+        return source.tagged().batch(batch, drop_remainder=True).unbatch()  # whole batches per pass, as read
 
     imagenet = _passes(imagenet_pass, needed * (1 - fraction), data.imagenet_examples)
-    mixed = data_lib.mix_datasets(clickme, imagenet.unbatch(), fraction, batch_size=batch, seed=seed,
-                                  reshuffle_each_iteration=False)
-    return mixed.skip(skip)
+    mixed = data_lib._mix_encoded(clickme, imagenet, fraction, seed=seed, reshuffle_each_iteration=False)
+    decoder = data_lib._TaggedDecoder(preprocessors["clickme"], preprocessors["imagenet"])
+    return mixed.batch(batch, drop_remainder=True).skip(skip), decoder
+
+
+def _epoch_batches(recipe, data: _Data, data_dir, imagenet_dir, epoch: int, skip: int, steps_per_epoch: int,
+                   rows: _Rows | None = None) -> tf.data.Dataset:
+    """Epoch `epoch`'s batches, a pure function of (seed, epoch), without the first `skip`: the global batches
+    (`rows` None), or one worker's rows of each, decoded in its per-replica batches.
+
+    The rows are cut from each global batch of encoded examples (`_encoded_epoch`) before anything is decoded,
+    so a worker decodes and augments only the images it trains on; one process takes the same path with the
+    whole batch as its rows. Decoding is a pure function of each (encoded example, seed) and finishing a batch
+    works row by row, so the workers' rows together are exactly the one-process batch.
+    """
+    encoded, decoder = _encoded_epoch(recipe, data, data_dir, imagenet_dir, epoch, skip, steps_per_epoch)
+    batch = recipe["batch_size"]
+    rows = rows or _Rows(0, batch, batch)
+    if not (0 <= rows.start and rows.start + rows.size <= batch and rows.size % rows.batch == 0):
+        raise ValueError(f"{rows} is not a slice of a global batch of {batch} in whole per-replica batches.")
+    mine = encoded.map(lambda examples: {key: value[rows.start:rows.start + rows.size]
+                                         for key, value in examples.items()})
+    return decoder(mine.unbatch(), rows.batch)
 
 
 def _distributed(make_batches, distribution: tf.distribute.Strategy, batch_size: int, multiworker: bool):
-    """The global batches of `make_batches()`, each split across all replicas of all workers in order.
+    """The batches of `make_batches(rows)`, each global batch split across all replicas of all workers in order.
 
     On one worker Keras splits each global batch across the local replicas itself. Across workers, TensorFlow's
     automatic sharding hands out whole elements (or files), so a worker's replicas would not see the slice of
-    the global batch they see on one machine; here every worker reads the same global batches and keeps its
-    own contiguous slice of each, so that the step is the one-device step (the global batch, in order).
+    the global batch they see on one machine; here every worker reads the same global batches of encoded
+    examples and decodes only its own contiguous rows of each (`_worker_batches`), so that the step is the
+    one-device step (the global batch, in order) and each image is decoded by one worker only.
     """
     if not multiworker:
-        return make_batches().prefetch(tf.data.AUTOTUNE)
+        return make_batches(None)
+    return distribution.distribute_datasets_from_function(
+        lambda context: _worker_batches(make_batches, batch_size, context))
 
-    def per_worker(context: tf.distribute.InputContext) -> tf.data.Dataset:
-        per_replica = context.get_per_replica_batch_size(batch_size)
-        local = per_replica * (context.num_replicas_in_sync // context.num_input_pipelines)
-        start = context.input_pipeline_id * local
-        batches = make_batches().map(lambda batch: {key: value[start:start + local] for key, value in batch.items()})
-        batches = batches.unbatch().batch(per_replica, drop_remainder=True)
-        options = tf.data.Options()
-        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
-        return batches.with_options(options).prefetch(tf.data.AUTOTUNE)
 
-    return distribution.distribute_datasets_from_function(per_worker)
+def _worker_batches(make_batches, batch_size: int, context: tf.distribute.InputContext) -> tf.data.Dataset:
+    """One worker's per-replica batches: rows `[i * local, (i + 1) * local)` of each global batch for worker
+    (input pipeline) `i` of a cluster whose workers hold `local` examples each, decoded by that worker alone."""
+    per_replica = context.get_per_replica_batch_size(batch_size)
+    local = per_replica * (context.num_replicas_in_sync // context.num_input_pipelines)
+    batches = make_batches(_Rows(context.input_pipeline_id * local, local, per_replica))
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+    return batches.with_options(options).prefetch(tf.data.AUTOTUNE)
 
 
 def _shard_by_data(batches: tf.data.Dataset, multiworker: bool) -> tf.data.Dataset:
@@ -741,8 +792,8 @@ def _run(recipe, run, distribution, chief, multiworker, data_dir, imagenet_dir, 
     for epoch in range(start // steps_per_epoch, recipe["epochs"]):
         skip = start - epoch * steps_per_epoch if epoch == start // steps_per_epoch else 0
         batches = _distributed(
-            lambda: _epoch_batches(recipe, data, data_dir, imagenet_dir, epoch, skip, steps_per_epoch), distribution,
-            recipe["batch_size"], multiworker,
+            functools.partial(_epoch_batches, recipe, data, data_dir, imagenet_dir, epoch, skip, steps_per_epoch),
+            distribution, recipe["batch_size"], multiworker,
         )
         checkpointer = _Checkpointer(run, trainer, first_step=epoch * steps_per_epoch + skip,
                                      steps_per_epoch=steps_per_epoch, recipe=recipe, history=history, write=chief,

@@ -210,21 +210,27 @@ def test_two_local_workers_train_through_the_command(data_dir, tmp_path):
 SIZE = 8
 
 
-def _fake_split(offset, count, with_maps):
-    """A loader of `count` examples whose images hold their id (offset + i), ordered by `seed`, batched."""
+def _fake_source(offset, count, with_maps):
+    """A loader cut before decoding (`data._EncodedSource`) of `count` PNG images whose pixels hold their id
+    (offset + i), ordered by `seed`; decoded by the real preprocessing, crops and flips keep the id."""
 
-    def load(split, batch_size, image_size=SIZE, training=False, *, seed=None, drop_remainder=None, **_):
+    def source(split, image_size=SIZE, training=False, data_dir=None, *, seed=None, **_):
         import tensorflow as tf
 
+        from harmonization import data as data_lib
+
         order = np.random.default_rng(seed if training or seed is not None else 0).permutation(count) + offset
-        examples = {"image": np.repeat(order.astype("float32"), SIZE * SIZE * 3).reshape(count, SIZE, SIZE, 3),
+        examples = {"image": tf.stack([tf.io.encode_png(np.full((SIZE, SIZE, 3), i, "uint8")) for i in order]),
                     "label": (order % 10).astype("int64")}
         if with_maps:
-            examples["heatmap"] = np.ones((count, SIZE, SIZE, 1), "float32")
-            examples["token"] = np.ones(count, "float32")
-        return tf.data.Dataset.from_tensor_slices(examples).batch(batch_size, drop_remainder=bool(drop_remainder))
+            examples["heatmap"] = tf.fill([count], tf.io.encode_png(np.full((SIZE, SIZE, 1), 255, "uint8")))
+        pairs = tf.data.Dataset.zip(tf.data.Dataset.from_tensor_slices(examples),
+                                    tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=False))
+        preprocessor = data_lib._Preprocessor(image_size, training, with_heatmaps=with_maps, jpeg=False,
+                                              eval_crop_fraction=None if with_maps else 0.875)
+        return data_lib._EncodedSource(pairs, preprocessor, deterministic=True)
 
-    return load
+    return source
 
 
 def _ids(dataset, steps):
@@ -235,8 +241,8 @@ def _ids(dataset, steps):
 def test_an_epochs_batches_are_a_pure_function_of_seed_and_epoch(monkeypatch, fraction):
     from harmonization import recipes, trainer
 
-    monkeypatch.setattr(trainer.data_lib, "load_clickme", _fake_split(0, 24, with_maps=True))
-    monkeypatch.setattr(trainer.data_lib, "load_imagenet", _fake_split(1000, 24, with_maps=False))
+    monkeypatch.setattr(trainer.data_lib, "_clickme_source", _fake_source(0, 24, with_maps=True))
+    monkeypatch.setattr(trainer.data_lib, "_imagenet_source", _fake_source(100, 24, with_maps=False))
     recipe = recipes.load_recipe("quickstart", [f"data.clickme_fraction={fraction}", "data.augment=true",
                                                 f"data.image_size={SIZE}", "batch_size=4", "steps_per_epoch=15"])
     data = trainer._Data("fake", 10, None, train_examples=24, eval_examples=8, imagenet_examples=24)
@@ -251,15 +257,15 @@ def test_an_epochs_batches_are_a_pure_function_of_seed_and_epoch(monkeypatch, fr
     assert _ids(epoch(0), steps) == ids  # rebuilt (a resumed run does): the same batches
     assert _ids(epoch(0, skip=5), steps - 5) == ids[5:]  # resumed mid-epoch: the rest, in order
     assert _ids(epoch(1), steps) != ids  # the next epoch: another order
-    clickme = [i for batch in ids for i in batch if i < 1000]
+    clickme = [i for batch in ids for i in batch if i < 100]
     # 15 steps of 4 need more than one pass over 24 ClickMe examples: the next pass has its own order.
     if fraction == 1:
         assert sorted(clickme[:24]) == list(range(24)) and clickme[24:48] != clickme[:24]
     else:
-        imagenet = [i for batch in ids for i in batch if i >= 1000]
+        imagenet = [i for batch in ids for i in batch if i >= 100]
         assert clickme and imagenet  # both sources, each example's token says which
         for batch in first.take(steps):
-            from_clickme = batch["image"].numpy()[:, 0, 0, 0] < 1000
+            from_clickme = batch["image"].numpy()[:, 0, 0, 0] < 100
             np.testing.assert_array_equal(batch["token"].numpy(), from_clickme.astype("float32"))
             assert (batch["heatmap"].numpy()[~from_clickme] == 0).all()
 
