@@ -17,7 +17,10 @@ is a NumPy array (float32 by default). They return the same numbers as the Tenso
 integer ranks and exact sums for Spearman, numpy's own percentile for the masks), and refuse the same
 inputs with the same ValueErrors. Metrics are scored once per batch after the saliency is computed, so
 the host copy is small next to the saliency's backward pass. Inside a compiled JAX function they need a host
-callback (`jax.pure_callback`), as the JAX harmonized step's validation Spearman does.
+callback (`jax.pure_callback`), as the JAX harmonized step's validation Spearman does. One exception:
+`spearman` of maps that already live on an accelerator (a JAX array on a GPU or TPU, a PyTorch CUDA tensor)
+ranks them there, with the backend's own ops (`harmonization._spearman_device`): sorting on the host is
+then what costs, not the copy. Its result is still a NumPy array, and still the same numbers.
 
 Large batches are scored `CHUNK_PIXELS` pixels (whole maps) at a time, so that memory stays a small
 multiple of the maps themselves: eagerly with a Python loop, in a graph whose shapes are known with a
@@ -41,7 +44,7 @@ from typing import Callable, Iterator, Mapping, NamedTuple
 import keras
 import numpy as np
 
-from harmonization import _backend
+from harmonization import _backend, _spearman_device
 from harmonization._host_checks import check_finite_on_host, host_array
 
 #: Whether the metrics run as TensorFlow ops (the TensorFlow backend) or NumPy (JAX, PyTorch): Keras picks its
@@ -305,6 +308,33 @@ def _numpy_dtype(dtype) -> np.dtype:
     return np.dtype(keras.backend.standardize_dtype(dtype))
 
 
+def _check_map_layout(dtype_kind: str, dtype, shape: tuple, name: str) -> None:
+    """Raise the ValueErrors of `_validation.as_maps` unless maps of this dtype and static shape are numbers of
+    shape (N, H, W) or (N, H, W, 1). Shared by the host path and the device path (`_device_maps`)."""
+    if dtype_kind not in "fiub":
+        raise ValueError(f"`{name}` must hold numbers; got dtype {dtype}.")
+    if len(shape) == 4 and shape[-1] != 1:
+        raise ValueError(
+            f"`{name}` must have shape (N, H, W) or (N, H, W, 1); got shape {shape} with "
+            f"{shape[-1]} channels. Reduce the channels first (e.g. mean over the last axis)."
+        )
+    if len(shape) not in (3, 4):
+        raise ValueError(
+            f"`{name}` must have shape (N, H, W) or (N, H, W, 1); got rank {len(shape)} with shape {shape}."
+        )
+
+
+def _check_same_maps(shape_a: tuple, shape_b: tuple) -> None:
+    """Raise `_as_map_pair`'s ValueErrors unless two (N, H, W) shapes are equal with at least one pixel per map."""
+    if shape_a != shape_b:
+        raise ValueError(
+            f"`a` and `b` must have the same shape (N, H, W); got {shape_a} and {shape_b}. Resize the human maps "
+            "to the image size (harmonization.data does this for ClickMe)."
+        )
+    if shape_a[1] * shape_a[2] == 0:
+        raise ValueError(f"`a` and `b` must have at least one pixel per map; got shape {shape_a}.")
+
+
 def _host_maps(maps, name: str) -> np.ndarray:
     """`maps` as a NumPy (N, H, W) array, refused with the ValueErrors `_validation.as_maps` raises for a tensor.
 
@@ -314,19 +344,9 @@ def _host_maps(maps, name: str) -> np.ndarray:
     maps = host_array(maps)
     if maps.dtype.name == "bfloat16":
         maps = maps.astype(np.float32)
-    if maps.dtype.kind not in "fiub":
-        raise ValueError(f"`{name}` must hold numbers; got dtype {maps.dtype}.")
+    _check_map_layout(maps.dtype.kind, maps.dtype, maps.shape, name)
     if maps.ndim == 4:
-        if maps.shape[-1] != 1:
-            raise ValueError(
-                f"`{name}` must have shape (N, H, W) or (N, H, W, 1); got shape {maps.shape} with "
-                f"{maps.shape[-1]} channels. Reduce the channels first (e.g. mean over the last axis)."
-            )
         maps = maps[..., 0]
-    elif maps.ndim != 3:
-        raise ValueError(
-            f"`{name}` must have shape (N, H, W) or (N, H, W, 1); got rank {maps.ndim} with shape {maps.shape}."
-        )
     check_finite_on_host(maps, name)
     return maps
 
@@ -334,15 +354,56 @@ def _host_maps(maps, name: str) -> np.ndarray:
 def _host_map_pair(a, b) -> tuple[np.ndarray, np.ndarray]:
     """The NumPy path's `_as_map_pair`: two validated map batches flattened to (N, H*W), with its errors."""
     a, b = _host_maps(a, "a"), _host_maps(b, "b")
-    if a.shape != b.shape:
-        raise ValueError(
-            f"`a` and `b` must have the same shape (N, H, W); got {a.shape} and {b.shape}. Resize the human maps "
-            "to the image size (harmonization.data does this for ClickMe)."
-        )
+    _check_same_maps(a.shape, b.shape)
     n, height, width = a.shape
-    if height * width == 0:
-        raise ValueError(f"`a` and `b` must have at least one pixel per map; got shape {a.shape}.")
     return a.reshape(n, height * width), b.reshape(n, height * width)
+
+
+# ----------------------------------------------------------------------------- the device path (JAX, PyTorch)
+def _device_maps(maps, name: str, kind: str, like=None):
+    """`maps` as a (N, H, W) tensor of `kind` ("jax" or "torch") on the device of `like` (or the library's default),
+    refused with `_host_maps`'s ValueErrors, checked on the device: only the answer of the NaN/Inf check comes back.
+
+    A tensor of `kind` stays where it is; anything else (NumPy, lists, another library's tensor) is read as NumPy,
+    checked, then moved.
+    """
+    if _spearman_device.library(maps) == kind:
+        dtype = _spearman_device.dtype_name(maps)  # Keras's names: "float32", "bfloat16", "int64", "bool" ...
+        dtype_kind = ("f" if "float" in dtype else "b" if dtype == "bool" else "u" if dtype.startswith("uint")
+                      else "i" if dtype.startswith("int") else "c")
+    else:
+        maps = host_array(maps)
+        dtype, dtype_kind = maps.dtype, "f" if maps.dtype.name == "bfloat16" else maps.dtype.kind
+    shape = tuple(int(d) for d in maps.shape)
+    _check_map_layout(dtype_kind, dtype, shape, name)
+    maps = _spearman_device.to_library(maps, kind, like)
+    if len(shape) == 4:
+        maps = maps[..., 0]
+    if not _spearman_device.all_finite(maps):
+        raise ValueError(f"`{name}` contains NaN or Inf values.")
+    return maps
+
+
+def _spearman_off_tensorflow(a, b, *, on_device: bool) -> np.ndarray:
+    """`spearman` on the JAX and PyTorch backends, float64 (N,), unclipped: ranked with NumPy on the host, or,
+    with `on_device`, where the maps are (`harmonization._spearman_device`); the two return identical numbers.
+
+    `spearman` chooses `on_device` when a map already lives on an accelerator; tests and bench/gpu force it.
+    Either way `a` is checked before `b`, with the same errors.
+    """
+    if not on_device:
+        return _spearman_numpy(*_host_map_pair(a, b))
+    # The library of the tensor given (the first map's if both are tensors), else the Keras backend's; the other
+    # map joins it on its device.
+    kind = _spearman_device.library(a) or _spearman_device.library(b) or keras.backend.backend()
+    home = a if _spearman_device.library(a) == kind else b if _spearman_device.library(b) == kind else None
+    x = _device_maps(a, "a", kind, like=home)
+    y = _device_maps(b, "b", kind, like=x)
+    shape = tuple(int(d) for d in x.shape)
+    _check_same_maps(shape, tuple(int(d) for d in y.shape))
+    n, height, width = shape
+    x, y = x.reshape(n, height * width), y.reshape(n, height * width)
+    return _spearman_device.spearman_rows(x, y, _chunk_maps(height * width, CHUNK_PIXELS))
 
 
 def _numpy_by_chunks(fn: Callable, *arrays: np.ndarray) -> list[np.ndarray]:
@@ -372,10 +433,15 @@ def spearman(a, b, *, dtype="float32"):
     it ranks nothing, so it gets 0.0 (no agreement) where scipy returns NaN, and one blank map cannot
     turn a dataset's mean into NaN. The correlation is computed in float64, exact for 224x224 maps.
 
-    Maps are scored `CHUNK_PIXELS` pixels at a time. On the TensorFlow backend, executed eagerly on a machine
-    without a GPU or TPU, the ranks are computed with NumPy (faster there than TensorFlow's sort); in a
-    `tf.function`, or with an accelerator, with TensorFlow. On the JAX and PyTorch backends, with NumPy on the
-    host. All give identical results.
+    Maps are scored `CHUNK_PIXELS` pixels at a time, where they are computed fastest:
+
+    - TensorFlow backend: executed eagerly on a machine without a GPU or TPU, ranked with NumPy (faster there
+      than TensorFlow's sort); in a `tf.function`, or with an accelerator, with TensorFlow ops on the device.
+    - JAX and PyTorch backends: when a map already lives on an accelerator (a JAX array on a GPU or TPU, a
+      PyTorch tensor on CUDA), ranked there with the backend's own sort and searchsorted, with no host copy of
+      the maps (`harmonization._spearman_device`); otherwise (NumPy, CPU tensors) with NumPy on the host.
+
+    All give identical results: every path sums the same integer (doubled) ranks exactly.
 
     Args:
         a: (N, H, W) or (N, H, W, 1) maps, e.g. model saliency.
@@ -386,7 +452,8 @@ def spearman(a, b, *, dtype="float32"):
         A tensor (N,) in [-1, 1]; a NumPy array on the JAX and PyTorch backends.
     """
     if not _ON_TENSORFLOW:
-        rho = _spearman_numpy(*_host_map_pair(a, b))
+        on_device = _spearman_device.on_accelerator(a) or _spearman_device.on_accelerator(b)
+        rho = _spearman_off_tensorflow(a, b, on_device=on_device)
         return np.clip(rho, -1.0, 1.0).astype(_numpy_dtype(dtype))
     a, b = _map_pair(a, b)
     if _numpy_path_applies(a):

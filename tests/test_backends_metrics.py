@@ -17,7 +17,7 @@ import pytest
 from scipy import stats
 
 from backend_helpers import current_backend, installed, other_backends, run_on_backend
-from harmonization import evaluate_alignment, metrics
+from harmonization import _spearman_device, evaluate_alignment, metrics
 from harmonization.saliency import saliency_map
 
 pytestmark = pytest.mark.backends
@@ -203,6 +203,95 @@ def test_tensors_on_the_backends_device_and_in_autograd_are_read_on_the_host(map
         x.requires_grad_(True)
     np.testing.assert_allclose(host(metrics.spearman(x, y)), scipy_spearman(a, b), atol=1e-6)
     np.testing.assert_allclose(host(metrics.iou(x, y)), published_dice_iou(a, b, 10)[1], rtol=1e-6, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------- Spearman where the maps are
+def check_device_spearman() -> bool:
+    """Spearman's device path (`harmonization._spearman_device`, what JAX and PyTorch use for maps on a GPU), forced
+    here on the backend's CPU, against scipy and the host path: ties, constant maps, (N, H, W, 1) tensors, float16,
+    bfloat16, integers and booleans, chunks, maps wider than one JAX block of 2**16 pixels, and the same errors.
+
+    Runs on JAX or PyTorch (the test process's backend, or a child's); raises AssertionError on a difference.
+    """
+    import ml_dtypes  # NumPy's bfloat16 (a Keras dependency)
+
+    backend = current_backend()
+    assert backend in ("jax", "torch"), backend
+
+    def device(x, y, **kwargs):
+        return metrics._spearman_off_tensorflow(x, y, on_device=True, **kwargs)
+
+    def on_host(x, y):
+        return metrics._spearman_off_tensorflow(x, y, on_device=False)
+
+    rng = np.random.default_rng(20)
+    a, b = saliency_like_maps(rng, 6, 12), human_like_maps(rng, 6, 12)
+    a[3] = 0.5  # constant: 0.0
+    b[5] = 0.0
+    expected = scipy_spearman(a, b)
+    tensor = keras.ops.convert_to_tensor
+    for x, y in ((a, b), (tensor(a), tensor(b[..., None])), (tensor(a[..., None]), b)):
+        got = device(x, y)
+        assert got.dtype == np.float64 and got.shape == (6,)
+        np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12)
+        np.testing.assert_array_equal(got, on_host(a, b))  # the same exact sums: the same bits
+    assert device(a, b)[3] == device(a, b)[5] == 0.0
+    # Half precision is ranked as it is stored (float32 is exact for it); integers and booleans exactly.
+    for dtype in (np.float16, ml_dtypes.bfloat16):
+        half_a, half_b = a.astype(dtype), b.astype(dtype)
+        reference = scipy_spearman(half_a.astype(np.float32), half_b.astype(np.float32))
+        for x, y in ((half_a, half_b), (tensor(half_a.astype(np.float32), dtype.__name__), tensor(half_b))):
+            np.testing.assert_allclose(device(x, y), reference, rtol=1e-12, atol=1e-12)
+    ids, flags = np.round(a * 3).astype(np.int32), b > 0.3
+    np.testing.assert_array_equal(device(tensor(ids), tensor(flags)), on_host(ids, flags))
+    # Chunks of 2, 2, 2 maps equal one chunk; 2 maps of 260x260 span two JAX blocks of 2**16 pixels.
+    whole = device(a, b)
+    original = metrics.CHUNK_PIXELS
+    metrics.CHUNK_PIXELS = 2 * 12 * 12
+    try:
+        np.testing.assert_array_equal(device(tensor(a), tensor(b)), whole)
+    finally:
+        metrics.CHUNK_PIXELS = original
+    wide_a, wide_b = saliency_like_maps(rng, 2, 260), np.round(rng.uniform(0, 4, (2, 260, 260)))
+    np.testing.assert_allclose(device(wide_a, wide_b), scipy_spearman(wide_a, wide_b), rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(device(wide_a, wide_b), on_host(wide_a, wide_b))
+    # The host path's errors, word for word, `a` checked before `b`.
+    good = np.ones((2, 4, 4), np.float32)
+    nan, inf = good.copy(), good.copy()
+    nan[1, 2, 2], inf[0, 0, 0] = np.nan, np.inf
+    bad_pairs = [(np.ones((4, 4)), good), (good, np.ones((2, 4, 4, 3))), (good, tensor(np.ones((2, 4, 4, 3)))),
+                 (good, np.ones((2, 4, 5))), (good, nan), (tensor(nan), tensor(inf)), (tensor(good), inf),
+                 (np.zeros((2, 0, 4)), np.zeros((2, 0, 4))), (np.array([[["x"]]]), good)]
+    for x, y in bad_pairs:
+        messages = []
+        for run in (on_host, device):
+            try:
+                run(x, y)
+            except ValueError as error:
+                messages.append(str(error))
+        assert len(messages) == 2 and messages[0] == messages[1], messages
+    # The public function keeps maps that are not on an accelerator (NumPy, CPU tensors) on the host path.
+    assert not any(_spearman_device.on_accelerator(x) for x in (a, tensor(a)))
+    return True
+
+
+CHECK_DEVICE_CHILD = r"""
+import json, sys
+sys.path.insert(0, "tests")
+from test_backends_metrics import check_device_spearman
+print(json.dumps(check_device_spearman()))
+"""
+
+
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_spearman_device_path_equals_scipy_and_the_host_path(backend):
+    """The JAX and PyTorch device path, checked on CPU (CI has no GPU; bench/gpu checks it on one)."""
+    if current_backend() == backend:
+        assert check_device_spearman()
+    elif not installed(backend):
+        pytest.skip(f"{backend} is not installed")  # CI's JAX environment has no PyTorch, and vice versa
+    else:
+        assert run_on_backend(backend, CHECK_DEVICE_CHILD) is True
 
 
 # ----------------------------------------------------------------------------- across backends
