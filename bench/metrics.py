@@ -39,6 +39,7 @@ from scipy import stats
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
 from _child import run_child  # noqa: E402  (this folder is on sys.path when run as a script)
+from _maps import make_maps  # noqa: E402  (shared with bench/gpu/run.py, which runs without TensorFlow)
 
 import tensorflow as tf  # noqa: E402
 
@@ -51,21 +52,6 @@ MEMORY_CASES = {
     "spearman-tf-function": "spearman, inside tf.function",
     "dice-eager-numpy": "dice, eager, NumPy array inputs",
 }
-
-
-def make_maps(n: int, size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Return (saliency-like, human-like) float32 maps of shape (n, size, size)."""
-    rng = np.random.default_rng(seed)
-    rows, cols = np.mgrid[:size, :size].astype(np.float32)
-    human = np.zeros((n, size, size), np.float32)
-    for i in range(n):
-        for _ in range(rng.integers(1, 3)):
-            r, c = rng.uniform(0.2, 0.8, 2) * size
-            sigma = rng.uniform(0.04, 0.1) * size
-            blob = np.exp(-((rows - r) ** 2 + (cols - c) ** 2) / (2 * sigma**2))
-            human[i] += np.where(blob > 0.05, blob, 0.0)
-    saliency = np.abs(rng.normal(size=(n, size, size))).astype(np.float32) + 0.5 * human
-    return saliency, human
 
 
 def _rss_mib() -> float:
