@@ -35,7 +35,8 @@ STEP_FIELDS = COMMON | {
 SPEARMAN_FIELDS = COMMON | {"maps", "map_size", "on_accelerator", "path", "ours_s", "scipy_s", "host_numpy_s",
                             "speedup_vs_scipy", "max_abs_diff_vs_scipy", "identical_to_host_path", "passed"}
 REPORT_FIELDS = {"schema", "date", "command", "device_requested", "tiny", "budget_s", "elapsed_s", "host", "settings",
-                 "peaks_flops", "peak_source", "check_tolerance", "checks", "steps", "spearman", "skipped", "errors"}
+                 "installed_wheels", "peaks_flops", "peak_source", "check_tolerance", "checks", "steps", "spearman",
+                 "skipped", "errors"}
 
 
 def run_script(out, *args: str, timeout: float = 240) -> dict:
@@ -52,6 +53,7 @@ def run_script(out, *args: str, timeout: float = 240) -> dict:
     return report
 
 
+@pytest.mark.slow  # ~55 s on 2 cores, most of it XLA compiling the JAX steps on the CPU
 def test_bench_gpu_runs_both_backends_on_the_cpu_and_reports_every_field(tmp_path):
     require_backend("jax")
     require_backend("torch")

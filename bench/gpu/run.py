@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import os
 import platform
@@ -39,6 +40,7 @@ import queue
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -260,10 +262,14 @@ def count_flops(backend: str, model, data, step: Callable[[], Any]) -> tuple[flo
         state = model._get_jax_state(
             trainable_variables=True, non_trainable_variables=True, optimizer_variables=True, metrics_variables=True
         )
-        analysis = jax.jit(model.train_step).lower(state, data).cost_analysis()
+        lowered = jax.jit(model.train_step).lower(state, data)
+        try:
+            analysis, how = lowered.cost_analysis(), "lowered"
+        except Exception:  # a backend without cost analysis before compilation: compile once more (slow)
+            analysis, how = lowered.compile().cost_analysis(), "compiled"
         if isinstance(analysis, (list, tuple)):
             analysis = analysis[0]
-        return float(analysis["flops"]), "XLA cost analysis of the lowered train_step (all operations)"
+        return float(analysis["flops"]), f"XLA cost analysis of the {how} train_step (all operations)"
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
@@ -369,8 +375,8 @@ def child_step(args, backend: str, info: dict) -> None:
     peak, peak_note = peak_flops(info["accelerator"] or "CPU", args.policy, args.fp32_matmul)
     row: dict[str, Any] = {
         "id": f"step {backend} {args.model} {args.policy}", "kind": "step", "backend": backend,
-        "model": args.model, "policy": args.policy, "requested_batch": args.batch, "fp32_matmul": args.fp32_matmul, "peak_flops": peak, "peak_used": peak_note,
-        "oom_batches": [], **info,
+        "model": args.model, "policy": args.policy, "requested_batch": args.batch, "fp32_matmul": args.fp32_matmul,
+        "peak_flops": peak, "peak_used": peak_note, "oom_batches": [], **info,
     }
     set_fp32_matmul(backend, args.fp32_matmul)
     batch_size = args.batch
@@ -403,7 +409,8 @@ def relative_differences(loss_a: float, loss_b: float, weights_before, weights_a
     delta = sum(float(np.sum(((a - w) - (b - w)) ** 2, dtype=np.float64))
                 for w, a, b in zip(weights_before, weights_a, weights_b))
     norm = sum(float(np.sum((b - w) ** 2, dtype=np.float64)) for w, b in zip(weights_before, weights_b))
-    return {"loss_rel": loss_rel, "weights_max_rel": weights_max_rel, "update_rel_l2": (delta / max(norm, 1e-300)) ** 0.5}
+    update_rel_l2 = (delta / max(norm, 1e-300)) ** 0.5
+    return {"loss_rel": loss_rel, "weights_max_rel": weights_max_rel, "update_rel_l2": update_rel_l2}
 
 
 def child_check(args, backend: str, name: str, info: dict) -> None:
@@ -522,6 +529,26 @@ def child_main(args) -> None:
 
 
 # ============================================================================= the parent
+def install_wheels(option: str) -> tuple[str | None, list[str]]:
+    """(a folder for the children's PYTHONPATH, the wheels installed there) for `--wheels`.
+
+    "auto": nothing when Keras is importable; else the wheels of `.whl/` at the repository root (what
+    bench/gpu/fetch_wheels.sh puts there), installed with pip, offline, into a fresh folder. "none": nothing. A
+    folder: its wheels, whatever is installed. The parent itself never imports Keras, so only its children need it.
+    """
+    if option == "none" or (option == "auto" and importlib.util.find_spec("keras") is not None):
+        return None, []
+    folder = ROOT / ".whl" if option == "auto" else Path(option)
+    wheels = sorted(folder.glob("*.whl"))
+    if not wheels:
+        raise SystemExit(f"Keras is not importable here and {folder} holds no wheels: run bench/gpu/fetch_wheels.sh "
+                         "where pip can reach a registry, and bring .whl along (bench/gpu/README.md).")
+    target = tempfile.mkdtemp(prefix="bench_gpu_site_")
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps", "--no-compile",
+                    "--no-cache-dir", "--upgrade", "--target", target, *map(str, wheels)], check=True)
+    return target, [wheel.name for wheel in wheels]
+
+
 def label_of(item: dict) -> str:
     """A planned measurement in words: "verify jax", "step torch vit_b16 float32"."""
     return " ".join(str(item[key]) for key in ("task", "backend", "model", "policy") if key in item)
@@ -540,6 +567,7 @@ class Run:
         self.results: list[dict] = []
         self.skipped: list[dict] = []
         self.errors: list[dict] = []
+        self.site, self.wheels = None, []
 
     def log(self, text: str) -> None:
         line = f"[{time.monotonic() - self.started:6.1f} s] {text}"
@@ -573,7 +601,8 @@ class Run:
         return command
 
     def child_env(self) -> dict:
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        path = [self.site, str(ROOT), os.environ.get("PYTHONPATH")]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, path)),
                "TF_CPP_MIN_LOG_LEVEL": "2", "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.9"}
         env.pop("KERAS_BACKEND", None)  # the child chooses (train_step.select_backend)
         if self.args.device == "cpu":
@@ -624,7 +653,10 @@ class Run:
             elif line.startswith(PROGRESS_PREFIX):
                 self.log(f"  {item['backend']}: {line[len(PROGRESS_PREFIX):]}")
             if time.monotonic() >= stop_at:
-                os.killpg(process.pid, 9)
+                try:
+                    os.killpg(process.pid, 9)  # the child and anything it started (its own session)
+                except ProcessLookupError:  # it ended on its own meanwhile
+                    pass
                 ended = "stopped at the budget"
                 break
         process.wait()
@@ -633,7 +665,8 @@ class Run:
             self.log_file.write(f"--- stderr of {label_of(item)}, last 200 lines\n")
             self.log_file.write("\n".join(stderr_tail[-200:]) + "\n---\n")
         if ended == "finished" and process.returncode != 0:
-            ended = f"failed (exit {process.returncode}): " + " | ".join(stderr_tail[-6:])[-1500:]
+            last = next((line for line in reversed(stderr_tail) if line.strip()), "no error output")
+            ended = f"failed (exit {process.returncode}): {last.strip()[:500]} (log.txt has the traceback)"
         return list(records.values()), ended
 
     def execute(self) -> None:
@@ -682,6 +715,7 @@ class Run:
             "settings": {"batch": args.batch, "warmup": args.warmup, "steps": args.steps,
                          "fp32_matmul": args.fp32_matmul, "check_batch": args.check_batch, "maps": args.maps,
                          "map_size": args.map_size, "rounds": args.rounds},
+            "installed_wheels": self.wheels,
             "peaks_flops": PEAKS,
             "peak_source": PEAK_SOURCE,
             "check_tolerance": CHECK_TOLERANCE,
@@ -769,6 +803,9 @@ def parse_args(argv=None):
     parser.add_argument("--min-start-s", type=float, default=None,
                         help="least budget left to start a measurement (default 20 s; 0 with --tiny)")
     parser.add_argument("--child-cap-s", type=float, default=240, help="most seconds one measurement may take")
+    parser.add_argument("--wheels", default="auto",
+                        help="auto (default): install .whl/*.whl for the children when Keras is not importable; "
+                             "none; or a folder of wheels to install")
     # The child's own arguments (set by the parent).
     parser.add_argument("--child", choices=("step", "verify"), dest="task", help=argparse.SUPPRESS)
     parser.add_argument("--backend", choices=BACKENDS, help=argparse.SUPPRESS)
@@ -798,6 +835,9 @@ def main(argv=None) -> int:
     run.log(f"bench/gpu/run.py: budget {args.budget_s:g} s, device {args.device}, backends {' '.join(args.backends)}"
             f"{', tiny models' if args.tiny else ''}; writing to {run.out}")
     try:
+        run.site, run.wheels = install_wheels(args.wheels)
+        if run.wheels:
+            run.log(f"installed {' '.join(run.wheels)} into {run.site} (for the children)")
         run.execute()
     finally:
         report = run.report()
