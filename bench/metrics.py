@@ -18,6 +18,9 @@ Reported, in one run:
 
     python bench/metrics.py [--batch-size 512] [--rounds 3] [--size 224]
     python bench/metrics.py --quick     # smoke run: a few small maps, one round
+
+This is the TensorFlow bench. The JAX and PyTorch paths for maps already on a GPU (`harmonization._spearman_device`)
+are measured against the same scipy loop on the same maps (bench/_maps.py) by bench/gpu/run.py.
 """
 
 from __future__ import annotations
