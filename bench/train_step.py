@@ -6,6 +6,7 @@
     python bench/train_step.py --jit                # also time both steps under XLA
     python bench/train_step.py --backend jax        # the same on JAX (or torch), TensorFlow not needed
     python bench/train_step.py --json steps.json    # also write the figures, backend and device as JSON
+    python bench/train_step.py --models resnet50v2 --image-size 160 --steps 9   # another input size
 
 The harmonized step needs a forward pass, an input-gradient backward pass, and a backward pass through
 both, so its FLOP floor is about 2x the plain step (forward + backward). We report the ratio of median
@@ -163,17 +164,18 @@ def timed(step, sync=lambda: None):
     return time.perf_counter() - start
 
 
-def bench(name, batch_size, steps, warmup, jit, backend="tensorflow"):
+def bench(name, batch_size, steps, warmup, jit, backend="tensorflow", image_size=None):
     """Time both steps of one model; print its table row and return the figures as a dict.
 
     `jit` is passed to both `compile` calls; None leaves Keras's default (what HarmonizedModel trains with on JAX
-    and PyTorch).
+    and PyTorch). `image_size` None is the model's default size.
     """
     import keras  # after select_backend (see the module comment)
 
     import harmonization  # after select_backend: importing it imports keras
 
     build, size = MODELS[name]
+    size = size if image_size is None else image_size
     batch = make_batch(size, batch_size)
     keras.utils.set_random_seed(0)
     model = build(size)
@@ -219,6 +221,8 @@ def main(argv=None):
                         help="Keras backend to measure on (default tensorflow, whatever KERAS_BACKEND says)")
     parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS, choices=list(MODELS))
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="input side in pixels for every model (default: each model's own, 224; tiny 64)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per model and mode")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (tracing, allocation)")
     parser.add_argument("--jit", action="store_true", help="TensorFlow: also time both steps with jit_compile=True")
@@ -234,7 +238,7 @@ def main(argv=None):
         modes = (False, True) if args.jit else (False,)
     else:
         modes = (None,)
-    rows = [bench(name, args.batch_size, args.steps, args.warmup, jit, args.backend)
+    rows = [bench(name, args.batch_size, args.steps, args.warmup, jit, args.backend, args.image_size)
             for name in args.models for jit in modes]
     if args.json:
         import keras  # already imported by the steps; here for its version
