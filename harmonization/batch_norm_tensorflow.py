@@ -101,7 +101,7 @@ def batch_norm_training(x, gamma, beta, epsilon: float):
             x=x, scale=gamma, offset=beta, mean=empty, variance=empty, epsilon=epsilon, exponential_avg_factor=1.0,
             data_format="NHWC", is_training=True,
         )
-        count = tf.cast(tf.size(x) // tf.shape(x)[-1], tf.float32)
+        count = tf.cast(tf.size(x, out_type=tf.int64) // tf.shape(x, out_type=tf.int64)[-1], tf.float32)  # >2^31 ok
         # The kernel returns the variance with Bessel's correction (for its own moving average); Keras averages
         # the population variance, which is also what normalised `y`.
         variance = unbiased * tf.where(count > 1, (count - 1) / count, 1.0)
