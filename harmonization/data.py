@@ -386,25 +386,6 @@ class _Preprocessor:
         return {IMAGE: image, HEATMAP: heatmap, LABEL: batch[LABEL], TOKEN: token}
 
 
-def _pipeline(
-    examples: tf.data.Dataset,
-    preprocessor: _Preprocessor,
-    batch_size: int,
-    seed: int | None,
-    shuffle_buffer: int,
-    drop_remainder: bool,
-    reshuffle_each_iteration: bool = True,
-) -> tf.data.Dataset:
-    """Shuffle (training) -> decode/crop per example -> batch -> heatmaps per batch -> prefetch.
-
-    The two stages composed: `_encoded_examples` (order and seeds, nothing decoded), then `_decoded_batches`.
-    """
-    pairs = _encoded_examples(examples, preprocessor.training, seed, shuffle_buffer, reshuffle_each_iteration)
-    deterministic = seed is not None or not preprocessor.training
-    return _decoded_batches(pairs, preprocessor.example, preprocessor.batch, batch_size, drop_remainder,
-                            deterministic)
-
-
 def _encoded_examples(
     examples: tf.data.Dataset,
     training: bool,
@@ -465,6 +446,15 @@ class _EncodedSource:
     pairs: tf.data.Dataset
     preprocessor: _Preprocessor
     deterministic: bool
+
+    @classmethod
+    def of(cls, examples: tf.data.Dataset, preprocessor: _Preprocessor, seed: int | None, shuffle_buffer: int,
+           reshuffle_each_iteration: bool = True) -> "_EncodedSource":
+        """Undecoded `examples` cut as every loader cuts them: shuffled (training) and seeded (`_encoded_examples`),
+        deterministic when seeded or not training."""
+        training = preprocessor.training
+        pairs = _encoded_examples(examples, training, seed, shuffle_buffer, reshuffle_each_iteration)
+        return cls(pairs, preprocessor, deterministic=seed is not None or not training)
 
     def decoded(self, batch_size: int, drop_remainder: bool) -> tf.data.Dataset:
         """The loader's batches (`load_clickme`, `load_imagenet`)."""
@@ -530,8 +520,7 @@ def _clickme_source(
         image_size, training, with_heatmaps=True, crop_scale=crop_scale, crop_ratio=crop_ratio, blur=blur,
         source_shape=features[IMAGE].shape if per_batch_resize else None, jpeg=_is_jpeg_feature(features[IMAGE]),
     )
-    pairs = _encoded_examples(examples, training, seed, shuffle_buffer, reshuffle_each_iteration)
-    return _EncodedSource(pairs, preprocessor, deterministic=seed is not None or not training)
+    return _EncodedSource.of(examples, preprocessor, seed, shuffle_buffer, reshuffle_each_iteration)
 
 
 def _imagenet_source(
@@ -558,8 +547,7 @@ def _imagenet_source(
         image_size, training, with_heatmaps=False, crop_scale=crop_scale, crop_ratio=crop_ratio,
         eval_crop_fraction=center_crop_fraction, jpeg=_is_jpeg_feature(builder.info.features[IMAGE]),
     )
-    pairs = _encoded_examples(examples, training, seed, shuffle_buffer, reshuffle_each_iteration)
-    return _EncodedSource(pairs, preprocessor, deterministic=seed is not None or not training)
+    return _EncodedSource.of(examples, preprocessor, seed, shuffle_buffer, reshuffle_each_iteration)
 
 
 # --------------------------------------------------------------------------------------------
@@ -688,7 +676,7 @@ def from_tfrecords(
         image_size, training, with_heatmaps=True, crop_scale=crop_scale, crop_ratio=crop_ratio, blur=blur
     )
     drop = training if drop_remainder is None else bool(drop_remainder)
-    return _pipeline(examples, preprocessor, batch_size, seed, shuffle_buffer, drop)
+    return _EncodedSource.of(examples, preprocessor, seed, shuffle_buffer).decoded(batch_size, drop)
 
 
 def _shard_records(filename: tf.Tensor, size: tf.Tensor) -> tf.data.Dataset:
@@ -1023,11 +1011,9 @@ class _TaggedDecoder:
 
     def batch(self, batch: dict) -> dict:
         """Finish a batch as `_Preprocessor.batch` does; rows without a human map keep an all-zero map."""
-        token = batch[TOKEN]
+        # A row without a human map holds zeros, and blurring, cropping and resizing (linear) keep them zero.
         heatmap = _transform_heatmaps(batch[HEATMAP], batch["crop"], batch["flip"], self.image_size, self.blur)
-        if len(self.preprocessors) > 1:
-            heatmap = tf.where(token[:, None, None, None] > 0, heatmap, tf.zeros_like(heatmap))
-        return {IMAGE: tf.cast(batch[IMAGE], tf.float32), HEATMAP: heatmap, LABEL: batch[LABEL], TOKEN: token}
+        return {IMAGE: tf.cast(batch[IMAGE], tf.float32), HEATMAP: heatmap, LABEL: batch[LABEL], TOKEN: batch[TOKEN]}
 
 
 # --------------------------------------------------------------------------------------------
