@@ -34,12 +34,15 @@ __all__ = [
     "build_native",
     "canonical_name",
     "closest_names",
+    "default_namespace",
     "imagenet_class_names",
     "list_models",
     "model_for_file",
     "model_info",
     "normalization",
     "paper_metrics",
+    "pin_hub_revision",
+    "read_entries",
     "validate_entry",
     "with_family_defaults",
 ]
@@ -199,24 +202,64 @@ def with_family_defaults(entry: Any, filename: str, defaults: dict[str, Any] | N
     return validate_entry(_merged(_fill(defaults, fields), entry), filename)
 
 
-@functools.lru_cache(maxsize=None)
-def _family_defaults() -> dict[str, Any]:
-    item = _entries_folder().joinpath(FAMILY_DEFAULTS_FILE)
-    defaults = json.loads(item.read_text(encoding="utf-8"))
+def _read_defaults(folder) -> dict[str, Any]:
+    defaults = json.loads(folder.joinpath(FAMILY_DEFAULTS_FILE).read_text(encoding="utf-8"))
     if not isinstance(defaults, dict):
         raise ValueError(f"{FAMILY_DEFAULTS_FILE} must be a JSON object, got {type(defaults).__name__}.")
     defaults.pop("doc", None)  # says what the file is; not part of any entry
     return defaults
 
 
-@functools.lru_cache(maxsize=None)
-def _registry() -> dict[str, dict[str, Any]]:
+def read_entries(folder: str | os.PathLike | Any) -> dict[str, dict[str, Any]]:
+    """Every entry of a `models/` folder, completed by that folder's own `_defaults.json` and validated.
+
+    The zoo reads the installed folder; `harmonization publish --all --models-dir DIR` reads (and pins) a
+    checkout's.
+    """
+    folder = Path(folder) if isinstance(folder, (str, os.PathLike)) else folder
+    defaults = _read_defaults(folder)
     entries = {}
-    for item in _entries_folder().iterdir():
+    for item in sorted(folder.iterdir(), key=lambda item: item.name):
         if item.name.endswith(".json") and not item.name.startswith("_"):
-            entry = with_family_defaults(json.loads(item.read_text(encoding="utf-8")), item.name)
+            entry = with_family_defaults(json.loads(item.read_text(encoding="utf-8")), item.name, defaults)
             entries[entry["name"]] = entry
     return entries
+
+
+@functools.lru_cache(maxsize=None)
+def _family_defaults() -> dict[str, Any]:
+    return _read_defaults(_entries_folder())
+
+
+def default_namespace(folder: str | os.PathLike | None = None) -> str:
+    """The Hub organisation the zoo is published under: the owner in `models/_defaults.json`'s `hub.repo_id`.
+
+    Set in that one place; `harmonization publish --namespace ORG` publishes elsewhere for one run.
+    """
+    defaults = _family_defaults() if folder is None else _read_defaults(Path(folder))
+    return defaults["hub"]["repo_id"].split("/", 1)[0]
+
+
+def pin_hub_revision(folder: str | os.PathLike, name: str, repo_id: str, revision: str) -> Path:
+    """Write `hub.repo_id` and `hub.revision` into `folder/NAME.json`: the zoo then loads exactly that commit.
+
+    Only the `hub` object changes (key order and the rest of the file are kept); written atomically.
+    """
+    path = Path(folder) / f"{name}.json"
+    entry = json.loads(path.read_text(encoding="utf-8"))
+    hub = dict(entry.get("hub") or {})
+    hub.update({"repo_id": repo_id, "revision": revision})
+    hub.pop("note", None)  # the family's "not published yet" note no longer applies
+    entry["hub"] = hub
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(json.dumps(entry, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(partial, path)
+    return path
+
+
+@functools.lru_cache(maxsize=None)
+def _registry() -> dict[str, dict[str, Any]]:
+    return read_entries(_entries_folder())
 
 
 @functools.lru_cache(maxsize=None)

@@ -238,7 +238,7 @@ def test_entries_hold_only_what_differs_from_the_family_defaults():
         raw = json.loads(folder.joinpath(f"{name}.json").read_text())
         assert "preprocessing" not in raw and "paper" not in raw and "license" not in raw
         entry = model_info(name)
-        assert entry["hub"]["repo_id"] == f"serre-lab/{name}"  # "{name}" filled in
+        assert entry["hub"]["repo_id"] == f"{zoo.default_namespace()}/{name}"  # "{name}" filled in
         assert entry["preprocessing"] == defaults["preprocessing"]
         assert entry["architecture"]["config"] == {**defaults["architecture"]["config"],
                                                    **raw["architecture"]["config"]}
