@@ -14,6 +14,12 @@ _check_no_published_package()
 # a backend whose package is missing is named here, with its install command, instead of failing deep in Keras.
 _check_backend_installed()
 
+# `keras.saving.load_model` builds our published presets once our classes are registered with Keras: done as soon
+# as Keras is imported (now, or right after `import keras`), never by importing Keras here.
+from harmonization._keras_registration import register_with_keras as _register_with_keras
+
+_register_with_keras()
+
 # Names are imported on first use (PEP 562), so that `import harmonization` and the command's `--help`, `list`
 # and `info` do not pay for importing TensorFlow (~3 s). Everything below is what the package exposes.
 _SUBMODULES = frozenset((
