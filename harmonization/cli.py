@@ -108,14 +108,25 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 def _cmd_publish(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from harmonization import zoo
     from harmonization.publish import publish
 
+    if args.all == bool(args.names):
+        raise ValueError("publish: name the zoo models to publish, or pass --all for every one (not both).")
+    single = args.repo_id is not None or args.dry_run or args.source is not None or args.out is not None
+    if not single:
+        return _release(args)
+    if args.all or len(args.names) != 1 or args.pin:
+        raise ValueError("publish: --repo-id, --source, --out and --dry-run publish one model without pinning it; "
+                         "drop them to publish several models (--namespace ORG, --pin).")
+    name = args.names[0]
+    repo_id = args.repo_id or f"{args.namespace or zoo.default_namespace()}/{name}"
     folder = args.out
     if args.dry_run and folder is None:
-        folder = str(Path("publish") / args.name)
-    result = publish(args.name, args.repo_id, source=args.source, dry_run=args.dry_run, folder=folder,
-                             private=args.private or None, commit_message=args.message,
-                             overwrite_card=args.overwrite_card)
+        folder = str(Path("publish") / name)
+    result = publish(name, repo_id, source=args.source, dry_run=args.dry_run, folder=folder,
+                     private=args.private or None, commit_message=args.message, overwrite_card=args.overwrite_card,
+                     force=args.force)
     print(f"Round trip: max |logit difference| after reloading the preset = {result.round_trip_max_abs_diff:.1e}")
     if result.dry_run:
         print(f"Dry run: preset and model card written to {result.folder}; nothing uploaded.")
@@ -123,9 +134,30 @@ def _cmd_publish(args: argparse.Namespace) -> int:
         return 0
     if result.kept_hub_card:
         print("The repo already has a README.md; it was kept (pass --overwrite-card to replace it).")
-    print(f"Uploaded to hf://{result.repo_id} in commit {result.commit_oid} ({result.commit_url}).")
+    if result.commit_url is None:
+        print(f"hf://{result.repo_id} already holds this preset at commit {result.commit_oid}; nothing uploaded.")
+    else:
+        print(f"Uploaded to hf://{result.repo_id} in commit {result.commit_oid} ({result.commit_url}).")
     print(f'Pin it: set "hub": {{"repo_id": "{result.repo_id}", "revision": "{result.commit_oid}"}} in '
           f"models/{result.name}.json.")
+    return 0
+
+
+def _release(args: argparse.Namespace) -> int:
+    from harmonization.release import release
+
+    released = release(None if args.all else args.names, namespace=args.namespace, work_dir=args.work_dir,
+                       models_dir=args.models_dir, pin=args.pin, force=args.force,
+                       overwrite_card=args.overwrite_card, private=args.private or None)
+    width = max(len(item.repo_id) for item in released)
+    print(f"{'repo':<{width + 5}}  commit                                    uploaded")
+    for item in released:
+        uploaded = ", ".join(item.uploaded) if item.uploaded else "nothing (already there)"
+        print(f"hf://{item.repo_id:<{width}}  {item.commit_oid}  {uploaded}")
+    if args.pin:
+        print(f"Pinned {len(released)} model(s): their repo and commit are in models/NAME.json.")
+    else:
+        print("Pass --pin to write these commits into models/NAME.json (the zoo then loads exactly them).")
     return 0
 
 
@@ -291,16 +323,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source-url", default=None, help="where the file was published (recorded in metadata.json)")
     p.set_defaults(func=_cmd_convert)
 
-    p = sub.add_parser("publish", help="build, check and upload a zoo model's preset and model card to the Hub")
-    p.add_argument("name", help="zoo name")
-    p.add_argument("--repo-id", required=True, metavar="ORG/NAME")
+    p = sub.add_parser(
+        "publish", help="build, check and upload zoo models' presets and cards to the Hub (--all: the whole zoo)",
+        description="Publish zoo models to the Hugging Face Hub: for each, download and verify the published "
+                    "original, convert it, check the round trip, write the preset, card and figure, create the "
+                    "repo ORG/NAME if needed and upload what is not already there. Idempotent: a second run uploads "
+                    "nothing, and a run that stopped continues where it stopped. Needs a token with write access "
+                    "(HF_TOKEN or `hf auth login`).")
+    p.add_argument("names", nargs="*", metavar="NAME", help="zoo names (or --all)")
+    p.add_argument("--all", action="store_true", help="every model of the zoo")
+    p.add_argument("--namespace", default=None, metavar="ORG",
+                   help="Hub user or organisation (default: the zoo's, hub.repo_id in models/_defaults.json)")
+    p.add_argument("--pin", action="store_true",
+                   help="write each model's repo and commit into models/NAME.json once its upload is checked")
+    p.add_argument("--work-dir", default="release", metavar="DIR",
+                   help="where built presets and release.json go; a new run reuses what is complete (default: "
+                        "./release)")
+    p.add_argument("--models-dir", default=None, metavar="DIR",
+                   help="the models/ folder to publish and pin (default: the zoo's; a source checkout's models/)")
+    p.add_argument("--force", action="store_true", help="replace a repo that holds another model under that name")
+    p.add_argument("--repo-id", default=None, metavar="ORG/NAME", help="publish one model to this repo")
     p.add_argument("--source", default=None, metavar="FILE.h5",
-                   help="the published original to convert (default: what load_model(NAME) resolves)")
-    p.add_argument("--dry-run", action="store_true", help="write the folder only (default --out publish/NAME)")
-    p.add_argument("--out", default=None, metavar="DIR", help="preset folder (default: a temporary directory)")
-    p.add_argument("--private", action="store_true", help="create the repo private if it does not exist")
-    p.add_argument("--overwrite-card", action="store_true", help="replace a README.md the repo already has")
-    p.add_argument("--message", default=None, help="commit message")
+                   help="one model: the published original to convert (default: downloaded and verified)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="one model: write the folder only (default --out publish/NAME)")
+    p.add_argument("--out", default=None, metavar="DIR", help="one model: preset folder (default: a temporary one)")
+    p.add_argument("--private", action="store_true", help="create repos private if they do not exist")
+    p.add_argument("--overwrite-card", action="store_true", help="replace a README.md a repo already has")
+    p.add_argument("--message", default=None, help="one model: commit message")
     p.set_defaults(func=_cmd_publish)
 
     p = sub.add_parser("predict", help="top-k ImageNet classes of images")

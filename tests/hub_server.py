@@ -11,14 +11,16 @@ Upload (`create_repo`, then `upload_folder` -> `create_commit`):
 - `POST /api/repos/create`                          -> 200 `{"url": ...}`, or 409 when the repo exists
   (`exist_ok=True` accepts it); the new repo gets a first commit holding `.gitattributes`, as on the Hub;
 - `POST /api/validate-yaml`                          -> the README's front matter must parse as YAML (400 else);
-- `POST /api/models/{repo}/preupload/{rev}`          -> `uploadMode` per file: "lfs" for weights, "regular" else,
+- `POST /api/models/{repo}/preupload/{rev}`          -> `uploadMode` per file: "lfs" for weights and binary
+  samples (a PNG), "regular" else,
   with the `oid` of the file already at that path (the client skips unchanged files);
 - `POST /{repo}.git/info/lfs/objects/batch`          -> LFS "basic" transfer actions (no `actions` when the
   object is already stored), then `PUT` of the bytes (sha256 and size checked) and `POST` verify;
 - `POST /api/models/{repo}/commit/{rev}`             -> the NDJSON commit: a header line, then `file` (base64)
   and `lfsFile` (oid of an uploaded object) lines; answers `commitOid` and `commitUrl`.
+- `GET /api/whoami-v2`                               -> the token's user and organisations (401 for another token).
 Write endpoints require `Authorization: Bearer <token>` when `FakeHub.token` is set (401 otherwise), as the Hub
-does. huggingface_hub uploads LFS files through Xet when `hf_xet` is installed; tests set
+does, and writing to a namespace that is neither the user nor one of `FakeHub.orgs` is refused (403). huggingface_hub uploads LFS files through Xet when `hf_xet` is installed; tests set
 `HF_HUB_DISABLE_XET` (a supported client setting) so that the LFS protocol above is used.
 
 Plain files (the originals' public URLs) are served at any other path added with `add_static`.
@@ -26,6 +28,8 @@ Errors carry the `X-Error-Code` header the client maps to its exceptions (RepoNo
 EntryNotFound). Faults can be injected (truncated or tampered bodies, a tree listing error, paths that
 stall forever, that trickle one byte at a time under a 10 MB `Content-Length`, that answer a web page, or that
 redirect to themselves) to test what the client does not guard against itself.
+Uploads can fail too: write paths that stall, or whose connection is dropped once the request is read
+(`drop`, as a proxy or a restarting server does), each counted so a test can see the client gave up.
 Runs in a thread of the test process; not a pytest plugin, so any test module can import it.
 """
 
@@ -46,6 +50,11 @@ LFS_SUFFIXES = (".h5", ".bin", ".safetensors")
 HTML_PAGE = b"<!DOCTYPE html><html><head><title>Mirror</title></head><body>Hi!!</body></html>"
 #: The length a trickling answer announces.
 TRICKLE_LENGTH = 10_000_000
+
+
+def _is_lfs(path: str, data: bytes) -> bool:
+    """Whether the Hub keeps a file in LFS: by name, past 10 MB, or binary content (NUL bytes in its first 512)."""
+    return path.endswith(LFS_SUFFIXES) or len(data) > 10 * 1024 * 1024 or b"\0" in data[:512]
 
 
 def _git_blob_id(data: bytes) -> str:
@@ -79,6 +88,10 @@ class FakeHub:
         self._released = threading.Event()  # set at shutdown, so that stalled handlers end
         # Upload side:
         self.token: str | None = None  # when set, write endpoints require "Authorization: Bearer <token>"
+        self.user = "test-user"  # whom the token belongs to (`/api/whoami-v2`)
+        self.orgs: dict[str, str] = {"test-org": "write"}  # the user's organisations and role in each
+        self.drop: set[str] = set()  # write URL path prefixes whose connection is closed once the request is read
+        self.dropped: list[str] = []  # the paths of the requests that were dropped
         self.lfs_objects: dict[str, bytes] = {}  # sha256 -> bytes uploaded through the LFS protocol
         self.commit_log: list[dict] = []  # {"repo_id", "sha", "summary", "files": {path: "file" | "lfsFile"}}
         self.validated_yaml: list[str] = []  # README contents sent to /api/validate-yaml
@@ -210,6 +223,14 @@ class _Handler(BaseHTTPRequestHandler):
         body = self._read_body()
         with fake._lock:
             fake.requests.append((self.command, self.path))
+        if any(path.startswith(prefix) for prefix in fake.stall):
+            fake._released.wait()  # the request was read; no byte of an answer ever comes
+            return None
+        if any(path.startswith(prefix) for prefix in fake.drop):
+            with fake._lock:
+                fake.dropped.append(path)
+            self.close_connection = True  # hang up without answering: "Server disconnected"
+            return None
         if self.command == "PUT":
             if match := _LFS_OBJECT.match(path):
                 return self._lfs_put(match["oid"], body)
@@ -222,6 +243,9 @@ class _Handler(BaseHTTPRequestHandler):
             return None
         if path == "/api/repos/create":
             return self._create_repo(json.loads(body))
+        namespace = self._namespace_of(path)
+        if namespace is not None and not self._may_write(namespace):
+            return self._error(403, None, f"You don't have the rights to write to {namespace}", head=False)
         if match := _PREUPLOAD.match(path):
             return self._preupload(match["repo"], match["rev"], json.loads(body))
         if match := _LFS_BATCH.match(path):
@@ -230,11 +254,34 @@ class _Handler(BaseHTTPRequestHandler):
             return self._commit(match["repo"], match["rev"], body)
         return self._error(404, None, f"no route for POST {path}", head=False)
 
+    @staticmethod
+    def _namespace_of(path: str) -> str | None:
+        for pattern in (_PREUPLOAD, _LFS_BATCH, _COMMIT):
+            if match := pattern.match(path):
+                return match["repo"].split("/")[0]
+        return None
+
+    def _may_write(self, namespace: str) -> bool:
+        return namespace == self.fake.user or self.fake.orgs.get(namespace) in ("admin", "write")
+
+    def _whoami(self):
+        if self.fake.token is not None and self.headers.get("Authorization") != f"Bearer {self.fake.token}":
+            return self._error(401, None, "Invalid credentials in Authorization header", head=False)
+        orgs = [{"type": "org", "name": name, "roleInOrg": role} for name, role in sorted(self.fake.orgs.items())]
+        return self._json(200, {"type": "user", "name": self.fake.user, "orgs": orgs,
+                                "auth": {"type": "access_token",
+                                         "accessToken": {"displayName": "test", "role": "write"}}})
+
     def _create_repo(self, payload: dict):
         repo_id = f"{payload['organization']}/{payload['name']}" if payload.get("organization") else payload["name"]
+        if "/" not in repo_id:
+            repo_id = f"{self.fake.user}/{repo_id}"
         url = f"{self.fake.endpoint}/{repo_id}"
         if repo_id in self.fake.refs:
             return self._json(409, {"error": "You already created this model repo", "url": url})
+        if not self._may_write(repo_id.split("/")[0]):
+            return self._error(403, None, f"You don't have the rights to create a model under the namespace "
+                                          f"{repo_id.split('/')[0]!r}", head=False)
         self.fake.add_commit(repo_id, {".gitattributes": GITATTRIBUTES})
         return self._json(200, {"url": url, "name": repo_id, "id": hashlib.sha1(repo_id.encode()).hexdigest()})
 
@@ -262,7 +309,8 @@ class _Handler(BaseHTTPRequestHandler):
         files = []
         for item in payload["files"]:
             path = item["path"]
-            lfs = path.endswith(LFS_SUFFIXES) or item["size"] > 10 * 1024 * 1024
+            sample = base64.b64decode(item.get("sample") or "")
+            lfs = path.endswith(LFS_SUFFIXES) or item["size"] > 10 * 1024 * 1024 or b"\0" in sample
             oid = None
             if path in current:
                 data = current[path]
@@ -352,6 +400,8 @@ class _Handler(BaseHTTPRequestHandler):
         if any(path.startswith(prefix) for prefix in fake.stall):
             fake._released.wait()  # the connection is open; no byte of an answer ever comes
             return None
+        if path == "/api/whoami-v2" and not head:
+            return self._whoami()
         if path in fake.delay:
             fake._released.wait(fake.delay[path])
         if any(path.startswith(prefix) for prefix in fake.redirect_loop):
@@ -439,7 +489,7 @@ class _Handler(BaseHTTPRequestHandler):
         for name, data in sorted(self.fake.commits[sha].items()):
             data = self.fake._content(name, data)
             entry = {"type": "file", "oid": _git_blob_id(data), "size": len(data), "path": name}
-            if name.endswith(LFS_SUFFIXES):
+            if _is_lfs(name, data):
                 entry["lfs"] = {"oid": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}
             entries.append(entry)
         self._send(200, json.dumps(entries).encode(), {"Content-Type": "application/json"}, head)
@@ -452,7 +502,7 @@ class _Handler(BaseHTTPRequestHandler):
         if name not in files:
             return self._error(404, "EntryNotFound", f"{name} does not exist on {rev}", head)
         data = self.fake._content(name, files[name])
-        lfs = name.endswith(LFS_SUFFIXES)
+        lfs = _is_lfs(name, data)
         etag = hashlib.sha256(data).hexdigest() if lfs else _git_blob_id(data)
         headers = {"X-Repo-Commit": sha, "ETag": f'"{etag}"', "Accept-Ranges": "bytes",
                    "Content-Type": "application/octet-stream"}

@@ -18,12 +18,14 @@ DISTRIBUTION = (
     "harmonization._io",
     "harmonization.presets",  # the on-disk format only
     "harmonization.hub",  # remote access: Hub snapshots and verified downloads, no zoo
+    "harmonization.hub_upload",  # a preset folder into a Hub repo once: compare, refuse, upload, check
     "harmonization.originals",  # the published originals: trust store, verified download
     "harmonization.convert",  # a Keras-2 .h5 into a model it is given
     "harmonization.zoo",  # the entries, family defaults, build(entry)
     "harmonization.model_card",  # cards, from an entry
     "harmonization.publish",  # build_preset(entry, source) and the upload
     "harmonization.loader",  # names, hf:// URIs and paths -> presets; the cache of converted originals
+    "harmonization.release",  # the whole zoo to the Hub: build, upload once, pin
 )
 TRAINING = (
     "harmonization._host_checks",  # NumPy checks of concrete values, every backend
