@@ -44,8 +44,8 @@ def _token(token: str | None) -> str:
     token = token or get_token()
     if not token:
         raise PublishError(
-            "No Hugging Face token: set HF_TOKEN to a token with write access (or run `hf auth login`) before "
-            "publishing; nothing was built or uploaded."
+            "No Hugging Face token: set HF_TOKEN to a token with write access (or run `hf auth login`); nothing "
+            "was uploaded."
         )
     return token
 
@@ -70,7 +70,7 @@ def check_write_access(namespace: str, *, token: str | None = None) -> str:
         status = getattr(getattr(error, "response", None), "status_code", None)
         if status == 401:
             raise PublishError("The Hugging Face Hub refused the token (HF_TOKEN or `hf auth login`): it is invalid "
-                               "or expired; nothing was built or uploaded.") from error
+                               "or expired; nothing was uploaded.") from error
         raise PublishError(f"Could not ask the Hub who the token belongs to: {_first_line(error)}") from error
     except OSError as error:
         raise PublishError(f"Could not reach the Hugging Face Hub to check the token: {_first_line(error)}") from error
