@@ -112,6 +112,10 @@ def exercise(work: str) -> dict[str, Any]:
         out["hf"] = relative_difference(logits_of(harmonization.load_model(f"hf://{REPO}"), reference),
                                         reference["logits"])
         out["tensorflow_imported"] = "tensorflow" in sys.modules
+        # Keras's own loader on the same repo (safe_mode on): our classes are registered by `import harmonization`.
+        plain = keras.saving.load_model(f"hf://{REPO}")
+        out["plain_keras"] = [type(plain).__name__, relative_difference(logits_of(plain, reference),
+                                                                         reference["logits"])]
 
         # A zoo name whose Hub repo does not exist: its published Keras-2 .h5, converted with h5py and cached.
         url = fake.add_static("/bucket/levit128_harmonized.h5", (KERAS2 / "kecam_levit_weights.h5").read_bytes())
@@ -170,6 +174,12 @@ def test_a_preset_directory_and_an_hf_uri_load_on_every_backend(observations):
         assert seen["directory"] <= TOLERANCE and seen["hf"] <= TOLERANCE, (backend, seen["directory"], seen["hf"])
         if backend != "tensorflow":
             assert not seen["tensorflow_imported"], f"loading a preset on {backend} imported TensorFlow"
+
+
+def test_plain_keras_loads_the_hub_repo_on_every_backend(observations):
+    for backend, seen in observations.items():
+        class_name, difference = seen["plain_keras"]
+        assert class_name == "VGG" and difference <= TOLERANCE, (backend, seen["plain_keras"])
 
 
 def test_a_zoo_name_is_converted_from_its_published_h5_on_every_backend(observations):
