@@ -7,6 +7,7 @@ side environment with those libraries). Each is converted into our native archit
 tiny config; the logits must agree to 1e-4.
 """
 
+import ast
 import hashlib
 import json
 import shutil
@@ -16,34 +17,23 @@ import h5py
 import numpy as np
 import pytest
 
-from harmonization import cli, publish, zoo
-from harmonization.architectures import ConvNeXt, EfficientNet, LeViT, MaxViT, ResNetV2, VGG, ViT
+from harmonization import architectures, cli, publish, zoo
+from harmonization.architectures import LeViT, VGG
+from harmonization.conversion_check import TOLERANCE
 from harmonization.convert import ConversionError, load_keras2_weights, read_keras2_h5
 from harmonization.loader import load_model
 from harmonization.presets import read_metadata
 
 FIXTURES = Path(__file__).parent / "fixtures" / "keras2"
 MANIFEST = json.loads((FIXTURES / "manifest.json").read_text())
-TOLERANCE = 1e-4
 
-VIT = dict(image_size=32, patch_size=8, hidden_size=12, num_layers=2, num_heads=3, mlp_dim=24, num_classes=5)
-# fixture -> (native class, the tiny config the original library was built with, expected layout)
+# fixture -> (native class, the tiny config the original library was built with, expected layout). The configs live
+# in the manifest (`native_config`, written by tools/make_conversion_fixtures.py), which the package's conversion
+# check (harmonization.conversion_check) reads too.
 CASES = {
-    "vit_keras_weights": (ViT, VIT, "weights"),
-    "vit_keras_full_model": (ViT, VIT, "full-model"),
-    "kecam_convnext_weights": (ConvNeXt, dict(image_size=32, depths=[1, 1, 2, 1], widths=[8, 8, 16, 16],
-                                              num_classes=5), "weights"),
-    "kecam_maxvit_weights": (MaxViT, dict(image_size=64, depths=[1, 1, 1], widths=[8, 8, 16], stem_width=8,
-                                          head_dim=4, window_size=6, num_classes=5), "weights"),
-    "kecam_levit_weights": (LeViT, dict(image_size=96, patch_channel=16, out_channels=[24, 32, 32],
-                                        num_heads=[2, 4, 4], depths=[2, 1, 1], key_dims=[4, 4, 4], num_classes=5),
-                            "weights"),
-    "efficientnet_b0_full_model": (EfficientNet, dict(image_size=32, width_coefficient=0.25, depth_coefficient=0.3,
-                                                      num_classes=5), "full-model"),
-    "resnet50v2_full_model": (ResNetV2, dict(image_size=32, stack_blocks=[2, 2, 2, 2], stack_filters=[4, 4, 8, 8],
-                                             stem_filters=64, num_classes=5), "full-model"),
-    "vgg16_full_model": (VGG, dict(image_size=32, block_filters=[4, 8, 16, 32, 32], fc_units=16, num_classes=5),
-                         "full-model"),
+    name: (getattr(architectures, record["native_config"]["class_name"]), record["native_config"]["config"],
+           record["layout"])
+    for name, record in MANIFEST.items() if not name.startswith("_")
 }
 
 
@@ -56,8 +46,29 @@ def _expected(name):
     return data["images"].astype("float32"), logits, data
 
 
+def _generator_native_configs() -> dict:
+    """fixture -> `native_config`, as tools/make_conversion_fixtures.py writes it (read from its source: the script
+    needs the original libraries, so it cannot run here). Each `make_*` function makes one `native(...)` config and
+    saves its fixtures with it."""
+    tree = ast.parse((Path(__file__).parents[1] / "tools" / "make_conversion_fixtures.py").read_text())
+    configs = {}
+    for function in tree.body:
+        if not (isinstance(function, ast.FunctionDef) and function.name.startswith("make_")):
+            continue
+        calls = [n for n in ast.walk(function) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)]
+        (native,) = [c for c in calls if c.func.id == "native"]
+        config = {"class_name": ast.literal_eval(native.args[0]),
+                  "config": {k.arg: ast.literal_eval(k.value) for k in native.keywords}}
+        for save in (c for c in calls if c.func.id == "save"):
+            configs[ast.literal_eval(save.args[0])] = config
+    return configs
+
+
 def test_fixtures_are_the_generated_ones_and_small():
-    assert sorted(CASES) == sorted(k for k in MANIFEST if not k.startswith("_"))
+    # The native configs in the manifest are exactly the generator's, and each names one of our architectures.
+    assert {name: record["native_config"] for name, record in MANIFEST.items() if not name.startswith("_")} == (
+        _generator_native_configs())
+    assert all(isinstance(cls, type) and issubclass(cls, architectures.ImageClassifier) for cls, _, _ in CASES.values())
     for name, record in ((k, v) for k, v in MANIFEST.items() if not k.startswith("_")):
         path = FIXTURES / record["file"]
         assert path.stat().st_size == record["size"] < 1_000_000

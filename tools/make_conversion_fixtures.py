@@ -10,7 +10,9 @@ weight a non-trivial value, and saves
   model's output on `preprocess_input(images)` (/255, ImageNet mean/std, as serre-lab/Harmonization does),
   computed in float32 by the original library;
 - `tests/fixtures/keras2/manifest.json` — per fixture: the library call that built it, library versions,
-  the file's sha256 and the original's parameter count;
+  the file's sha256, the original's parameter count, and `native_config`: the class of
+  `harmonization.architectures` and the tiny config that is the same network (tests/test_convert.py and
+  `harmonization.conversion_check`, which reports the check on published model cards, both read it here);
 - `tests/fixtures/reference/*.tsv` — the full-size weight layouts of the published architectures that are
   built from a library's function (vit_keras ViT-B/16; kecam ConvNeXt-Tiny, MaxViT-Tiny, LeViT-128), one
   weight a line in the library's order; see tests/fixtures/reference/README.md.
@@ -85,7 +87,12 @@ def sha256(path):
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def save(name, model, *, layout, image_size, seed, call, extra_outputs=None, hdf5_libver=None):
+def native(class_name, **config):
+    """The native architecture (a class of `harmonization.architectures`) and config the original `call` matches."""
+    return {"class_name": class_name, "config": config}
+
+
+def save(name, model, *, layout, image_size, seed, call, native_config, extra_outputs=None, hdf5_libver=None):
     """Save `model` as `<name>.h5` in `layout` ("weights" or "full-model") with its logits on fixed images.
 
     `hdf5_libver="v110"` lets Keras write into an h5py file with HDF5 1.10 object headers: the same groups,
@@ -124,6 +131,7 @@ def save(name, model, *, layout, image_size, seed, call, extra_outputs=None, hdf
         "parameter_count": int(model.count_params()),
         "image_size": image_size,
         "outputs": sorted(outputs),
+        "native_config": native_config,
     }
 
 
@@ -135,9 +143,12 @@ def make_vit(manifest):
                   representation_size=None)
     model = perturb(vit.build_model(**kwargs), seed=1)
     call = f"vit_keras.vit.build_model(**{kwargs})"
-    manifest["vit_keras_weights"] = save("vit_keras_weights", model, layout="weights", image_size=32, seed=10, call=call)
+    config = native("ViT", image_size=32, patch_size=8, hidden_size=12, num_layers=2, num_heads=3, mlp_dim=24,
+                    num_classes=5)
+    manifest["vit_keras_weights"] = save("vit_keras_weights", model, layout="weights", image_size=32, seed=10,
+                                         call=call, native_config=config)
     manifest["vit_keras_full_model"] = save("vit_keras_full_model", model, layout="full-model", image_size=32, seed=10,
-                                            call=call)
+                                            call=call, native_config=config)
 
 
 def make_convnext(manifest):
@@ -147,7 +158,9 @@ def make_convnext(manifest):
                   classifier_activation=None, pretrained=None, model_name="convnext_tiny_fixture")
     model = perturb(convnext.ConvNeXt(**kwargs), seed=2)
     manifest["kecam_convnext_weights"] = save("kecam_convnext_weights", model, layout="weights", image_size=32,
-                                              seed=11, call=f"keras_cv_attention_models.convnext.ConvNeXt(**{kwargs})")
+                                              seed=11, call=f"keras_cv_attention_models.convnext.ConvNeXt(**{kwargs})",
+                                              native_config=native("ConvNeXt", image_size=32, depths=[1, 1, 2, 1],
+                                                                   widths=[8, 8, 16, 16], num_classes=5))
 
 
 def make_maxvit(manifest):
@@ -160,7 +173,10 @@ def make_maxvit(manifest):
                   pretrained=None, model_name="maxvit_tiny_fixture")
     model = perturb(maxvit.MaxViT(**kwargs), seed=3)
     manifest["kecam_maxvit_weights"] = save("kecam_maxvit_weights", model, layout="weights", image_size=64, seed=12,
-                                            call=f"keras_cv_attention_models.maxvit.MaxViT(**{kwargs})")
+                                            call=f"keras_cv_attention_models.maxvit.MaxViT(**{kwargs})",
+                                            native_config=native("MaxViT", image_size=64, depths=[1, 1, 1],
+                                                                 widths=[8, 8, 16], stem_width=8, head_dim=4,
+                                                                 window_size=6, num_classes=5))
 
 
 def make_levit(manifest):
@@ -173,7 +189,10 @@ def make_levit(manifest):
                   pretrained=None, model_name="levit128_fixture")
     model = perturb(levit.LeViT(**kwargs), seed=4)
     manifest["kecam_levit_weights"] = save("kecam_levit_weights", model, layout="weights", image_size=96, seed=13,
-                                           call=f"keras_cv_attention_models.levit.LeViT(**{kwargs})")
+                                           call=f"keras_cv_attention_models.levit.LeViT(**{kwargs})",
+                                           native_config=native("LeViT", image_size=96, patch_channel=16,
+                                                                out_channels=[24, 32, 32], num_heads=[2, 4, 4],
+                                                                depths=[2, 1, 1], key_dims=[4, 4, 4], num_classes=5))
 
 
 def make_efficientnet(manifest):
@@ -195,7 +214,9 @@ def make_efficientnet(manifest):
     manifest["efficientnet_b0_full_model"] = save(
         "efficientnet_b0_full_model", model, layout="full-model", image_size=32, seed=14, extra_outputs=logits,
         hdf5_libver="v110",  # 1.03 MB with the default object headers
-        call=f"efficientnet.model.EfficientNet(**{kwargs}) (efficientnet.keras modules)")
+        call=f"efficientnet.model.EfficientNet(**{kwargs}) (efficientnet.keras modules)",
+        native_config=native("EfficientNet", image_size=32, width_coefficient=0.25, depth_coefficient=0.3,
+                             num_classes=5))
 
 
 def make_resnet50v2(manifest):
@@ -215,7 +236,10 @@ def make_resnet50v2(manifest):
             "input_shape=(32, 32, 3), classes=5, classifier_activation=None) with stack2 blocks "
             "[(4, 2), (4, 2), (8, 2), (8, 2, stride1=1)] as ResNet50V2's [(64, 3), (128, 4), (256, 6), (512, 3)]")
     manifest["resnet50v2_full_model"] = save("resnet50v2_full_model", model, layout="full-model", image_size=32,
-                                             seed=15, call=call)
+                                             seed=15, call=call,
+                                             native_config=native("ResNetV2", image_size=32, stack_blocks=[2, 2, 2, 2],
+                                                                  stack_filters=[4, 4, 8, 8], stem_filters=64,
+                                                                  num_classes=5))
 
 
 def make_vgg16(manifest):
@@ -230,7 +254,9 @@ def make_vgg16(manifest):
     call = ("keras.applications.VGG16(weights=None, input_shape=(32, 32, 3), classes=5, classifier_activation=None) "
             "graph with Conv2D filters / 16 and fc1/fc2 units = 16")
     manifest["vgg16_full_model"] = save("vgg16_full_model", model, layout="full-model", image_size=32, seed=16,
-                                        call=call)
+                                        call=call, native_config=native("VGG", image_size=32,
+                                                                        block_filters=[4, 8, 16, 32, 32], fc_units=16,
+                                                                        num_classes=5))
 
 
 def _layout_rows(model, with_class=True):
