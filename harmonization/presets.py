@@ -37,6 +37,7 @@ from harmonization._numbers import check_int, is_int
 
 __all__ = [
     "CONFIG_FILE",
+    "FIGURE_FILE",
     "METADATA_FILE",
     "PRESET_FORMAT_VERSION",
     "PresetError",
@@ -56,11 +57,13 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.weights.h5"
 METADATA_FILE = "metadata.json"
 README_FILE = "README.md"
+#: The model card's saliency figure beside README.md (`harmonization.card_figure`); unchecked, like the README.
+FIGURE_FILE = "saliency.png"
 PRESET_FORMAT_VERSION = 1
 # Files whose size and sha256 `metadata.json` records (the README may be edited on the Hub freely).
 CHECKED_FILES = (CONFIG_FILE, WEIGHTS_FILE)
 REQUIRED_FILES = (CONFIG_FILE, WEIGHTS_FILE, METADATA_FILE)
-_PRESET_FILES = frozenset((*REQUIRED_FILES, README_FILE))
+_PRESET_FILES = frozenset((*REQUIRED_FILES, README_FILE, FIGURE_FILE))  # what a rebuild may replace
 # Keys `save_preset` computes itself; user metadata may not override them (they are what makes a preset checkable).
 _RESERVED_METADATA_KEYS = frozenset(
     ("format_version", "keras_version", "keras_backend", "tensorflow_version", "harmonization_version",
