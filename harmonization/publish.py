@@ -5,6 +5,11 @@ architecture (`harmonization.zoo.build`), load the file into it (`harmonization.
 from, save it (`harmonization.presets`) and render its model card (`harmonization.model_card`). The loader's
 cache of converted originals (`harmonization.loader`) and `publish` both use it.
 
+A preset built for publishing (`check_round_trip=True`) also carries the evidence its card states: the round
+trip, the converter against the original library on its reduced-size fixtures (`harmonization.conversion_check`),
+and a saliency figure, `saliency.png` (`harmonization.card_figure`). The whole folder is a pure function of the
+original file and the library versions, so a release built again uploads nothing new.
+
 `publish(name, repo_id)` builds the preset (from `source`, else from the published original, downloaded and
 verified), reloads it from disk and checks that its logits are those of the model it was saved from, renders
 `MODEL_CARD.md` into its `README.md`, then creates the Hub repo (`exist_ok=True`) and uploads the folder in one
@@ -16,6 +21,7 @@ what the zoo entry's `hub.revision` pins.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import shutil
 import tempfile
@@ -26,6 +32,8 @@ import numpy as np
 
 from harmonization import originals, presets, zoo
 from harmonization._io import DISTRIBUTION, is_repo_id
+from harmonization.card_figure import FIGURE_FILE, draw_saliency_figure
+from harmonization.conversion_check import ConversionCheck, ConversionCheckError, check_entry
 from harmonization.convert import Keras2File, load_keras2_weights, read_keras2_h5, source_facts
 from harmonization.model_card import TemplateNotFoundError, render_model_card
 
@@ -142,6 +150,8 @@ class BuiltPreset:
         round_trip_max_abs_diff: max |logit difference| after reloading, when `check_round_trip` was asked.
         card: True when a model card (README.md) was written.
         metadata: what `metadata.json` records about the source and the entry (beside what `save_preset` adds).
+        conversion: the check against the original library's fixtures, when `check_round_trip` was asked.
+        figure: the saliency figure (`saliency.png` in the folder), when one was drawn.
     """
 
     path: Path
@@ -149,12 +159,15 @@ class BuiltPreset:
     round_trip_max_abs_diff: float | None = None
     card: bool = False
     metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
+    conversion: ConversionCheck | None = None
+    figure: Path | None = None
 
 
 def build_preset(entry: Mapping[str, Any], source: str | os.PathLike | Keras2File, out: str | os.PathLike, *,
                  source_url: str | None = None, config: Mapping[str, Any] | None = None,
                  repo_id: str | None = None, check_round_trip: bool = False, card: bool = True,
-                 require_card: bool = False, source_sha256: str | None = None) -> BuiltPreset:
+                 require_card: bool = False, source_sha256: str | None = None, figure: bool | None = None,
+                 conversion_fixtures: str | os.PathLike | None = None) -> BuiltPreset:
     """Convert zoo `entry`'s published original `source` into a preset at `out`, with its model card.
 
     Args:
@@ -164,15 +177,23 @@ def build_preset(entry: Mapping[str, Any], source: str | os.PathLike | Keras2Fil
         source_url: where the file was published. Defaults to the entry's `source.url`.
         config: constructor arguments overriding the entry's architecture config (e.g. a smaller `image_size`).
         repo_id: the Hub repo the card is for. Defaults to the entry's.
-        check_round_trip: reload the preset and compare its logits with the converted model's (PublishError
-            when they differ); the card shows the difference.
+        check_round_trip: the checks of a published card, each shown on it with its numbers: reload the preset
+            and compare its logits with the converted model's, and convert the family's fixtures made by the
+            original library and compare with their logits (`harmonization.conversion_check`); PublishError when
+            either differs.
         card: render the model card into `README.md`.
         require_card: raise TemplateNotFoundError when `MODEL_CARD.md` is not available, instead of writing
             the preset without a card.
         source_sha256: the source file's sha256 when already known (a verified download); else it is read.
+        figure: draw the card's saliency figure into the folder (`saliency.png`, byte-for-byte the same for the
+            same weights) and show it on the card. Defaults to `check_round_trip` (the cards that are published);
+            drawn only with a card.
+        conversion_fixtures: the folder of conversion fixtures. Defaults to the source checkout's
+            `tests/fixtures/keras2/`; without it the card says the check against the original library was not run.
 
     Raises:
         harmonization.convert.ConversionError: the file does not fit the entry's architecture.
+        PublishError: with `check_round_trip`, the reloaded preset or a converted fixture gives other logits.
     """
     keras2 = source if isinstance(source, Keras2File) else read_keras2_h5(source)
     model = zoo.build(entry, **dict(config or {}))
@@ -181,7 +202,7 @@ def build_preset(entry: Mapping[str, Any], source: str | os.PathLike | Keras2Fil
                 **_entry_metadata(entry, source_url, model.output_shape[-1])}
     folder = presets.save_preset(model, out, metadata=metadata)
     checks: dict[str, tuple[str, str]] = {}
-    diff = None
+    diff = conversion = drawn = None
     if check_round_trip:
         diff = _round_trip(model, Path(folder))
         checks["Preset round trip: max abs logit difference after reloading"] = (
@@ -190,17 +211,26 @@ def build_preset(entry: Mapping[str, Any], source: str | os.PathLike | Keras2Fil
             f"{report.weights} of {keras2.weight_count} weights ({report.parameters:,} parameters) of "
             f"{metadata['source_file']} (sha256 {metadata['source_sha256'][:12]}...) loaded by name",
             "`harmonization.convert`")
+        try:
+            conversion = check_entry(entry, conversion_fixtures)
+        except ConversionCheckError as error:
+            raise PublishError(f"{error} Nothing was uploaded.") from error
     text = None
     if card:
         try:
-            text = render_model_card(entry, repo_id=repo_id, parameter_count=model.count_params(),
-                                     checks=checks or None)
+            render = functools.partial(render_model_card, entry, repo_id=repo_id,
+                                       parameter_count=model.count_params(), checks=checks or None,
+                                       conversion=conversion)
+            text = render()  # fails before the figure is drawn when there is no template
+            if check_round_trip if figure is None else figure:
+                drawn = draw_saliency_figure(model, Path(folder) / FIGURE_FILE, class_names=metadata.get("class_names"))
+                text = render(figure=FIGURE_FILE)
         except TemplateNotFoundError:
             if require_card:
                 raise
     if text is not None:
         (Path(folder) / presets.README_FILE).write_text(text, encoding="utf-8")
-    return BuiltPreset(Path(folder), model.count_params(), diff, text is not None, metadata)
+    return BuiltPreset(Path(folder), model.count_params(), diff, text is not None, metadata, conversion, drawn)
 
 
 def build_preset_from_original(entry: Mapping[str, Any], out: str | os.PathLike, *, reason: str = "",

@@ -25,7 +25,8 @@ NAME = "levit128_harmonized"
 REPO = "test-org/levit128_harmonized"
 TOKEN = "hf_test_write_token"
 SOURCE = FIXTURES / "kecam_levit_weights.h5"
-PRESET_FILES = {"config.json", "model.weights.h5", "metadata.json", "README.md"}
+# The preset, its card and the card's figure.
+PRESET_FILES = {"config.json", "model.weights.h5", "metadata.json", "README.md", "saliency.png"}
 
 
 @pytest.fixture
@@ -58,6 +59,7 @@ def test_every_zoo_entry_renders_a_card_the_hub_client_parses():
         card = ModelCard(text)
         data = card.data.to_dict()
         assert data["library_name"] == "keras" and data["license"] == "mit"
+        assert data["pipeline_tag"] == "image-classification"
         assert data["datasets"] == ["imagenet-1k"] and "neural-harmonizer" in data["tags"]
         assert "{{" not in text and "{#" not in text
         entry = zoo.model_info(name)
@@ -65,7 +67,7 @@ def test_every_zoo_entry_renders_a_card_the_hub_client_parses():
         assert f"hf://{entry['hub']['repo_id']}" in text
         assert entry["source"]["url"] in text and f"{entry['parameter_count']:,} parameters" in text
         for section in ("## How to use", "## Preprocessing inside the model", "## Training recipe", "## Metrics",
-                        "## Citation"):
+                        "## Conversion check", "## Citation"):
             assert section in text
 
 
@@ -162,6 +164,7 @@ def test_dry_run_writes_the_checked_folder_and_touches_no_network(tiny_zoo, tmp_
     card = ModelCard((folder / "README.md").read_text())
     assert card.data.library_name == "keras"
     assert f"hf://{REPO}" in card.text and "Preset round trip" in card.text and "loaded by name" in card.text
+    assert "| `kecam_levit_weights.h5` |" in card.text and "](saliency.png)" in card.text  # tests/test_model_card.py
     images, logits = _expected()
     np.testing.assert_allclose(np.asarray(load_model(folder)(images)), logits, atol=1e-4)
 
@@ -174,8 +177,9 @@ def test_publish_uploads_one_commit_that_load_model_reads_back(fake_hub):
     # create_repo made the repo (with .gitattributes); the upload is one commit on top of it.
     assert [c["repo_id"] for c in fake_hub.commit_log] == [REPO]
     commit = fake_hub.commit_log[0]
+    # The weights and the card's figure (binary) went through the LFS protocol.
     assert commit["files"] == {"config.json": "file", "metadata.json": "file", "README.md": "file",
-                               "model.weights.h5": "lfsFile"}  # the weights went through the LFS protocol
+                               "model.weights.h5": "lfsFile", "saliency.png": "lfsFile"}
     assert set(fake_hub.files(REPO)) == PRESET_FILES | {".gitattributes"}
     # The client validates the README's metadata on the Hub before uploading (upload_folder and create_commit).
     assert fake_hub.validated_yaml and all("library_name: keras" in y for y in fake_hub.validated_yaml)
