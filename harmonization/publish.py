@@ -31,10 +31,11 @@ from typing import Any, Mapping
 import numpy as np
 
 from harmonization import originals, presets, zoo
-from harmonization._io import DISTRIBUTION, is_repo_id
+from harmonization._io import is_repo_id
 from harmonization.card_figure import FIGURE_FILE, draw_saliency_figure
 from harmonization.conversion_check import ConversionCheck, ConversionCheckError, check_entry
 from harmonization.convert import Keras2File, load_keras2_weights, read_keras2_h5, source_facts
+from harmonization.hub_upload import PublishError, upload_preset
 from harmonization.model_card import TemplateNotFoundError, render_model_card
 
 __all__ = [
@@ -51,11 +52,6 @@ __all__ = [
 ]
 
 ROUND_TRIP_TOLERANCE = 1e-6
-
-
-class PublishError(OSError):
-    """Publishing stopped: the preset does not round-trip, or the Hub refused the upload (nothing half-done is
-    left on the Hub: the upload is one commit)."""
 
 
 @dataclasses.dataclass
@@ -310,9 +306,13 @@ def build_publish_folder(name: str, folder: str | os.PathLike, *, source: str | 
 
 def publish(name: str, repo_id: str, *, source: str | os.PathLike | None = None, dry_run: bool = False,
             folder: str | os.PathLike | None = None, private: bool | None = None,
-            commit_message: str | None = None, overwrite_card: bool = False,
+            commit_message: str | None = None, overwrite_card: bool = False, force: bool = False,
             token: str | None = None) -> PublishResult:
-    """Build, check and upload the preset of zoo model `name` to Hub repo `repo_id`.
+    """Build, check and upload the preset of zoo model `name` to Hub repo `repo_id` (unless it is already there).
+
+    The upload is `harmonization.hub_upload.upload_preset`'s: one commit, nothing sent that the repo already holds
+    with the same digest, a repo holding another model refused unless `force`, and the commit checked after.
+    `harmonization.release.release` publishes the whole zoo this way and pins it.
 
     Args:
         name: str. A zoo name (`harmonization.list_models()`).
@@ -326,10 +326,12 @@ def publish(name: str, repo_id: str, *, source: str | os.PathLike | None = None,
         commit_message: str or None. Defaults to "Publish NAME (harmonization-hub)".
         overwrite_card: bool. Replace a README.md the repo already has (it may hold edits made on the Hub).
             Defaults to False: only a repo without a card gets the rendered one.
+        force: bool. Replace a repo that holds another model under this name. Defaults to False.
         token: str or None. A Hub token; None uses the standard one (`HF_TOKEN`, or `hf auth login`).
 
     Returns:
-        A `PublishResult`; `commit_oid` is the revision to pin in models/NAME.json.
+        A `PublishResult`; `commit_oid` is the revision to pin in models/NAME.json (`commit_url` is None when the
+        repo already held this preset and nothing was uploaded).
     """
     zoo.model_info(name)  # an unknown name fails before any work
     if not is_repo_id(repo_id):
@@ -345,38 +347,13 @@ def publish(name: str, repo_id: str, *, source: str | os.PathLike | None = None,
         folder, diff = build_publish_folder(name, folder, source=source, repo_id=repo_id)
         if dry_run:
             return PublishResult(name, repo_id, folder, diff, dry_run=True)
-        commit, kept = _upload(folder, repo_id, name=name, private=private, token=token,
-                               commit_message=commit_message or f"Publish {name} (harmonization-hub)",
-                               overwrite_card=overwrite_card, readme=presets.README_FILE)
+        commit, url, _, kept = upload_preset(
+            folder, repo_id, token=token, force=force, overwrite_card=overwrite_card, private=private,
+            commit_message=commit_message or f"Publish {name} (harmonization-hub)",
+            commit_description=f"Preset of the harmonization-hub zoo model `{name}`, written by "
+                               "`harmonization publish` after a reload round-trip check.")
         return PublishResult(name, repo_id, None if staging else folder, diff, dry_run=False,
-                             commit_oid=commit.oid, commit_url=commit.commit_url, kept_hub_card=kept)
+                             commit_oid=commit, commit_url=url, kept_hub_card=kept)
     finally:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
-
-
-def _upload(folder: Path, repo_id: str, *, name: str, private: bool | None, token: str | None,
-            commit_message: str, overwrite_card: bool, readme: str):
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError
-
-    api = HfApi(token=token, library_name=DISTRIBUTION)
-    try:
-        api.create_repo(repo_id, exist_ok=True, private=private)
-        kept = not overwrite_card and api.file_exists(repo_id, readme)
-        commit = api.upload_folder(
-            repo_id=repo_id,
-            folder_path=str(folder),
-            commit_message=commit_message,
-            commit_description=f"Preset of the harmonization-hub zoo model `{name}`, written by "
-                               "`harmonization publish` after a reload round-trip check.",
-            ignore_patterns=[readme] if kept else None,
-        )
-    except HfHubHTTPError as error:
-        status = getattr(getattr(error, "response", None), "status_code", None)
-        hint = ""
-        if status in (401, 403):
-            hint = ("\nThe Hub refused the credentials: log in with `hf auth login` or set HF_TOKEN to a token with "
-                    f"write access to {repo_id.split('/')[0]!r}.")
-        raise PublishError(f"Uploading {str(folder)!r} to hf://{repo_id} failed: {error}{hint}") from error
-    return commit, kept
