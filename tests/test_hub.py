@@ -250,7 +250,7 @@ def test_unpublished_zoo_model_is_converted_from_its_original_once(original_on_t
     model = load_model("levit128_harmonized")
     np.testing.assert_allclose(np.asarray(model(images)), logits, atol=1e-4)
     paths = [p for _, p in fake.requests]
-    assert "/api/models/serre-lab/levit128_harmonized/revision/main" in paths  # the Hub is asked first
+    assert "/api/models/harmonization-hub/levit128_harmonized/revision/main" in paths  # the Hub is asked first
     assert paths.count(ORIGINAL_PATH) == 1
     preset = loader.resolve_preset("levit128_harmonized")
     assert preset.is_relative_to(loader.cache_dir())
@@ -378,8 +378,8 @@ def test_hub_and_original_both_unreachable_name_both(original_on_the_bucket, sho
     # What bounds the wait: 2 attempts at the original, each ended by the 1 s timeout; one request to the Hub.
     assert "tried 2 times, waiting up to 1 s for each answer): timed out" in message
     assert [p for _, p in fake.requests].count(ORIGINAL_PATH) == 2  # one retry, then the error
-    assert [p for _, p in fake.requests if p.startswith("/api/")] == ["/api/models/serre-lab/levit128_harmonized/"
-                                                                      "revision/main"]
+    asked = [p for _, p in fake.requests if p.startswith("/api/")]
+    assert asked == ["/api/models/harmonization-hub/levit128_harmonized/revision/main"]
 
 
 def test_download_file_gives_up_on_a_refused_connection(tmp_path, short_timeouts):

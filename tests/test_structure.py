@@ -22,6 +22,7 @@ DISTRIBUTION = (
     "harmonization.originals",  # the published originals: trust store, verified download
     "harmonization.convert",  # a Keras-2 .h5 into a model it is given
     "harmonization.zoo",  # the entries, family defaults, build(entry)
+    "harmonization.conversion_check",  # the converter against the original libraries' reduced-size fixtures
     "harmonization.model_card",  # cards, from an entry
     "harmonization.publish",  # build_preset(entry, source) and the upload
     "harmonization.loader",  # names, hf:// URIs and paths -> presets; the cache of converted originals
