@@ -34,7 +34,7 @@ from typing import Any, Callable, Mapping, Sequence
 from harmonization import zoo
 from harmonization._io import sha256_file, write_atomic
 from harmonization.hub_upload import PublishError, check_write_access, upload_preset
-from harmonization.publish import build_preset, build_preset_from_original
+from harmonization.publish import build_preset_from_original
 
 __all__ = ["Released", "release"]
 
@@ -76,9 +76,13 @@ def _digests(folder: Path) -> dict[str, str]:
     return {path.name: sha256_file(path) for path in sorted(folder.iterdir()) if path.is_file()}
 
 
-def _built_folder(entry: Mapping[str, Any], work_dir: Path, repo_id: str, *, source: str | os.PathLike | None,
+def _built_folder(entry: Mapping[str, Any], work_dir: Path, repo_id: str, *, fixtures: Path | None,
                   report: Callable[[str], None]) -> tuple[Path, float | None]:
-    """The checked preset folder of `entry` for `repo_id`: reused when complete and unchanged, else built."""
+    """The checked preset folder of `entry` for `repo_id`: reused when complete and unchanged, else built.
+
+    `fixtures` is the checkout's conversion fixtures, for the card's check against the original libraries
+    (None: `harmonization.conversion_check`'s default, this package's own checkout if it is one).
+    """
     name = entry["name"]
     folder, record_path = work_dir / name, work_dir / _BUILD_RECORD.format(name=name)
     try:
@@ -93,11 +97,9 @@ def _built_folder(entry: Mapping[str, Any], work_dir: Path, repo_id: str, *, sou
         shutil.rmtree(stale, ignore_errors=True)
     record_path.unlink(missing_ok=True)
     report(f"{name}: building the preset from its published original")
-    options = {"repo_id": repo_id, "check_round_trip": True, "require_card": True}
-    if source is None:
-        built = build_preset_from_original(entry, partial, reason="publishing", work_dir=work_dir, **options)
-    else:
-        built = build_preset(entry, source, partial, **options)
+    options = {"repo_id": repo_id, "check_round_trip": True, "require_card": True,
+               "conversion_fixtures": fixtures}
+    built = build_preset_from_original(entry, partial, reason="publishing", work_dir=work_dir, **options)
     record = {"repo_id": repo_id, "round_trip_max_abs_diff": built.round_trip_max_abs_diff,
               "files": _digests(partial)}
     write_atomic(record_path, json.dumps(record, indent=2) + "\n")
@@ -178,6 +180,9 @@ def release(names: Sequence[str] | None = None, *, namespace: str | None = None,
         raise PermissionError(f"publish --pin writes models/NAME.json of a source checkout, and {str(folder)!r} is "
                               "an installed copy or not writable; pass --models-dir with a checkout's models/ folder.")
     namespace = namespace or zoo.default_namespace(folder)
+    # The checkout whose models/ is released also holds the conversion fixtures its cards report on.
+    fixtures = folder.parent / "tests" / "fixtures" / "keras2" if models_dir is not None else None
+    fixtures = fixtures if fixtures is not None and fixtures.is_dir() else None
     user = check_write_access(namespace, token=token)
     report(f"Publishing {len(chosen)} model(s) to hf://{namespace}/ as {user!r}.")
     work_dir = Path(work_dir)
@@ -186,7 +191,7 @@ def release(names: Sequence[str] | None = None, *, namespace: str | None = None,
     for index, name in enumerate(chosen, 1):
         entry, repo_id = entries[name], f"{namespace}/{name}"
         try:
-            built, diff = _built_folder(entry, work_dir, repo_id, source=None, report=report)
+            built, diff = _built_folder(entry, work_dir, repo_id, fixtures=fixtures, report=report)
             commit, url, uploaded, kept = upload_preset(
                 built, repo_id, token=token, force=force, overwrite_card=overwrite_card, private=private,
                 commit_message=f"Publish {name} (harmonization-hub)",

@@ -55,6 +55,8 @@ def _tiny_checkout(fake: FakeHub, folder: Path, names=NAMES) -> Path:
 
     models = folder / "models"
     models.mkdir(parents=True)
+    (folder / "tests" / "fixtures").mkdir(parents=True)  # the checkout's conversion fixtures, which cards report on
+    (folder / "tests" / "fixtures" / "keras2").symlink_to(FIXTURES)
     shutil.copy(ROOT / "models" / zoo.FAMILY_DEFAULTS_FILE, models)
     for name in names:
         fixture = FIXTURE_OF[name]
@@ -163,7 +165,10 @@ def test_release_end_to_end_resumes_reruns_pins_and_loads(fake_hub, tmp_path, mo
         assert item.commit_oid == fake_hub.refs[repo]["main"] and item.pinned
         assert json.loads((models / f"{item.name}.json").read_text())["hub"] == {"repo_id": repo,
                                                                                  "revision": item.commit_oid}
-        assert {"config.json", "model.weights.h5", "metadata.json", "README.md"} <= set(fake_hub.files(repo))
+        files = fake_hub.files(repo)
+        assert {"config.json", "model.weights.h5", "metadata.json", "README.md", "saliency.png"} <= set(files)
+        card = files["README.md"].decode()
+        assert "**Against the original library.** The libraries" in card and "not run for this build" not in card
     record = json.loads((work / RECORD_FILE).read_text())
     assert {name: record[name]["commit_oid"] for name in NAMES} == {r.name: r.commit_oid for r in released}
     assert any("using the preset built earlier" in line for line in lines)  # built once, not twice
