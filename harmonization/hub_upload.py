@@ -24,7 +24,7 @@ from typing import Any, Mapping
 from harmonization import network, presets
 from harmonization._io import DISTRIBUTION, is_repo_id, sha256_file
 
-__all__ = ["PublishError", "check_write_access", "upload_preset"]
+__all__ = ["PublishError", "check_write_access", "require_token", "upload_preset"]
 
 #: Files of a repo that say nothing about which model it holds (what `create_repo` itself commits).
 _NEUTRAL_FILES = frozenset({".gitattributes", presets.README_FILE})
@@ -38,7 +38,8 @@ class PublishError(OSError):
 # --- who may write where ----------------------------------------------------------------------------------------
 
 
-def _token(token: str | None) -> str:
+def require_token(token: str | None = None) -> str:
+    """`token`, else the standard one (HF_TOKEN, `hf auth login`); PublishError when there is none."""
     from huggingface_hub import get_token
 
     token = token or get_token()
@@ -63,7 +64,7 @@ def check_write_access(namespace: str, *, token: str | None = None) -> str:
     if not isinstance(namespace, str) or not is_repo_id(f"{namespace}/x") or "/" in namespace:
         raise ValueError(f"publish: `namespace` must be a Hub user or organisation name, got {namespace!r}.")
     network.bound_huggingface_hub()
-    api = HfApi(token=_token(token), library_name=DISTRIBUTION)
+    api = HfApi(token=require_token(token), library_name=DISTRIBUTION)
     try:
         me = api.whoami()
     except HfHubHTTPError as error:
@@ -185,7 +186,7 @@ def upload_preset(folder: str | os.PathLike, repo_id: str, *, token: str | None 
 
     folder = Path(folder)
     network.bound_huggingface_hub()
-    api = HfApi(token=_token(token), library_name=DISTRIBUTION)
+    api = HfApi(token=require_token(token), library_name=DISTRIBUTION)
     metadata = presets.read_metadata(folder)
     local = {path.name: path for path in sorted(folder.iterdir()) if path.is_file()}
     try:

@@ -35,7 +35,7 @@ from harmonization._io import is_repo_id
 from harmonization.card_figure import FIGURE_FILE, draw_saliency_figure
 from harmonization.conversion_check import ConversionCheck, ConversionCheckError, check_entry
 from harmonization.convert import Keras2File, load_keras2_weights, read_keras2_h5, source_facts
-from harmonization.hub_upload import PublishError, upload_preset
+from harmonization.hub_upload import PublishError, require_token, upload_preset
 from harmonization.model_card import TemplateNotFoundError, render_model_card
 
 __all__ = [
@@ -338,6 +338,8 @@ def publish(name: str, repo_id: str, *, source: str | os.PathLike | None = None,
         raise ValueError(f"publish: `repo_id` must look like 'org/name', got {repo_id!r}.")
     if dry_run and folder is None:
         raise ValueError("publish: a dry run writes the preset folder only, so it needs `folder` (--out).")
+    if not dry_run:
+        require_token(token)  # before the download and conversion it would waste
 
     staging = None
     if folder is None:

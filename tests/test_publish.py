@@ -213,6 +213,13 @@ def test_without_a_valid_token_nothing_is_uploaded(fake_hub, monkeypatch):
     assert REPO not in fake_hub.refs and fake_hub.commit_log == []
 
 
+def test_without_a_token_nothing_is_built(fake_hub, monkeypatch, tmp_path):
+    monkeypatch.delenv("HF_TOKEN")
+    with pytest.raises(PublishError, match=r"^No Hugging Face token: set HF_TOKEN"):
+        publish(NAME, REPO, source=SOURCE, folder=tmp_path / "out")
+    assert not (tmp_path / "out").exists() and fake_hub.requests == []
+
+
 def test_invalid_arguments_fail_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="`repo_id` must look like 'org/name'"):
         publish(NAME, "no-org", source=SOURCE, dry_run=True, folder=tmp_path)
