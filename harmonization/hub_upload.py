@@ -15,6 +15,7 @@ or read-only one, or a namespace it cannot write to are each one sentence. Nothi
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -115,12 +116,27 @@ def _remote(api, repo_id: str, revision: str = "main") -> tuple[str, dict[str, A
     return sha, files
 
 
-def _same_file(local: Path, remote) -> bool:
-    if remote is None or remote.size != local.stat().st_size:
-        return False
-    if getattr(remote, "lfs", None) is not None:
-        return remote.lfs.sha256 == sha256_file(local)
-    return remote.blob_id == _git_blob_id(local)
+class _LocalFile:
+    """A file of the folder to upload, with its digests computed once (weights are hundreds of MB)."""
+
+    def __init__(self, path: Path, sha256: str | None = None) -> None:
+        self.path, self.size, self._sha256 = path, path.stat().st_size, sha256
+
+    @functools.cached_property
+    def sha256(self) -> str:
+        return self._sha256 or sha256_file(self.path)
+
+    @functools.cached_property
+    def git_blob_id(self) -> str:
+        return _git_blob_id(self.path)
+
+    def same_as(self, remote) -> bool:
+        """Whether the repo's file entry `remote` (None: absent) has these bytes, by the digest the Hub keeps."""
+        if remote is None or remote.size != self.size:
+            return False
+        if getattr(remote, "lfs", None) is not None:
+            return remote.lfs.sha256 == self.sha256
+        return remote.blob_id == self.git_blob_id
 
 
 def _held_model(api, repo_id: str, sha: str, files: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -172,9 +188,12 @@ def _upload_failed(repo_id: str, error: BaseException) -> PublishError:
 def upload_preset(folder: str | os.PathLike, repo_id: str, *, token: str | None = None, force: bool = False,
                   overwrite_card: bool = False, private: bool | None = None,
                   commit_message: str = "Publish a preset (harmonization-hub)",
-                  commit_description: str | None = None) -> tuple[str, str | None, list[str], bool]:
+                  commit_description: str | None = None,
+                  sha256s: Mapping[str, str] | None = None) -> tuple[str, str | None, list[str], bool]:
     """Put preset `folder` into Hub repo `repo_id` unless it is already there; return
     (commit sha, commit URL or None, uploaded file names, kept_hub_card).
+
+    `sha256s` ({file name: sha256}) are the folder's digests when the caller has just computed them.
 
     Raises:
         PublishError: the repo holds another model (without `force`), the upload failed or stalled, or the commit
@@ -188,7 +207,8 @@ def upload_preset(folder: str | os.PathLike, repo_id: str, *, token: str | None 
     network.bound_huggingface_hub()
     api = HfApi(token=require_token(token), library_name=DISTRIBUTION)
     metadata = presets.read_metadata(folder)
-    local = {path.name: path for path in sorted(folder.iterdir()) if path.is_file()}
+    known = sha256s or {}
+    local = {path.name: _LocalFile(path, known.get(path.name)) for path in sorted(folder.iterdir()) if path.is_file()}
     try:
         remote = _remote(api, repo_id)
         if remote is None:
@@ -197,8 +217,8 @@ def upload_preset(folder: str | os.PathLike, repo_id: str, *, token: str | None 
         sha, files = remote
         _refuse_other_model(api, repo_id, sha, files, metadata, force)
         kept = not overwrite_card and presets.README_FILE in files and presets.README_FILE in local
-        wanted = {name: path for name, path in local.items() if not (kept and name == presets.README_FILE)}
-        changed = sorted(name for name, path in wanted.items() if not _same_file(path, files.get(name)))
+        wanted = {name: file for name, file in local.items() if not (kept and name == presets.README_FILE)}
+        changed = sorted(name for name, file in wanted.items() if not file.same_as(files.get(name)))
         if not changed:
             return sha, None, [], kept
         commit = api.upload_folder(
@@ -211,7 +231,7 @@ def upload_preset(folder: str | os.PathLike, repo_id: str, *, token: str | None 
         raise
     except (HfHubHTTPError, httpx2.HTTPError, OSError) as error:
         raise _upload_failed(repo_id, error) from error
-    differing = sorted(name for name, path in wanted.items() if not _same_file(path, after.get(name)))
+    differing = sorted(name for name, file in wanted.items() if not file.same_as(after.get(name)))
     if differing:
         raise PublishError(f"Commit {commit.oid} of hf://{repo_id} does not hold the files that were uploaded "
                            f"({', '.join(differing)} differ); it was not pinned. Run again to upload them afresh.")

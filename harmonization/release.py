@@ -77,8 +77,9 @@ def _digests(folder: Path) -> dict[str, str]:
 
 
 def _built_folder(entry: Mapping[str, Any], work_dir: Path, repo_id: str, *, fixtures: Path | None,
-                  report: Callable[[str], None]) -> tuple[Path, float | None]:
-    """The checked preset folder of `entry` for `repo_id`: reused when complete and unchanged, else built.
+                  report: Callable[[str], None]) -> tuple[Path, dict[str, str], float | None]:
+    """The checked preset folder of `entry` for `repo_id`, its files' sha256 and its round-trip difference:
+    reused when complete and unchanged, else built.
 
     `fixtures` is the checkout's conversion fixtures, for the card's check against the original libraries
     (None: `harmonization.conversion_check`'s default, this package's own checkout if it is one).
@@ -89,7 +90,7 @@ def _built_folder(entry: Mapping[str, Any], work_dir: Path, repo_id: str, *, fix
         record = json.loads(record_path.read_text(encoding="utf-8"))
         if record.get("repo_id") == repo_id and folder.is_dir() and _digests(folder) == record.get("files"):
             report(f"{name}: using the preset built earlier in {folder}")
-            return folder, record.get("round_trip_max_abs_diff")
+            return folder, record["files"], record.get("round_trip_max_abs_diff")
     except (OSError, ValueError):
         pass
     partial = work_dir / _PARTIAL.format(name=name)
@@ -104,7 +105,7 @@ def _built_folder(entry: Mapping[str, Any], work_dir: Path, repo_id: str, *, fix
               "files": _digests(partial)}
     write_atomic(record_path, json.dumps(record, indent=2) + "\n")
     os.replace(partial, folder)  # complete: only now does `work_dir/NAME` exist
-    return folder, built.round_trip_max_abs_diff
+    return folder, record["files"], built.round_trip_max_abs_diff
 
 
 # --- the release ------------------------------------------------------------------------------------------------
@@ -191,9 +192,10 @@ def release(names: Sequence[str] | None = None, *, namespace: str | None = None,
     for index, name in enumerate(chosen, 1):
         entry, repo_id = entries[name], f"{namespace}/{name}"
         try:
-            built, diff = _built_folder(entry, work_dir, repo_id, fixtures=fixtures, report=report)
+            built, sha256s, diff = _built_folder(entry, work_dir, repo_id, fixtures=fixtures, report=report)
             commit, url, uploaded, kept = upload_preset(
                 built, repo_id, token=token, force=force, overwrite_card=overwrite_card, private=private,
+                sha256s=sha256s,
                 commit_message=f"Publish {name} (harmonization-hub)",
                 commit_description=f"Preset of the harmonization-hub zoo model `{name}`, converted from "
                                    f"{entry['source']['url']} and checked by `harmonization publish`.")
