@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from harmonization import originals
+from harmonization._io import write_atomic
 
 __all__ = [
     "UnknownModelError",
@@ -251,9 +252,7 @@ def pin_hub_revision(folder: str | os.PathLike, name: str, repo_id: str, revisio
     hub.update({"repo_id": repo_id, "revision": revision})
     hub.pop("note", None)  # the family's "not published yet" note no longer applies
     entry["hub"] = hub
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(json.dumps(entry, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(partial, path)
+    write_atomic(path, json.dumps(entry, indent=2, ensure_ascii=False) + "\n")
     return path
 
 
